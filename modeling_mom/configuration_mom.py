@@ -1,0 +1,155 @@
+"""Configuration of Mixture-of-Modules (MoM; Gong et al., 2024, arXiv 2407.06677)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+ROUTER_TYPES = ("mlp", "gru")
+ROUTER_WEIGHTINGS = ("renormalize", "probability", "straight_through")
+ROUTING_MODES = ("learned", "sequential")
+
+
+@strict
+class MoMConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Mixture-of-Modules causal language model.
+
+    The layer stack is ``num_bottom_layers`` plain GPT-2 blocks, then ``num_chunks`` chunks (each followed by a
+    plain "anchor" block when ``use_anchor_layers``), then ``num_top_layers`` plain blocks. A chunk holds a pool of
+    ``num_attention_modules`` attention modules and ``num_ffn_modules`` feed-forward modules plus two routers; for
+    ``num_rounds`` rounds each token picks ``num_modules_per_tok`` modules of each pool (or SKIP), and the picked
+    modules are assembled into that round's attention and feed-forward sub-layer.
+
+    Names in the authors' code (``gzhch/Mixture-of-Modules``): ``num_chunks`` = ``chunks``, ``num_attention_modules``
+    / ``num_ffn_modules`` = ``num_attn`` / ``num_ffn``, ``num_rounds`` = ``depth_per_chunk`` (the paper's H),
+    ``num_modules_per_tok`` = ``routing_top_k`` (the paper's K), ``use_anchor_layers`` = ``require_anchor_layer``,
+    ``enable_skip`` = ``enable_pause``, ``router_type`` "mlp" = "naive", ``router_hidden_size`` = ``router_dim``,
+    ``router_temperature`` = ``router_softmax_temperature``.
+
+    Args:
+        vocab_size, max_position_embeddings, hidden_size, num_attention_heads, intermediate_size, hidden_act,
+        layer_norm_epsilon, initializer_range: as in GPT-2 (``intermediate_size`` defaults to ``4 * hidden_size``).
+        embd_dropout, resid_dropout, attention_dropout: GPT-2's ``embd_pdrop``, ``resid_pdrop``, ``attn_pdrop``.
+        num_bottom_layers, num_top_layers: plain blocks below and above the chunks.
+        num_chunks: number of routed chunks.
+        num_attention_modules, num_ffn_modules: pool sizes of every chunk.
+        num_rounds: assembly rounds per chunk (H); each round is one attention and one FFN application.
+        num_modules_per_tok: modules each token picks per pool and round (K), among the modules and SKIP.
+        use_anchor_layers: put a plain block after every chunk.
+        enable_skip: add SKIP to each router's choices; a token that picks it gets no module (zero contribution;
+            for attention its query, key and value are zero in that round, as in the authors' code).
+        router_type: "mlp" (Linear-ReLU-Linear on the residual stream) or "gru" (a GRU cell stepped once per round,
+            its state reset at the start of each chunk, so a decision can depend on the token's routing history).
+        router_hidden_size: width of the router's hidden layer or GRU state.
+        router_temperature: routing probabilities are ``softmax(logits / router_temperature)``.
+        router_weighting: how a picked module's output is weighted. "renormalize": the top-K probabilities divided
+            by their sum (the authors' softmax routers; with K=1 the weight is exactly 1 and the LM loss gives the
+            router no gradient). "probability": the raw top-K probabilities (Switch Transformer). "straight_through":
+            renormalised weights in the forward pass, gradient of the raw probabilities in the backward pass, so a
+            K=1 router learns from the LM loss while a seeded model keeps its function.
+        routing_mode: "learned" uses the routers; "sequential" makes round h of every chunk use module h of each
+            pool for every token with weight exactly 1 (the vanilla Transformer; routers are kept but not run).
+        router_aux_loss_coef: weight of the Switch-style load-balancing loss added to the LM loss.
+        output_router_logits: return the routers' logits and compute the balancing loss (``aux_loss``).
+        num_hidden_layers: the unrolled depth (one per attention application, i.e. one KV-cache slot each);
+            derived from the structure, and checked if given.
+    """
+
+    model_type = "mom"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    _auto_class = "AutoConfig"
+
+    vocab_size: int = 50257
+    max_position_embeddings: int = 1024
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    intermediate_size: int | None = None
+    hidden_act: str = "gelu_new"
+    layer_norm_epsilon: int | float = 1e-5
+    initializer_range: int | float = 0.02
+    embd_dropout: int | float = 0.0
+    resid_dropout: int | float = 0.0
+    attention_dropout: int | float = 0.0
+
+    num_bottom_layers: int = 1
+    num_top_layers: int = 1
+    num_chunks: int = 2
+    num_attention_modules: int = 4
+    num_ffn_modules: int = 4
+    num_rounds: int = 4
+    num_modules_per_tok: int = 1
+    use_anchor_layers: bool = True
+    enable_skip: bool = True
+    router_type: str = "mlp"
+    router_hidden_size: int = 256
+    router_temperature: int | float = 1.0
+    router_weighting: str = "straight_through"
+    routing_mode: str = "learned"
+    router_aux_loss_coef: int | float = 0.01
+    output_router_logits: bool = False
+
+    num_hidden_layers: int | None = None
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 50256
+    eos_token_id: int | list[int] | None = 50256
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        self._check_structure()
+        depth = self.unrolled_depth
+        if self.num_hidden_layers is None:
+            self.num_hidden_layers = depth
+        elif self.num_hidden_layers != depth:
+            raise ValueError(
+                f"num_hidden_layers={self.num_hidden_layers} does not match the structure, whose unrolled depth is "
+                f"num_bottom_layers + num_top_layers + num_chunks * (num_rounds + use_anchor_layers) = {depth}; "
+                "leave num_hidden_layers unset to derive it."
+            )
+        super().__post_init__(**kwargs)
+
+    @property
+    def unrolled_depth(self) -> int:
+        """Attention applications per token: bottom + top + chunks * (rounds + anchor)."""
+        per_chunk = self.num_rounds + int(self.use_anchor_layers)
+        return self.num_bottom_layers + self.num_top_layers + self.num_chunks * per_chunk
+
+    def _check_structure(self):
+        def require(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "router_hidden_size"):
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be a positive integer.")
+        require(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"hidden_size={self.hidden_size} must be divisible by num_attention_heads={self.num_attention_heads}.",
+        )
+        for name in ("num_bottom_layers", "num_top_layers", "num_chunks"):
+            require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0.")
+        for name in ("num_attention_modules", "num_ffn_modules", "num_rounds", "num_modules_per_tok"):
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1.")
+        require(self.router_type in ROUTER_TYPES, f"router_type={self.router_type!r}; allowed: {ROUTER_TYPES}.")
+        require(
+            self.router_weighting in ROUTER_WEIGHTINGS,
+            f"router_weighting={self.router_weighting!r}; allowed: {ROUTER_WEIGHTINGS}.",
+        )
+        require(self.routing_mode in ROUTING_MODES, f"routing_mode={self.routing_mode!r}; allowed: {ROUTING_MODES}.")
+        require(self.router_temperature > 0, f"router_temperature={self.router_temperature} must be > 0.")
+        smallest_pool = min(self.num_attention_modules, self.num_ffn_modules)
+        require(
+            self.num_modules_per_tok <= smallest_pool,
+            f"num_modules_per_tok={self.num_modules_per_tok} is larger than the smaller module pool "
+            f"(num_attention_modules={self.num_attention_modules}, num_ffn_modules={self.num_ffn_modules}); "
+            f"allowed: 1..{smallest_pool}.",
+        )
+        require(
+            self.routing_mode != "sequential" or self.num_rounds <= smallest_pool,
+            f"routing_mode='sequential' runs module h in round h, so num_rounds={self.num_rounds} must be <= the "
+            f"smaller module pool ({smallest_pool}).",
+        )
+        require(self.unrolled_depth >= 1, "the structure has no layers: add bottom, top or chunk layers.")
+
+
+__all__ = ["MoMConfig"]

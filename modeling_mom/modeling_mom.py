@@ -1,0 +1,521 @@
+"""Mixture-of-Modules (MoM): Gong et al., "Mixture-of-Modules: Reinventing Transformers as Dynamic Assemblies of
+Modules", EMNLP 2024 (arXiv 2407.06677), on transformers 5.x.
+
+A token's path, from `input_ids` to logits:
+
+    embed_tokens(ids) + embed_positions(pos)
+    for each unrolled step (a plain GPT-2 block, or one round of a chunk):
+        attention router (chunks only) picks K of the chunk's attention modules (or SKIP) per token
+        x = x + assembled attention: per-token Q/K/V summed over the token's modules, one causal attention
+            over the sequence, output = gate-weighted sum of the modules' output projections
+        FFN router picks K FFN modules (or SKIP) per token
+        x = x + gate-weighted sum of the picked FFN modules
+    norm -> lm_head (tied to embed_tokens)
+
+Every module owns its pre-LayerNorm; residuals stay outside the modules, so a chunk run in "sequential" routing
+mode (round h = module h, weight 1) is exactly a stack of GPT-2 blocks. Each unrolled step has its own KV-cache
+slot (`config.num_hidden_layers` of them), which keeps cached decoding exact for any number of rounds.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_mom import MoMConfig
+from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispatch, scatter_rows
+from .shared_modeling import RemoteCodeMixin, last_token_pooling
+from .routing_losses import switch_load_balancing_loss
+
+
+@dataclass
+class ModuleRoute:
+    """The modules each token uses in one pool for one round.
+
+    Either `module` (every token uses that module with weight exactly 1: plain blocks and sequential routing) or
+    `plan` + `weights` (learned routing: the dispatch plan of the `[T, K]` selections and their `[T, K]` weights).
+    """
+
+    module: int | None = None
+    plan: DispatchPlan | None = None
+    weights: torch.Tensor | None = None
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """GPT-2's attention: softmax(q k^T * scaling + mask) v; returns `[B, T, heads, head_dim]` and the weights."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1).type(value.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2)
+    return attn_output, attn_weights
+
+
+class MoMModulePool(nn.Module):
+    """Parameters shared by both pool types: each module's own pre-LayerNorm gain and bias, `[N, d]`."""
+
+    def __init__(self, config: MoMConfig, num_modules: int):
+        super().__init__()
+        self.num_modules = num_modules
+        self.eps = config.layer_norm_epsilon
+        self.norm_weight = nn.Parameter(torch.ones(num_modules, config.hidden_size))
+        self.norm_bias = nn.Parameter(torch.zeros(num_modules, config.hidden_size))
+
+    def norm_single(self, x: torch.Tensor, module: int) -> torch.Tensor:
+        """LayerNorm of module `module` applied to all rows `[T, d]` (GPT-2's `ln_1` / `ln_2`)."""
+        return F.layer_norm(x, x.shape[-1:], self.norm_weight[module], self.norm_bias[module], self.eps)
+
+    def norm_routed(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """`[T, d]` -> `[S, d]`: each sorted (token, module) pair normalised with that module's LayerNorm."""
+        normed = gather_rows(F.layer_norm(x, x.shape[-1:], eps=self.eps), plan)
+        return normed * self.norm_weight.index_select(0, plan.expert_index) + self.norm_bias.index_select(
+            0, plan.expert_index
+        )
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, module: int) -> torch.Tensor:
+    """Module `module`'s Conv1D-layout projection (`weight[N, in, out]`) applied to all rows."""
+    return torch.addmm(bias[module], x, weight[module])
+
+
+class MoMAttention(MoMModulePool):
+    """A pool of attention modules, each `out_proj(MHA(qkv_proj(LN(x))))` as in GPT-2, assembled per token.
+
+    In a round, token t's query, key and value are the *sum* of the QKV projections of its selected modules; one
+    causal attention runs over the whole sequence (tokens that chose different modules still attend to each other),
+    and token t's output is the gate-weighted sum of its modules' output projections of that attention output.
+    A token that selected only SKIP has zero query, key and value, and zero output.
+    """
+
+    def __init__(self, config: MoMConfig, num_modules: int):
+        super().__init__(config, num_modules)
+        d = config.hidden_size
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = d // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.num_key_value_groups = 1
+        self.qkv_proj = nn.Parameter(torch.empty(num_modules, d, 3 * d))  # [N, in, out]
+        self.qkv_bias = nn.Parameter(torch.zeros(num_modules, 3 * d))
+        self.out_proj = nn.Parameter(torch.empty(num_modules, d, d))
+        self.out_bias = nn.Parameter(torch.zeros(num_modules, d))
+        self.resid_dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        route: ModuleRoute,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        cache_idx: int = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq, d = hidden_states.shape
+        x = hidden_states.reshape(-1, d)
+        if route.module is not None:
+            qkv = _linear(self.norm_single(x, route.module), self.qkv_proj, self.qkv_bias, route.module)
+        else:  # sum of the selected modules' projections, unweighted (as in the authors' code)
+            qkv_rows = grouped_linear(self.norm_routed(x, route.plan), self.qkv_proj, route.plan, self.qkv_bias)
+            qkv = scatter_rows(qkv_rows, route.plan, x.shape[0])
+        # [B, T, 3d] -> 3 x [B, heads, T, head_dim]
+        query, key, value = qkv.view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, cache_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(-1, d)
+        if route.module is not None:
+            out = _linear(attn_output, self.out_proj, self.out_bias, route.module)
+        else:
+            out_rows = grouped_linear(gather_rows(attn_output, route.plan), self.out_proj, route.plan, self.out_bias)
+            out = scatter_rows(out_rows, route.plan, x.shape[0], gates=route.weights)
+        return self.resid_dropout(out.view(batch, seq, d)), attn_weights
+
+
+class MoMFeedForward(MoMModulePool):
+    """A pool of GPT-2 MLP modules, `down(act(up(LN(x))))`; a token's output is the gate-weighted sum of its picks."""
+
+    def __init__(self, config: MoMConfig, num_modules: int):
+        super().__init__(config, num_modules)
+        d, inner = config.hidden_size, config.intermediate_size
+        self.up_proj = nn.Parameter(torch.empty(num_modules, d, inner))  # [N, in, out]
+        self.up_bias = nn.Parameter(torch.zeros(num_modules, inner))
+        self.down_proj = nn.Parameter(torch.empty(num_modules, inner, d))
+        self.down_bias = nn.Parameter(torch.zeros(num_modules, d))
+        self.act = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(self, hidden_states: torch.Tensor, route: ModuleRoute) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        if route.module is not None:
+            m = route.module
+            h = self.act(_linear(self.norm_single(x, m), self.up_proj, self.up_bias, m))
+            out = _linear(h, self.down_proj, self.down_bias, m)
+        else:
+            plan = route.plan
+            h = self.act(grouped_linear(self.norm_routed(x, plan), self.up_proj, plan, self.up_bias))
+            out = scatter_rows(grouped_linear(h, self.down_proj, plan, self.down_bias), plan, x.shape[0], route.weights)
+        return self.dropout(out.view(shape))
+
+
+class MoMRouter(nn.Module):
+    """Scores one pool's choices (its modules, then SKIP if enabled) for every token from its residual stream.
+
+    "mlp": `W2 relu(W1 x)`. "gru": a GRU cell stepped once per round (state reset at each chunk's first round),
+    then a linear read-out, so a decision can depend on the token's earlier routing. Returns the logits divided by
+    `router_temperature` (so `softmax` of them are the routing probabilities) and the new GRU state.
+    """
+
+    def __init__(self, config: MoMConfig, num_choices: int):
+        super().__init__()
+        self.router_type = config.router_type
+        self.temperature = config.router_temperature
+        if config.router_type == "gru":
+            self.cell = nn.GRUCell(config.hidden_size, config.router_hidden_size)
+        else:
+            self.fc = nn.Linear(config.hidden_size, config.router_hidden_size)
+        self.out = nn.Linear(config.router_hidden_size, num_choices)
+
+    def forward(
+        self, hidden_states: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.router_type == "gru":
+            state = self.cell(hidden_states, state)
+            features = state
+        else:
+            features = F.relu(self.fc(hidden_states))
+        return self.out(features).float() / self.temperature, state
+
+
+def route_tokens(router_logits: torch.Tensor, num_selected: int, weighting: str, num_modules: int) -> ModuleRoute:
+    """Top-K choices of each token and their weights (see `MoMConfig.router_weighting`)."""
+    probs = F.softmax(router_logits, dim=-1)
+    top_probs, selected = probs.topk(num_selected, dim=-1)
+    if weighting == "probability":
+        weights = top_probs
+    else:
+        weights = top_probs / top_probs.sum(-1, keepdim=True)
+        if weighting == "straight_through":
+            weights = weights.detach() + top_probs - top_probs.detach()
+    return ModuleRoute(plan=plan_dispatch(selected, num_modules), weights=weights)
+
+
+class MoMDecoderLayer(GradientCheckpointingLayer):
+    """An attention pool and an FFN pool, with their routers if the layer is a chunk; called once per round.
+
+    A plain GPT-2 block (bottom, anchor, top) is the special case of one module per pool, one round, no router.
+    """
+
+    def __init__(self, config: MoMConfig, routed: bool):
+        super().__init__()
+        num_attention = config.num_attention_modules if routed else 1
+        num_ffn = config.num_ffn_modules if routed else 1
+        self.config = config
+        self.routed = routed
+        self.attention = MoMAttention(config, num_attention)
+        self.mlp = MoMFeedForward(config, num_ffn)
+        if routed:
+            skip = int(config.enable_skip)
+            self.attention_router = MoMRouter(config, num_attention + skip)
+            self.mlp_router = MoMRouter(config, num_ffn + skip)
+
+    def _route(self, router, pool, hidden_states, round_idx, state):
+        if not self.routed or self.config.routing_mode == "sequential":
+            return ModuleRoute(module=round_idx), state
+        logits, state = router(hidden_states.reshape(-1, hidden_states.shape[-1]), state)
+        route = route_tokens(logits, self.config.num_modules_per_tok, self.config.router_weighting, pool.num_modules)
+        route.weights = route.weights.to(hidden_states.dtype)
+        return route, state
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_router_state: torch.Tensor | None = None,
+        mlp_router_state: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        round_idx: int = 0,
+        past_key_values: Cache | None = None,
+        cache_idx: int = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        route, attention_router_state = self._route(
+            getattr(self, "attention_router", None), self.attention, hidden_states, round_idx, attention_router_state
+        )
+        attn_output, _ = self.attention(hidden_states, route, attention_mask, past_key_values, cache_idx, **kwargs)
+        hidden_states = hidden_states + attn_output
+        route, mlp_router_state = self._route(
+            getattr(self, "mlp_router", None), self.mlp, hidden_states, round_idx, mlp_router_state
+        )
+        hidden_states = hidden_states + self.mlp(hidden_states, route)
+        return hidden_states, attention_router_state, mlp_router_state
+
+
+class MoMPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
+    config_class = MoMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoMDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": MoMDecoderLayer,
+        "attentions": OutputRecorder(MoMAttention, index=1),
+        "router_logits": OutputRecorder(MoMRouter, index=0),
+    }
+    _remote_code_classes = {
+        "AutoModel": "MoMModel",
+        "AutoModelForCausalLM": "MoMForCausalLM",
+        "AutoModelForSequenceClassification": "MoMForSequenceClassification",
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """GPT-2's initialisation; output projections scaled by 1/sqrt(2 * unrolled depth) as GPT-2 does per layer."""
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, MoMModulePool):
+            init.ones_(module.norm_weight)
+            init.zeros_(module.norm_bias)
+        if isinstance(module, MoMAttention):
+            init.normal_(module.qkv_proj, mean=0.0, std=std)
+            init.zeros_(module.qkv_bias)
+            init.normal_(module.out_proj, mean=0.0, std=std / (2 * self.config.num_hidden_layers) ** 0.5)
+            init.zeros_(module.out_bias)
+        elif isinstance(module, MoMFeedForward):
+            init.normal_(module.up_proj, mean=0.0, std=std)
+            init.zeros_(module.up_bias)
+            init.normal_(module.down_proj, mean=0.0, std=std / (2 * self.config.num_hidden_layers) ** 0.5)
+            init.zeros_(module.down_bias)
+        elif isinstance(module, nn.GRUCell):
+            for weight in (module.weight_ih, module.weight_hh):
+                init.normal_(weight, mean=0.0, std=std)
+            for bias in (module.bias_ih, module.bias_hh):
+                init.zeros_(bias)
+
+
+def layer_schedule(config: MoMConfig) -> tuple[list[bool], list[tuple[int, int]]]:
+    """The layer stack (True = routed chunk) and the unrolled steps `(layer index, round)`, one per cache slot."""
+    routed = [False] * config.num_bottom_layers
+    for _ in range(config.num_chunks):
+        routed += [True] + [False] * int(config.use_anchor_layers)
+    routed += [False] * config.num_top_layers
+    steps = [(i, r) for i, is_chunk in enumerate(routed) for r in range(config.num_rounds if is_chunk else 1)]
+    return routed, steps
+
+
+class MoMModel(MoMPreTrainedModel):
+    def __init__(self, config: MoMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.dropout = nn.Dropout(config.embd_dropout)
+        routed, self.steps = layer_schedule(config)
+        self.layers = nn.ModuleList(MoMDecoderLayer(config, is_chunk) for is_chunk in routed)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)  # one slot per unrolled step
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
+        router_states = (None, None)
+        for cache_idx, (layer_idx, round_idx) in enumerate(self.steps):
+            if round_idx == 0:  # GRU router states restart at every chunk
+                router_states = (None, None)
+            hidden_states, *router_states = self.layers[layer_idx](
+                hidden_states,
+                *router_states,
+                attention_mask=causal_mask,
+                round_idx=round_idx,
+                past_key_values=past_key_values,
+                cache_idx=cache_idx,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values if use_cache else None
+        )
+
+
+def mom_aux_loss(config: MoMConfig, router_logits, attention_mask) -> torch.Tensor | None:
+    """Balancing loss of the attention routers plus that of the FFN routers (`router_logits` alternates them)."""
+    if not router_logits:
+        return None
+    return switch_load_balancing_loss(
+        router_logits[0::2], config.num_modules_per_tok, attention_mask
+    ) + switch_load_balancing_loss(router_logits[1::2], config.num_modules_per_tok, attention_mask)
+
+
+class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoMConfig):
+        super().__init__(config)
+        self.model = MoMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        r"""
+        labels: next-token targets (`-100` = ignored); the loss honours `num_items_in_batch` from the Trainer.
+        output_router_logits: return the router logits (per routed round: attention router, then FFN router) and
+            the load-balancing `aux_loss`, which is added to the loss with `config.router_aux_loss_coef`.
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        aux_loss = mom_aux_loss(self.config, outputs.router_logits, attention_mask) if output_router_logits else None
+        if loss is not None and aux_loss is not None:
+            loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+class MoMForSequenceClassification(MoMPreTrainedModel):
+    """MoM with a linear head on the last non-padding token (GLUE-style classification and regression)."""
+
+    def __init__(self, config: MoMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MoMModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        r"""
+        labels: class indices (`num_labels > 1`), floats for regression (`num_labels == 1`) or multi-hot floats
+            (`problem_type="multi_label_classification"`). The routers' balancing loss is added when enabled.
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        pooled_logits = last_token_pooling(logits, input_ids, attention_mask, self.config.pad_token_id)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+            if output_router_logits and outputs.router_logits:
+                aux_loss = mom_aux_loss(self.config, outputs.router_logits, attention_mask)
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["MoMPreTrainedModel", "MoMModel", "MoMForCausalLM", "MoMForSequenceClassification"]

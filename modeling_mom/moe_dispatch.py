@@ -1,0 +1,132 @@
+"""Token -> module/expert dispatch shared by MoM, MoEUT and ModuleFormer.
+
+Every routed layer of the three architectures does the same thing: each token picks ``k`` of ``E`` experts
+(modules), the chosen (token, slot) pairs are sorted by expert, the rows are gathered, each expert's rows go
+through that expert's weight in one grouped matmul, and the results are scattered back, weighted by the gates.
+
+    plan = plan_dispatch(selected_experts, num_experts)         # one sort per routing decision
+    h = grouped_linear(gather_rows(x, plan), w_in, plan)        # [S, out], S = number of kept (token, slot) pairs
+    y = scatter_rows(h, plan, num_tokens, gates=weights)        # [T, out], weighted sum over each token's slots
+
+Selections equal to or above ``num_experts`` (MoM's SKIP) are dropped from the plan, so they contribute zero.
+
+The grouped matmul uses ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` on older torch) where the
+device and dtype support it, and otherwise one matmul per expert over ``split`` / ``unbind`` views. Indexing
+``weight[e]`` inside an autograd loop is never used: its backward materialises a full-size zero gradient per
+expert (quadratic in the number of experts).
+
+The single host-device synchronisation is in :func:`plan_dispatch` (the per-expert counts are read once, to
+drop SKIP selections and to split rows for the fallback path).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@dataclass
+class DispatchPlan:
+    """Where each kept (token, slot) pair goes, sorted by expert.
+
+    Attributes:
+        token_index: `[S]` input row read by each sorted pair.
+        flat_index: `[S]` position of each pair in the flattened `[T * k]` selection (to pick its gate).
+        expert_index: `[S]` expert of each sorted pair, ascending.
+        offsets: `[E]` int32 cumulative row counts per expert (`grouped_mm`'s `offs`).
+        counts: per-expert row counts on the host (for the fallback split).
+    """
+
+    token_index: torch.Tensor
+    flat_index: torch.Tensor
+    expert_index: torch.Tensor
+    offsets: torch.Tensor
+    counts: list[int]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.counts)
+
+
+def plan_dispatch(selected_experts: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """Sort the `[T, k]` expert choices by expert; choices `>= num_experts` (SKIP) are dropped."""
+    k = selected_experts.shape[-1]
+    flat = selected_experts.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
+    host_counts = counts.tolist()  # the dispatch's one host sync
+    order = order[: sum(host_counts)]
+    return DispatchPlan(
+        token_index=torch.div(order, k, rounding_mode="floor"),
+        flat_index=order,
+        expert_index=flat.index_select(0, order),
+        offsets=counts.cumsum(0).to(torch.int32),
+        counts=host_counts,
+    )
+
+
+def gather_rows(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """`[T, d]` -> `[S, d]`: the input row of every sorted pair (`index_select`, not advanced indexing)."""
+    return x.index_select(0, plan.token_index)
+
+
+def sorted_gates(gates: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """`[T, k]` gates -> `[S, 1]`, aligned with the sorted pairs."""
+    return gates.reshape(-1).index_select(0, plan.flat_index).unsqueeze(-1)
+
+
+def scatter_rows(
+    y: torch.Tensor, plan: DispatchPlan, num_tokens: int, gates: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`[S, d]` -> `[T, d]`: sum each token's pairs back into its row, multiplied by `gates` (`[T, k]`) if given."""
+    if gates is not None:
+        y = y * sorted_gates(gates, plan).to(y.dtype)
+    return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, plan.token_index, y)
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether this torch build runs `grouped_mm` for `x`'s device and dtype."""
+    if _GROUPED_MM is None:
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (`grouped_mm`'s backward rejects stride 0)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    plan: DispatchPlan,
+    bias: torch.Tensor | None = None,
+    use_grouped_mm: bool | None = None,
+) -> torch.Tensor:
+    """Per-expert linear map of sorted rows: `x[S, in] @ weight[e, in, out] (+ bias[e, out])` -> `[S, out]`.
+
+    `use_grouped_mm=None` picks `grouped_mm` when supported (see :func:`grouped_mm_supported`); `False` forces the
+    per-expert `split`/`unbind` loop, which is also the reference the fast path is tested against.
+    """
+    if use_grouped_mm is None:
+        use_grouped_mm = grouped_mm_supported(x)
+    if use_grouped_mm:
+        out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))
+    else:
+        out = torch.cat([xe @ we for xe, we in zip(x.split(plan.counts), weight.unbind(0))])
+    if bias is not None:
+        out = out + bias.index_select(0, plan.expert_index)
+    return out
