@@ -224,8 +224,8 @@ def route_tokens(router_logits: torch.Tensor, num_selected: int, weighting: str,
         weights = top_probs
     else:
         weights = top_probs / top_probs.sum(-1, keepdim=True)
-        if weighting == "straight_through":
-            weights = weights.detach() + top_probs - top_probs.detach()
+        if weighting == "straight_through":  # forward value unchanged (p - p is exactly 0), gradient of p
+            weights = weights.detach() + (top_probs - top_probs.detach())
     return ModuleRoute(plan=plan_dispatch(selected, num_modules), weights=weights)
 
 
@@ -346,6 +346,15 @@ class MoMModel(MoMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @staticmethod
+    def _position_ids(inputs_embeds, attention_mask, past_key_values) -> torch.Tensor:
+        """Positions count real tokens only (as `generate` does), so left padding does not shift them."""
+        seq = inputs_embeds.shape[1]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        return torch.arange(seq, device=inputs_embeds.device).unsqueeze(0) + past_seen
+
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -365,8 +374,7 @@ class MoMModel(MoMPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)  # one slot per unrolled step
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+            position_ids = self._position_ids(inputs_embeds, attention_mask, past_key_values)
 
         causal_mask = create_causal_mask(
             config=self.config,

@@ -1,0 +1,357 @@
+"""MoM model behaviour: config validation, exact cached decoding, routing, heads, Trainer contract, remote code.
+
+Tolerances: fp32 on CPU. Cached and uncached forwards run the same ops on different tensor shapes, so logits can
+differ by float rounding (~1e-6); we allow 1e-5. Token sequences must be identical.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from modeling_mom import MoMConfig, MoMForCausalLM, MoMForSequenceClassification, MoMModel
+from modeling_mom.routing_losses import switch_load_balancing_loss
+
+VOCAB = 61
+
+
+def tiny_config(**overrides) -> MoMConfig:
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_bottom_layers=1,
+        num_top_layers=1,
+        num_chunks=1,
+        num_attention_modules=3,
+        num_ffn_modules=3,
+        num_rounds=3,
+        num_modules_per_tok=1,
+        router_hidden_size=16,
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return MoMConfig(**kwargs)
+
+
+def left_padded_batch():
+    torch.manual_seed(1)
+    ids = torch.randint(1, VOCAB, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+ROUTINGS = [
+    dict(router_type="mlp", num_modules_per_tok=1),
+    dict(router_type="gru", num_modules_per_tok=2),
+    dict(router_type="gru", num_modules_per_tok=1, num_rounds=5, enable_skip=True),
+    dict(routing_mode="sequential"),
+]
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(num_modules_per_tok=4), "num_modules_per_tok"),
+        (dict(routing_mode="sequential", num_rounds=4), "num_rounds"),
+        (dict(hidden_size=30), "hidden_size"),
+        (dict(router_type="lstm"), "router_type"),
+        (dict(router_weighting="softmax"), "router_weighting"),
+        (dict(routing_mode="random"), "routing_mode"),
+        (dict(router_temperature=0.0), "router_temperature"),
+        (dict(num_rounds=0), "num_rounds"),
+        (dict(num_hidden_layers=7), "num_hidden_layers"),
+        (dict(num_bottom_layers=0, num_top_layers=0, num_chunks=0), "no layers"),
+    ],
+)
+def test_invalid_config_raises_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_num_hidden_layers_is_the_unrolled_depth():
+    config = tiny_config(num_bottom_layers=2, num_top_layers=1, num_chunks=2, num_rounds=3, use_anchor_layers=True)
+    assert config.num_hidden_layers == 2 + 1 + 2 * (3 + 1)
+    model = MoMModel(config).eval()
+    out = model(torch.randint(1, VOCAB, (2, 5)), output_hidden_states=True, use_cache=True)
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+    assert len(out.past_key_values.layers) == config.num_hidden_layers
+
+
+# ------------------------------------------------------------------------------------- cached decoding
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items()))
+def test_incremental_forward_equals_full_forward(routing):
+    torch.manual_seed(0)
+    model = MoMForCausalLM(tiny_config(**routing)).eval()
+    ids, mask = left_padded_batch()
+    full = model(ids, attention_mask=mask).logits
+    out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+    steps = [out.logits]
+    cache = out.past_key_values
+    for t in range(5, ids.shape[1]):
+        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+        cache = out.past_key_values
+    incremental = torch.cat(steps, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(incremental[real], full[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items()))
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_with_cache_equals_without(routing, num_beams):
+    torch.manual_seed(0)
+    model = MoMForCausalLM(tiny_config(**routing)).eval()
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, num_beams=num_beams)
+    cached = model.generate(ids, use_cache=True, **kwargs)
+    uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_left_padding_does_not_change_a_rows_continuation():
+    torch.manual_seed(0)
+    model = MoMForCausalLM(tiny_config(router_type="gru")).eval()
+    ids, mask = left_padded_batch()
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    row = ids[2:3, 5:]
+    alone = model.generate(row, attention_mask=torch.ones_like(row), max_new_tokens=8, do_sample=False)
+    assert torch.equal(batched[2, -8:], alone[0, -8:])
+
+
+# --------------------------------------------------------------------------------------------- routing
+
+
+def test_router_logits_and_aux_loss():
+    config = tiny_config(num_chunks=2, num_rounds=3, enable_skip=True)
+    model = MoMForCausalLM(config).eval()
+    ids, mask = left_padded_batch()
+    out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    # per routed round: attention router, then FFN router; each scores the pool and SKIP
+    assert len(out.router_logits) == 2 * config.num_chunks * config.num_rounds
+    assert all(r.shape == (ids.numel(), config.num_attention_modules + 1) for r in out.router_logits)
+    expected = switch_load_balancing_loss(out.router_logits[0::2], 1, mask) + switch_load_balancing_loss(
+        out.router_logits[1::2], 1, mask
+    )
+    torch.testing.assert_close(out.aux_loss, expected)
+    plain = model(ids, attention_mask=mask, labels=ids, output_router_logits=False)
+    torch.testing.assert_close(out.loss, plain.loss + config.router_aux_loss_coef * out.aux_loss)
+
+
+def test_switch_loss_by_hand():
+    # two tokens, three choices, top-1: token 0 picks choice 0, token 1 picks choice 2
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    probs = logits.softmax(-1)
+    fraction = torch.tensor([0.5, 0.0, 0.5])
+    expected = 3 * (fraction * probs.mean(0)).sum()
+    torch.testing.assert_close(switch_load_balancing_loss([logits], 1), expected)
+    # padding: the second token is masked out, so only token 0 counts
+    masked = switch_load_balancing_loss([logits], 1, torch.tensor([[1, 0]]))
+    torch.testing.assert_close(masked, 3 * probs[0, 0])
+    # uniform routing gives exactly 1
+    torch.testing.assert_close(switch_load_balancing_loss([torch.zeros(6, 3)], 1), torch.tensor(1.0), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("weighting, gets_gradient", [("straight_through", True), ("probability", True), ("renormalize", False)])
+def test_k1_router_gradient_from_lm_loss(weighting, gets_gradient):
+    """With K=1 the renormalised weight is p/p = 1 (no LM gradient); straight-through and probability train it."""
+    torch.manual_seed(0)
+    model = MoMForCausalLM(tiny_config(router_weighting=weighting, router_aux_loss_coef=0.0)).train()
+    ids = torch.randint(1, VOCAB, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    router_grad = model.model.layers[1].mlp_router.out.weight.grad.abs().max()
+    # renormalised K=1 weights are p/p: their gradient is zero up to float rounding (~1e-14)
+    assert router_grad > 1e-6 if gets_gradient else router_grad < 1e-10
+
+
+def test_straight_through_forward_equals_renormalize():
+    torch.manual_seed(0)
+    ids = torch.randint(1, VOCAB, (2, 8))
+    model = MoMForCausalLM(tiny_config(num_modules_per_tok=2)).eval()
+    straight = model(ids).logits
+    model.config.router_weighting = "renormalize"
+    torch.testing.assert_close(model(ids).logits, straight, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------------------- training
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """Summing the losses of two micro-batches normalised by `num_items_in_batch` gives the big batch's gradient."""
+    torch.manual_seed(0)
+    model = MoMForCausalLM(tiny_config(routing_mode="sequential"))
+    ids = torch.randint(1, VOCAB, (4, 10))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    model(ids, labels=labels).loss.backward()
+    big = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    num_items = (labels[:, 1:] != -100).sum()
+    for half in (slice(0, 2), slice(2, 4)):
+        model(ids[half], labels=labels[half], num_items_in_batch=num_items).loss.backward()
+    accumulated = [p.grad for p in model.parameters() if p.grad is not None]
+    for a, b in zip(accumulated, big):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_trainer_gradient_accumulation_equals_big_batch(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(1, VOCAB, (8, 10))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    initial = MoMForCausalLM(tiny_config(routing_mode="sequential")).state_dict()
+
+    def train(batch_size, accumulation):
+        model = MoMForCausalLM(tiny_config(routing_mode="sequential"))
+        model.load_state_dict(initial)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"run{batch_size}"),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            dataloader_drop_last=True,
+        )
+        Trainer(model=model, args=args, train_dataset=data).train()
+        return model.state_dict()
+
+    accumulated, big = train(4, 2), train(8, 1)
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    config = tiny_config(router_type="gru", num_modules_per_tok=2, output_router_logits=True)
+    ids = torch.randint(1, VOCAB, (2, 8))
+    reference = MoMForCausalLM(config).state_dict()
+    grads = []
+    for checkpointing in (False, True):
+        model = MoMForCausalLM(config).train()
+        model.load_state_dict(reference)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ classifier
+
+
+def test_classifier_pools_last_real_token_with_left_or_right_padding():
+    torch.manual_seed(0)
+    model = MoMForSequenceClassification(tiny_config(num_labels=3)).eval()
+    row = torch.randint(1, VOCAB, (1, 6))
+    alone = model(row).logits
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    ones, zeros = torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)
+    right = model(torch.cat([row, pad], 1), attention_mask=torch.cat([ones, zeros], 1)).logits
+    left = model(torch.cat([pad, row], 1), attention_mask=torch.cat([zeros, ones], 1)).logits
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "num_labels, problem_type, labels",
+    [
+        (3, None, torch.tensor([0, 2])),
+        (1, None, torch.tensor([0.5, -1.0])),
+        (3, "multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+    ],
+)
+def test_classifier_losses(num_labels, problem_type, labels):
+    torch.manual_seed(0)
+    config = tiny_config(num_labels=num_labels, problem_type=problem_type)
+    model = MoMForSequenceClassification(config).eval()
+    ids = torch.randint(1, VOCAB, (2, 7))
+    out = model(ids, labels=labels)
+    if num_labels == 1:
+        expected = torch.nn.functional.mse_loss(out.logits.squeeze(-1), labels)
+    elif problem_type == "multi_label_classification":
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels)
+    else:
+        expected = torch.nn.functional.cross_entropy(out.logits, labels)
+    torch.testing.assert_close(out.loss, expected)
+    with_aux = model(ids, labels=labels, output_router_logits=True)
+    aux = model(ids, output_router_logits=True, return_dict=True)
+    assert with_aux.loss > out.loss or config.router_aux_loss_coef == 0
+    assert aux.logits.shape == (2, num_labels)
+
+
+# ----------------------------------------------------------------------------------------- save / load
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = MoMForCausalLM(tiny_config(router_type="gru")).eval()
+    ids, mask = left_padded_batch()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, MoMForCausalLM)
+    assert loaded.config.to_dict()["num_rounds"] == model.config.num_rounds
+    torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+REMOTE_LOAD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["modeling_mom"] = None  # the installed package must not be needed
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    path = sys.argv[1]
+    ids = torch.load(path + "/inputs.pt")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    assert type(config).__name__ == "MoMConfig", type(config)
+    lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    assert not type(lm).__module__.startswith("modeling_mom"), type(lm).__module__
+    torch.save(lm(**ids).logits, path + "/remote_logits.pt")
+    base = AutoModel.from_pretrained(path, trust_remote_code=True)
+    assert type(base).__name__ == "MoMModel"
+    classifier = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True, num_labels=2)
+    assert classifier(**ids).logits.shape == (ids["input_ids"].shape[0], 2)
+    generated = lm.generate(**ids, max_new_tokens=5, do_sample=False)
+    torch.save(generated, path + "/remote_generated.pt")
+    """
+)
+
+
+def test_remote_code_load_without_the_package(tmp_path):
+    torch.manual_seed(0)
+    model = MoMForCausalLM(tiny_config(router_type="gru", num_modules_per_tok=2)).eval()
+    ids, mask = left_padded_batch()
+    model.save_pretrained(tmp_path)
+    for name in os.listdir(tmp_path):
+        if name.endswith(".py"):
+            source = (tmp_path / name).read_text()
+            assert "from .." not in source and "import modeling_mom" not in source, name
+    torch.save({"input_ids": ids, "attention_mask": mask}, tmp_path / "inputs.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(tmp_path)], env=env, cwd="/", check=True)
+    torch.testing.assert_close(
+        torch.load(tmp_path / "remote_logits.pt"), model(ids, attention_mask=mask).logits, atol=1e-6, rtol=1e-6
+    )
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(torch.load(tmp_path / "remote_generated.pt"), expected)
