@@ -86,10 +86,26 @@ def scatter_rows(
     return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, plan.token_index, y)
 
 
-def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Whether this torch build runs `grouped_mm` for `x`'s device and dtype."""
+def _grouped_mm_aligned(t: torch.Tensor) -> bool:
+    """`grouped_mm` needs a unit stride in one of the last two dims and the other a multiple of 16 bytes."""
+    rows, cols = t.stride()[-2:]
+    alignment = 16 // t.element_size()
+    return (cols == 1 and rows % alignment == 0) or (rows == 1 and cols % alignment == 0)
+
+
+def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether this torch build runs `grouped_mm` for `x`'s device and dtype (and `x @ weight`'s strides).
+
+    With `weight`, also checks the 16-byte stride alignment `grouped_mm` requires of both operands and of the
+    gradients: `in` and `out` must be multiples of 16 bytes (4 fp32 or 8 bf16 elements), or the fallback is used.
+    """
     if _GROUPED_MM is None:
         return False
+    if weight is not None:
+        alignment = 16 // x.element_size()
+        dims_aligned = weight.shape[-2] % alignment == 0 and weight.shape[-1] % alignment == 0
+        if not (dims_aligned and _grouped_mm_aligned(x) and _grouped_mm_aligned(weight)):
+            return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
     if x.device.type == "cuda":
@@ -122,7 +138,7 @@ def grouped_linear(
     per-expert `split`/`unbind` loop, which is also the reference the fast path is tested against.
     """
     if use_grouped_mm is None:
-        use_grouped_mm = grouped_mm_supported(x)
+        use_grouped_mm = grouped_mm_supported(x, weight)
     if use_grouped_mm:
         out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))
     else:

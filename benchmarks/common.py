@@ -1,0 +1,179 @@
+"""Timing and reporting helpers shared by the benchmark scripts.
+
+An entry point sets `THP_MEM_ALLOC_ENABLE=1` before it imports torch (PyTorch's CPU allocator then asks for
+transparent huge pages; without it, large fresh tensors page-fault their way in at ~4x the cost of the copy on the
+reference machine), then:
+
+    args = build_parser("what it measures").parse_args()
+    setup(args.threads)
+    timings = time_interleaved({"gpt2": step_a, "mom": step_b}, warmup=args.warmup, repeats=args.repeats)
+    write_report(title, header, rows, payload, args)
+
+Each figure is the median (and minimum) over repeats, with the "foreign load" beside it: the average number of
+cores other processes used while it was being timed (busy jiffies of the whole machine from `/proc/stat`, minus
+this process's own CPU time). Figures taken with a foreign load above `FOREIGN_LOAD_WARNING` are unreliable on a
+2-core machine and are marked.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+FOREIGN_LOAD_WARNING = 0.3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent not idle since boot (None where `/proc/stat` does not exist)."""
+    try:
+        with open("/proc/stat") as f:
+            jiffies = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle, iowait = jiffies[3], jiffies[4]
+    return (sum(jiffies) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one benchmarked function."""
+
+    name: str
+    median_s: float
+    min_s: float
+    repeats: int
+    foreign_load: float | None  # average cores used by other processes while timing; None if unknown
+
+    @property
+    def disturbed(self) -> bool:
+        return self.foreign_load is not None and self.foreign_load > FOREIGN_LOAD_WARNING
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5) -> dict[str, Timing]:
+    """Time each function `repeats` times, round-robin (a, b, a, b, ...) so slow drifts of the machine's load hit
+    every function alike; `warmup` untimed rounds first. Returns a `Timing` per name."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1.")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    foreign = dict.fromkeys(fns, 0.0)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            busy0, cpu0, t0 = _machine_busy_seconds(), time.process_time(), time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - t0
+            busy1, cpu1 = _machine_busy_seconds(), time.process_time()
+            samples[name].append(elapsed)
+            if busy0 is not None:
+                foreign[name] += (busy1 - busy0) - (cpu1 - cpu0)
+    timings = {}
+    for name, times in samples.items():
+        load = None if _machine_busy_seconds() is None else max(0.0, foreign[name] / sum(times))
+        timings[name] = Timing(name, statistics.median(times), min(times), repeats, load)
+    return timings
+
+
+def build_parser(description: str, repeats: int = 5) -> argparse.ArgumentParser:
+    """The flags every benchmark shares: threads, repeats, warm-up, dtype, output paths."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats per figure (default {repeats})")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default 1)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the results as JSON to this path")
+    parser.add_argument("--markdown", help="write the results as a Markdown table to this path")
+    return parser
+
+
+def setup(threads: int, seed: int = 0) -> None:
+    """Fix the thread count (results depend on it) and the random seed."""
+    if threads < 1:
+        raise ValueError(f"--threads={threads} must be >= 1.")
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+
+def environment() -> dict:
+    """What a reader needs to compare figures across runs."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        "python": platform.python_version(),
+    }
+
+
+def command_line() -> str:
+    """The command that produced the results, runnable from the repository root."""
+    module = sys.modules["__main__"].__spec__
+    entry = f"-m {module.name}" if module is not None else shlex.quote(sys.argv[0])
+    return f"python {entry} {shlex.join(sys.argv[1:])}".rstrip()
+
+
+def fmt_ms(timing: Timing) -> str:
+    """`median (min) ms`, with ⚠ when the machine was busy with other work."""
+    mark = " ⚠" if timing.disturbed else ""
+    return f"{timing.median_s * 1e3:.1f} ({timing.min_s * 1e3:.1f}){mark}"
+
+
+def fmt_load(timing: Timing) -> str:
+    return "n/a" if timing.foreign_load is None else f"{timing.foreign_load:.2f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(
+    title: str, header: list[str], rows: list[list[str]], payload: dict, args, notes: list[str] = ()
+) -> str:
+    """Print the Markdown report (title, command, environment, notes, table) and write it and the JSON where asked."""
+    env = environment()
+    markdown = "\n".join(
+        [
+            f"## {title}",
+            "",
+            f"Command: `{command_line()}`",
+            "",
+            "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()),
+            "",
+            *(f"{note}\n" for note in notes),
+            markdown_table(header, rows),
+            "",
+            (
+                f"Times are median (min) over the repeats; ⚠ marks a foreign load above {FOREIGN_LOAD_WARNING} "
+                "(other processes competed for the CPU: treat as unreliable)."
+            ),
+            "",
+        ]
+    )
+    print(markdown)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown)
+    if args.json:
+        text = json.dumps({"title": title, "command": command_line(), "environment": env, **payload}, indent=2)
+        with open(args.json, "w") as f:
+            f.write(text)
+    return markdown
+
+
+def timing_dict(timing: Timing) -> dict:
+    return {**asdict(timing), "disturbed": timing.disturbed}

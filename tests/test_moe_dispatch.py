@@ -1,0 +1,285 @@
+"""The shared token -> expert dispatch (`modeling_mom/moe_dispatch.py`) equals a naive per-(token, slot) loop.
+
+Every case runs forward and backward (gradients of the input rows, expert weights, bias and gates) on both
+backends: `torch.nn.functional.grouped_mm` (where this torch build supports it) and the `split`/`unbind` fallback.
+
+The reference is computed in float64 from the very same (already rounded) input values, so the measured error is
+the dispatch's own rounding only:
+- fp32: `atol = rtol = 1e-5`. Every value is a sum of a few dozen products of O(1) numbers (at most
+  `in_features * k` = 48 for outputs, `tokens * k` for weight gradients); fp32 rounding (eps 1.2e-7) of such sums
+  is ~1e-6 (measured: max abs error 1.2e-6, i.e. 1.7e-7 of the largest value), so 1e-5 leaves an 8x margin while
+  any real dispatch error (a wrong row, gate or expert) is O(0.1) or more.
+- bf16: `2e-2` of the largest reference value (and `rtol = 2e-2`). The matmul output, bias add, gate multiply
+  and scatter-add each round to bf16 (eps 2^-8 = 3.9e-3), so errors of a few eps of the output scale are
+  expected (measured: 7.2e-3 of the scale).
+"""
+
+import pytest
+import torch
+
+from modeling_mom.moe_dispatch import (
+    gather_rows,
+    grouped_linear,
+    grouped_mm_supported,
+    plan_dispatch,
+    scatter_rows,
+    sorted_gates,
+)
+
+NUM_EXPERTS, IN_FEATURES, OUT_FEATURES = 4, 16, 24  # multiples of 16 bytes in fp32 and bf16: grouped_mm can run
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _backends():
+    probe = torch.zeros(1, IN_FEATURES)
+    weight = torch.zeros(NUM_EXPERTS, IN_FEATURES, OUT_FEATURES)
+    grouped = pytest.param(
+        True,
+        id="grouped_mm",
+        marks=pytest.mark.skipif(
+            not grouped_mm_supported(probe, weight), reason="this torch build has no CPU grouped_mm"
+        ),
+    )
+    return [grouped, pytest.param(False, id="split_unbind")]
+
+
+BACKENDS = _backends()
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def naive_dispatch(x, weight, bias, selected, gates, num_experts):
+    """`out[t] = sum_j gates[t, j] * (x[t] @ weight[e] + bias[e])` with `e = selected[t, j]`, SKIP (`e >= E`) = 0."""
+    rows = []
+    for t in range(x.shape[0]):
+        row = x.new_zeros(weight.shape[-1])
+        for j in range(selected.shape[1]):
+            e = int(selected[t, j])
+            if e < num_experts:
+                row = row + gates[t, j] * (x[t] @ weight[e] + bias[e])
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def naive_expert_ffn(x, up, down, gates, selected):
+    """`out[t] = sum_j gates[t, j] * relu(x[t] @ up[e]) @ down[e]` with `e = selected[t, j]`, SKIP = 0."""
+    rows = []
+    for t in range(x.shape[0]):
+        row = x.new_zeros(down.shape[-1])
+        for j, e in enumerate(selected[t].tolist()):
+            if e < up.shape[0]:
+                row = row + gates[t, j] * (torch.relu(x[t] @ up[e]) @ down[e])
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def dispatch(x, weight, bias, selected, gates, num_experts, use_grouped_mm):
+    plan = plan_dispatch(selected, num_experts)
+    rows = grouped_linear(gather_rows(x, plan), weight, plan, bias, use_grouped_mm=use_grouped_mm)
+    return scatter_rows(rows, plan, x.shape[0], gates=gates)
+
+
+def make_inputs(selected, dtype, transposed_weight=False, seed=0):
+    """Leaf tensors (input rows, weight, bias, gates) of `dtype`, O(1) values; weight optionally a transposed view."""
+    generator = torch.Generator().manual_seed(seed)
+    num_tokens, k = selected.shape
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype).requires_grad_()
+
+    x = leaf(num_tokens, IN_FEATURES)
+    if transposed_weight:  # stored [E, out, in], used as the [E, in, out] view
+        weight_leaf = leaf(NUM_EXPERTS, OUT_FEATURES, IN_FEATURES, scale=IN_FEATURES**-0.5)
+        weight = weight_leaf.transpose(1, 2)
+    else:
+        weight_leaf = weight = leaf(NUM_EXPERTS, IN_FEATURES, OUT_FEATURES, scale=IN_FEATURES**-0.5)
+    bias = leaf(NUM_EXPERTS, OUT_FEATURES)
+    gates = torch.rand(num_tokens, k, generator=generator).to(dtype).requires_grad_()
+    return x, weight_leaf, weight, bias, gates
+
+
+def assert_matches_reference(selected, dtype, use_grouped_mm, transposed_weight=False, upstream="random"):
+    """Run the dispatch and the float64 naive loop on the same values; compare outputs and all four gradients."""
+    x, weight_leaf, weight, bias, gates = make_inputs(selected, dtype, transposed_weight)
+    out = dispatch(x, weight, bias, selected, gates, NUM_EXPERTS, use_grouped_mm)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, weight_leaf, bias, gates)]
+    x64, weight_leaf64, bias64, gates64 = leaves64
+    weight64 = weight_leaf64.transpose(1, 2) if transposed_weight else weight_leaf64
+    ref = naive_dispatch(x64, weight64, bias64, selected, gates64, NUM_EXPERTS)
+
+    if upstream == "random":
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    else:  # `.sum().backward()`: the upstream gradient is an expanded scalar (stride 0)
+        out, ref, grad_out = out.sum(), ref.sum(), torch.ones((), dtype=dtype)
+    out.backward(grad_out)
+    if ref.requires_grad:  # all-SKIP: the reference is a constant zero, its gradients are zero
+        ref.backward(grad_out.double())
+
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = TOLERANCE[dtype]
+    pairs = [("output", out, ref)] + [
+        (name, leaf.grad, torch.zeros_like(leaf64) if leaf64.grad is None else leaf64.grad)
+        for name, leaf, leaf64 in zip(("x", "weight", "bias", "gates"), (x, weight_leaf, bias, gates), leaves64)
+    ]
+    for name, actual, expected in pairs:
+        assert actual is not None, f"no gradient reached {name}"
+        scale = expected.abs().max().item() if dtype == torch.bfloat16 else 1.0
+        torch.testing.assert_close(actual.double(), expected, atol=tol * max(scale, 1e-12), rtol=tol, msg=name)
+
+
+SKIP = NUM_EXPERTS  # any selection >= num_experts is SKIP
+CASES = {
+    # k=1: one expert per token, every expert used
+    "k1": torch.tensor([[0], [3], [1], [2], [3], [0], [2], [1]]),
+    # k=2 with SKIP selections (== E and > E) mixed in, and expert 1 receiving no tokens
+    "k2_skip_empty_expert": torch.tensor(
+        [[0, 2], [3, SKIP], [SKIP + 2, 0], [2, 3], [SKIP, SKIP], [3, 0], [0, 3], [2, SKIP]]
+    ),
+    # k=3, all experts used, tokens picking the same expert in two slots
+    "k3_repeats": torch.tensor([[0, 1, 2], [3, 3, 1], [2, 0, 1], [1, 1, 1], [0, 2, 3]]),
+    # a single token (decoding)
+    "single_token": torch.tensor([[2, 0]]),
+    # every selection is SKIP: output and all gradients are zero
+    "all_skip": torch.full((5, 2), SKIP),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_grouped_mm", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_dispatch_matches_naive_loop(case, use_grouped_mm, dtype):
+    assert_matches_reference(CASES[case], dtype, use_grouped_mm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_grouped_mm", BACKENDS)
+def test_transposed_weight_view(use_grouped_mm, dtype):
+    assert_matches_reference(CASES["k2_skip_empty_expert"], dtype, use_grouped_mm, transposed_weight=True)
+
+
+@pytest.mark.parametrize("use_grouped_mm", BACKENDS)
+def test_stride_zero_upstream_gradient_through_scatter(use_grouped_mm):
+    assert_matches_reference(CASES["k2_skip_empty_expert"], torch.float32, use_grouped_mm, upstream="sum")
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("use_grouped_mm", BACKENDS)
+def test_stride_zero_gradient_straight_into_grouped_linear(use_grouped_mm, with_bias):
+    """`grouped_linear(...).sum().backward()` hands grouped_mm an expanded (stride 0) gradient; the guard fixes it."""
+    selected = CASES["k2_skip_empty_expert"]
+    x, weight_leaf, weight, bias, _ = make_inputs(selected, torch.float32)
+    plan = plan_dispatch(selected, NUM_EXPERTS)
+    rows = grouped_linear(gather_rows(x, plan), weight, plan, bias if with_bias else None, use_grouped_mm)
+    rows.sum().backward()
+
+    x64, weight64, bias64 = (t.detach().double().requires_grad_() for t in (x, weight_leaf, bias))
+    ref_rows = [
+        x64[t] @ weight64[e] + (bias64[e] if with_bias else 0)
+        for t, e in zip(plan.token_index.tolist(), plan.expert_index.tolist())
+    ]
+    torch.stack(ref_rows).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight_leaf.grad.double(), weight64.grad, atol=1e-5, rtol=1e-5)
+    if with_bias:
+        torch.testing.assert_close(bias.grad.double(), bias64.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_grouped_mm", BACKENDS)
+def test_expert_ffn_with_gate_on_hidden(use_grouped_mm, dtype):
+    """The MoE-FFN pattern: one plan for both projections, gates applied to the `[S, hidden]` rows (`sorted_gates`)."""
+    selected = CASES["k2_skip_empty_expert"]
+    x, up, _, _, gates = make_inputs(selected, dtype, seed=2)
+    generator = torch.Generator().manual_seed(3)
+    down = torch.randn(NUM_EXPERTS, OUT_FEATURES, IN_FEATURES, generator=generator) / OUT_FEATURES**0.5
+    down = down.to(dtype).requires_grad_()
+
+    plan = plan_dispatch(selected, NUM_EXPERTS)
+    hidden = torch.relu(grouped_linear(gather_rows(x, plan), up, plan, use_grouped_mm=use_grouped_mm))
+    hidden = hidden * sorted_gates(gates, plan)
+    out = scatter_rows(grouped_linear(hidden, down, plan, use_grouped_mm=use_grouped_mm), plan, x.shape[0])
+
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, up, down, gates)]
+    ref = naive_expert_ffn(*leaves64, selected)
+    grad_out = torch.randn(out.shape, generator=generator).to(dtype)
+    out.backward(grad_out)
+    ref.backward(grad_out.double())
+    tol = TOLERANCE[dtype]
+    for name, actual, expected in [("output", out, ref)] + [
+        (n, a.grad, b.grad) for n, a, b in zip(("x", "up", "down", "gates"), (x, up, down, gates), leaves64)
+    ]:
+        scale = expected.abs().max().item() if dtype == torch.bfloat16 else 1.0
+        torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol, msg=name)
+
+
+def test_plan_sorts_by_expert_and_drops_skip():
+    selected = CASES["k2_skip_empty_expert"]
+    plan = plan_dispatch(selected, NUM_EXPERTS)
+    flat = selected.flatten()
+    kept = (flat < NUM_EXPERTS).nonzero().flatten()
+    # stable sort of the kept (token, slot) pairs by expert
+    expected_order = kept[flat[kept].argsort(stable=True)]
+    assert plan.flat_index.tolist() == expected_order.tolist()
+    assert plan.token_index.tolist() == (expected_order // selected.shape[1]).tolist()
+    assert plan.expert_index.tolist() == flat[expected_order].tolist()
+    counts = [int((flat == e).sum()) for e in range(NUM_EXPERTS)]
+    assert plan.counts == counts and counts[1] == 0
+    assert plan.offsets.dtype == torch.int32
+    assert plan.offsets.tolist() == [sum(counts[: e + 1]) for e in range(NUM_EXPERTS)]
+    assert plan.num_experts == NUM_EXPERTS
+
+
+def _graph_node_names(tensor):
+    """Names of all autograd nodes reachable from `tensor.grad_fn`."""
+    names, stack, seen = [], [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_fallback_unbinds_weight_once_and_never_indexes_it():
+    """`weight[e]` in an autograd loop would add one SelectBackward per expert (each building a full-size zero
+    gradient in backward, quadratic in E); the fallback must use a single `unbind`."""
+    num_experts = 8
+    selected = torch.arange(16).remainder(num_experts).view(8, 2)
+    x = torch.randn(8, IN_FEATURES, requires_grad=True)
+    weight = torch.randn(num_experts, IN_FEATURES, OUT_FEATURES, requires_grad=True)
+    plan = plan_dispatch(selected, num_experts)
+    rows = grouped_linear(gather_rows(x, plan), weight, plan, use_grouped_mm=False)
+    names = _graph_node_names(rows)
+    assert names.count("UnbindBackward0") == 1
+    assert "SelectBackward0" not in names
+    assert names.count("MmBackward0") == num_experts
+
+
+def test_misaligned_features_fall_back_automatically():
+    """grouped_mm rejects strides that are not multiples of 16 bytes (e.g. 37 features in fp32, as in transformers'
+    common-test configs); the automatic choice (`use_grouped_mm=None`) must take the fallback instead of raising."""
+    selected = CASES["k2_skip_empty_expert"]
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(selected.shape[0], 37, generator=generator, requires_grad=True)
+    weight = torch.randn(NUM_EXPERTS, 37, 5, generator=generator, requires_grad=True)
+    bias = torch.randn(NUM_EXPERTS, 5, generator=generator, requires_grad=True)
+    gates = torch.rand(selected.shape, generator=generator, requires_grad=True)
+    assert not grouped_mm_supported(x, weight)
+    out = dispatch(x, weight, bias, selected, gates, NUM_EXPERTS, use_grouped_mm=None)
+    out.sum().backward()
+
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias, gates)]
+    ref = naive_dispatch(*leaves64[:3], selected, leaves64[3], NUM_EXPERTS)
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for leaf, leaf64 in zip((x, weight, bias, gates), leaves64):
+        torch.testing.assert_close(leaf.grad.double(), leaf64.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_aligned_features_pick_grouped_mm_where_the_build_has_it():
+    x, weight = torch.randn(3, IN_FEATURES), torch.randn(NUM_EXPERTS, IN_FEATURES, OUT_FEATURES)
+    assert grouped_mm_supported(x, weight) == grouped_mm_supported(x)
+    assert grouped_mm_supported(x, weight.transpose(1, 2).contiguous().transpose(1, 2)) == grouped_mm_supported(x)
+    assert not grouped_mm_supported(x.double(), weight.double())
