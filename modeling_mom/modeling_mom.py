@@ -33,7 +33,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.generic import maybe_autocast, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mom import MoMConfig
@@ -193,6 +193,10 @@ class MoMRouter(nn.Module):
     "mlp": `W2 relu(W1 x)`. "gru": a GRU cell stepped once per round (state reset at each chunk's first round),
     then a linear read-out, so a decision can depend on the token's earlier routing. Returns the logits divided by
     `router_temperature` (so `softmax` of them are the routing probabilities) and the new GRU state.
+
+    Routers compute in their weights' dtype with autocast off, and `from_pretrained` keeps them in fp32 when the
+    rest of the model loads in half precision (`_keep_in_fp32_modules_strict`): a top-K choice flips on small logit
+    errors (the Switch Transformer's "selective precision").
     """
 
     def __init__(self, config: MoMConfig, num_choices: int):
@@ -208,12 +212,14 @@ class MoMRouter(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.router_type == "gru":
-            state = self.cell(hidden_states, state)
-            features = state
-        else:
-            features = F.relu(self.fc(hidden_states))
-        return self.out(features).float() / self.temperature, state
+        hidden_states = hidden_states.to(self.out.weight.dtype)
+        with maybe_autocast(device_type=hidden_states.device.type, enabled=False):
+            if self.router_type == "gru":
+                state = self.cell(hidden_states, state)
+                features = state
+            else:
+                features = F.relu(self.fc(hidden_states))
+            return self.out(features).float() / self.temperature, state
 
 
 def route_tokens(router_logits: torch.Tensor, num_selected: int, weighting: str, num_modules: int) -> ModuleRoute:
@@ -288,6 +294,7 @@ class MoMPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["attention_router", "mlp_router"]
     _can_record_outputs = {
         "hidden_states": MoMDecoderLayer,
         "attentions": OutputRecorder(MoMAttention, index=1),

@@ -137,6 +137,9 @@ def grouped_linear(
     `use_grouped_mm=None` picks `grouped_mm` when supported (see :func:`grouped_mm_supported`); `False` forces the
     per-expert `split`/`unbind` loop, which is also the reference the fast path is tested against.
     """
+    if torch.is_autocast_enabled(x.device.type):  # `grouped_mm` has no autocast rule: cast as a matmul would be
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x, weight)
     if use_grouped_mm:
