@@ -1,4 +1,3 @@
-"""modeling_mom: modular language models (MoM, MoEUT, ModuleFormer) as Hugging Face Transformers models.
 
 Importing the package registers every architecture with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` and
 `AutoModelForSequenceClassification` (idempotently).
@@ -12,12 +11,15 @@ from transformers import (
 )
 
 from .configuration_mom import MoMConfig
+from .configuration_moeut import MoEUTConfig
+from .modeling_moeut import MoEUTForCausalLM, MoEUTForSequenceClassification, MoEUTModel, MoEUTPreTrainedModel
 from .modeling_mom import MoMForCausalLM, MoMForSequenceClassification, MoMModel, MoMPreTrainedModel
 
 __version__ = "0.1.0"
 
 _ARCHITECTURES = [
     (MoMConfig, MoMModel, MoMForCausalLM, MoMForSequenceClassification),
+    (MoEUTConfig, MoEUTModel, MoEUTForCausalLM, MoEUTForSequenceClassification),
 ]
 
 
@@ -37,4 +39,9 @@ __all__ = [
     "MoMForCausalLM",
     "MoMForSequenceClassification",
     "MoMPreTrainedModel",
+    "MoEUTConfig",
+    "MoEUTModel",
+    "MoEUTForCausalLM",
+    "MoEUTForSequenceClassification",
+    "MoEUTPreTrainedModel",
 ]

@@ -44,3 +44,35 @@ def switch_load_balancing_loss(
     fraction = (chosen * weights[:, None]).sum(0) / (denom * num_selected)
     mean_prob = (probs * weights[:, None]).sum(0) / denom
     return num_choices * (fraction * mean_prob).sum()
+
+
+def sequence_entropy_loss(
+    router_logits: Sequence[torch.Tensor], batch_size: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MoEUT's balancing regulariser for one router: ``-H(p_b)``, averaged over sequences b (and router groups).
+
+    ``p_b`` is sequence b's routing distribution ``softmax(logits)`` averaged over its non-padding positions *and*
+    over all the given calls of the router (a shared layer's repeats), as in the official MoEUT code (which also
+    counts padding). Ranges over ``[-log C, 0]``; minimising it spreads each sequence over all C choices.
+
+    Args:
+        router_logits: one `[batch * seq, *groups, C]` tensor per call of the router (e.g. `groups` = heads).
+        batch_size: the batch of the calls, to split their rows into sequences.
+        attention_mask: `[batch, seq]` (or longer, with a KV cache) padding mask.
+    """
+    num_calls = len(router_logits)
+    log_probs = torch.stack([F.log_softmax(logit.float(), dim=-1) for logit in router_logits], dim=1)
+    log_probs = log_probs.unflatten(0, (batch_size, -1)).flatten(1, 2)  # [B, seq * calls, *groups, C]
+    seq = log_probs.shape[1] // num_calls
+    if attention_mask is None:
+        weights = torch.ones(batch_size, seq, device=log_probs.device)
+    else:
+        weights = attention_mask[:, -seq:].to(device=log_probs.device, dtype=torch.float32)
+    has_tokens = weights.sum(1) > 0  # an all-padding row is treated as unpadded here and dropped from the mean
+    weights = torch.where(has_tokens[:, None], weights, 1.0).repeat_interleave(num_calls, dim=1)
+    extra = (1,) * (log_probs.dim() - 2)  # broadcast over groups and choices
+    mean_log_probs = (log_probs + weights.log().view(*weights.shape, *extra)).logsumexp(1)
+    mean_log_probs = mean_log_probs - weights.sum(1).log().view(-1, *extra)  # [B, *groups, C]
+    neg_entropy = (mean_log_probs.exp() * mean_log_probs).sum(-1)  # [B, *groups]
+    row_weights = has_tokens.float().view(-1, *extra[1:]).expand_as(neg_entropy)
+    return (neg_entropy * row_weights).sum() / row_weights.sum().clamp(min=1.0)

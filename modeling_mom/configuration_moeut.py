@@ -1,0 +1,193 @@
+"""Configuration of MoEUT, the Mixture-of-Experts Universal Transformer (Csordás et al., NeurIPS 2024, arXiv
+2405.16039)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+NORM_SCHEMES = ("peri", "pre", "post")
+POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute")
+
+# The paper's six models (official training sweeps; `moeut_training_code/sweeps/*.yaml`), at the paper's vocabulary
+# of 8000. The 728M model is 1280 wide: the official `profiles.py` says 1024, which gives a 582M model.
+PRESETS = {
+    "moeut-44m": dict(hidden_size=412, num_hidden_layers=16, num_unique_layers=2, num_attention_heads=4, head_dim=82,
+                      num_attention_experts=8, num_experts=155, num_experts_per_tok=12),
+    "moeut-126m": dict(hidden_size=768, num_hidden_layers=18, num_unique_layers=2, num_attention_heads=4, head_dim=96,
+                       num_attention_experts=10, num_experts=254, num_experts_per_tok=12),
+    "moeut-244m": dict(hidden_size=1024, num_hidden_layers=18, num_unique_layers=2, num_attention_heads=4,
+                       head_dim=128, num_attention_experts=10, num_experts=387, num_experts_per_tok=16),
+    "moeut-319m": dict(hidden_size=1024, num_hidden_layers=24, num_unique_layers=3, num_attention_heads=4,
+                       head_dim=128, num_attention_experts=10, num_experts=338, num_experts_per_tok=16),
+    "moeut-728m": dict(hidden_size=1280, num_hidden_layers=36, num_unique_layers=4, num_attention_heads=5,
+                       head_dim=128, num_attention_experts=13, num_experts=467, num_experts_per_tok=20),
+    "moeut-1040m": dict(hidden_size=1536, num_hidden_layers=36, num_unique_layers=4, num_attention_heads=6,
+                        head_dim=128, num_attention_experts=12, num_experts=565, num_experts_per_tok=24),
+}
+
+
+@strict
+class MoEUTConfig(PreTrainedConfig):
+    r"""
+    Configuration of a MoEUT causal language model.
+
+    ``num_unique_layers`` (G) distinct layers are applied in the order A, B, ..., A, B, ... until
+    ``num_hidden_layers`` layer applications (the unrolled depth: one KV-cache slot and one hidden state each) have
+    run. Each layer is SwitchHead attention followed by a sigma-MoE feed-forward block.
+
+    Names in the official code (``RobertCsordas/moeut``): ``hidden_size`` = ``d_model``, ``num_hidden_layers`` =
+    ``n_layers``, ``num_unique_layers`` = ``group_size``, ``head_dim`` = ``d_head``, ``num_experts`` /
+    ``num_experts_per_tok`` / ``moe_intermediate_size`` = ``ff_n_experts`` / ``ff_k`` / ``ff_expert_size``,
+    ``num_attention_experts`` / ``num_attention_experts_per_tok`` = ``att_n_experts`` / ``att_k``,
+    ``router_aux_loss_coef`` / ``attention_router_aux_loss_coef`` = ``entropy_reg`` / ``att_entropy_reg``,
+    ``expert_dropout`` / ``attention_expert_dropout`` = ``ff_expert_dropout`` / ``att_expert_dropout``,
+    ``attention_output_dropout`` = ``dropout``, ``partial_rotary_factor`` = ``rotate_fraction``, ``rope_theta`` =
+    ``rope_base``, ``initializer_range`` = the ``scale`` of ``reset_parameters``.
+
+    Args:
+        vocab_size: vocabulary size (the paper used 8000-token SentencePiece vocabularies).
+        hidden_size: width of the residual stream.
+        num_hidden_layers: unrolled depth; a multiple of ``num_unique_layers``.
+        num_unique_layers: G, the number of distinct (shared) layers.
+        num_attention_heads, head_dim: attention heads and their width (``head_dim * heads`` need not equal
+            ``hidden_size``).
+        num_attention_experts: value and output experts per head; 1 gives dense V and O with a per-head sigmoid
+            output gate (the official "disable SwitchHead" variant).
+        num_attention_experts_per_tok: experts per head and token for V and for O (sigmoid gates, top-k); unused
+            with a single attention expert.
+        num_experts, num_experts_per_tok, moe_intermediate_size: sigma-MoE pool size, experts per token (K) and
+            expert width.
+        hidden_act: the experts' activation ("relu" in the paper).
+        expert_dropout, attention_expert_dropout: training-only probability of hiding each expert from a token's
+            top-k choice.
+        attention_output_dropout: dropout on the attention output before the residual add.
+        norm_scheme: "peri" (the paper: LayerNorm only in front of Q, K and the routers; V and the expert
+            up-projection read the raw residual), "pre" (every sub-layer reads the normalised residual) or "post"
+            (sub-layers read the raw residual; LayerNorm after each residual add).
+        layer_norm_eps: LayerNorm epsilon.
+        rope_theta: RoPE base.
+        partial_rotary_factor: fraction of each head's dims (the first ones) that get RoPE; the rotated width is
+            rounded down to even. 0 disables positions entirely.
+        router_aux_loss_coef, attention_router_aux_loss_coef: weights (gamma, delta) of the entropy regulariser of
+            the FFN routers and of the attention V/O routers.
+        output_router_logits: return the router logits and the weighted regulariser (``aux_loss``), which the heads
+            add to their loss. Enable it for training (the presets do).
+        position_embedding_type: "rope" (the paper; partial RoPE only) or "learned_absolute" (adds GPT-2-style learned
+            positions to the embeddings, for function-preserving GPT-2 seeding; set ``partial_rotary_factor=0`` to
+            drop RoPE).
+        max_position_embeddings: size of the learned position table (unused with RoPE alone).
+        attention_bias: biases on Q, K, V (per value expert) and the attention output (GPT-2 seeding; the paper has
+            none).
+        mlp_bias: per-expert biases on both expert projections (GPT-2 seeding; the paper has none).
+        initializer_range: the official init scale: weights get std ``initializer_range / sqrt(fan_in)``;
+            None means ``sqrt(2 / num_hidden_layers)``.
+        lm_head_bias: the output layer has a bias (untied from the embedding, as in the paper).
+    """
+
+    model_type = "moeut"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    _auto_class = "AutoConfig"
+
+    vocab_size: int = 8000
+    hidden_size: int = 412
+    num_hidden_layers: int = 16
+    num_unique_layers: int = 2
+    num_attention_heads: int = 4
+    head_dim: int = 82
+    num_attention_experts: int = 8
+    num_attention_experts_per_tok: int = 2
+    num_experts: int = 155
+    num_experts_per_tok: int = 12
+    moe_intermediate_size: int = 128
+    hidden_act: str = "relu"
+    expert_dropout: int | float = 0.0
+    attention_expert_dropout: int | float = 0.0
+    attention_output_dropout: int | float = 0.0
+    norm_scheme: str = "peri"
+    layer_norm_eps: int | float = 1e-5
+    rope_theta: int | float = 10000.0
+    partial_rotary_factor: int | float = 0.5
+    router_aux_loss_coef: int | float = 0.01
+    attention_router_aux_loss_coef: int | float = 0.001
+    output_router_logits: bool = False
+    position_embedding_type: str = "rope"
+    max_position_embeddings: int = 1024
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: int | float | None = None
+    lm_head_bias: bool = True
+
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        self._check_structure()
+        if self.initializer_range is None:
+            self.initializer_range = (2 / self.num_hidden_layers) ** 0.5
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def preset_names(cls) -> list[str]:
+        """Names accepted by :meth:`from_preset`: the paper's six model sizes."""
+        return list(PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MoEUTConfig":
+        """The paper's configuration `name` (see :meth:`preset_names`) with the paper's regulariser switched on;
+        keyword arguments override any field."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown MoEUT preset {name!r}; allowed: {cls.preset_names()}.")
+        return cls(**{"output_router_logits": True, **PRESETS[name], **overrides})
+
+    @property
+    def num_rotary_dims(self) -> int:
+        """Leading dims of each head that get RoPE: ``partial_rotary_factor * head_dim``, rounded down to even."""
+        rotary = int(self.partial_rotary_factor * self.head_dim)
+        return rotary - rotary % 2
+
+    def _check_structure(self):
+        def require(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        for name in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_unique_layers", "num_attention_heads", "head_dim",
+            "num_attention_experts", "num_attention_experts_per_tok", "num_experts", "num_experts_per_tok",
+            "moe_intermediate_size", "max_position_embeddings",
+        ):
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be a positive integer.")
+        require(
+            self.num_hidden_layers % self.num_unique_layers == 0,
+            f"num_hidden_layers={self.num_hidden_layers} must be a multiple of num_unique_layers="
+            f"{self.num_unique_layers} (the shared layers are repeated as a whole).",
+        )
+        require(
+            self.num_experts_per_tok <= self.num_experts,
+            f"num_experts_per_tok={self.num_experts_per_tok}; allowed: 1..num_experts={self.num_experts}.",
+        )
+        require(
+            self.num_attention_experts == 1 or self.num_attention_experts_per_tok <= self.num_attention_experts,
+            f"num_attention_experts_per_tok={self.num_attention_experts_per_tok}; allowed: "
+            f"1..num_attention_experts={self.num_attention_experts}.",
+        )
+        require(self.norm_scheme in NORM_SCHEMES, f"norm_scheme={self.norm_scheme!r}; allowed: {NORM_SCHEMES}.")
+        require(
+            self.position_embedding_type in POSITION_EMBEDDING_TYPES,
+            f"position_embedding_type={self.position_embedding_type!r}; allowed: {POSITION_EMBEDDING_TYPES}.",
+        )
+        require(
+            0 <= self.partial_rotary_factor <= 1,
+            f"partial_rotary_factor={self.partial_rotary_factor}; allowed: 0..1.",
+        )
+        require(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0.")
+        for name in ("expert_dropout", "attention_expert_dropout", "attention_output_dropout"):
+            require(0 <= getattr(self, name) < 1, f"{name}={getattr(self, name)}; allowed: [0, 1).")
+        require(
+            self.initializer_range is None or self.initializer_range >= 0,
+            f"initializer_range={self.initializer_range} must be >= 0 (or None for sqrt(2 / num_hidden_layers)).",
+        )
+
+
+__all__ = ["MoEUTConfig"]

@@ -1,0 +1,581 @@
+"""MoEUT: Csordás, Irie, Schmidhuber, Potts, Manning, "MoEUT: Mixture-of-Experts Universal Transformers", NeurIPS 2024
+(arXiv 2405.16039), on transformers 5.x.
+
+A token's path, from `input_ids` to logits:
+
+    x = embed_tokens(ids)                                  (positions: partial RoPE in attention; GPT-2 seeds may
+                                                            add learned absolute positions here instead)
+    for step in range(num_hidden_layers):                  the G shared layers in the order A, B, ..., A, B, ...
+        layer = layers[step % G]
+        x = x + SwitchHead(q/k and routers read LN1(x), values read x)     ("peri" LayerNorm)
+        x = x + sigma-MoE(router reads LN2(x), experts read x)
+    logits = lm_head(norm(x))                              (untied, with bias)
+
+SwitchHead: shared dense Q and K; each head's value and output projections are mixtures of that head's experts,
+chosen per token by sigmoid top-k routers (no renormalisation). The sigma-MoE feed-forward block is a pool of small
+ReLU experts with a sigmoid top-k router. All expert work goes through the shared dispatch (`moe_dispatch`): one plan
+(sort) per routing decision, per-expert grouped matmuls, the gate applied to the small hidden, one scatter-add.
+The routers' logits are returned (not stored on modules) and turned into the paper's entropy regulariser by the
+heads, so it is exact under gradient checkpointing. Each unrolled step has its own KV-cache slot.
+"""
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations.moe import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_moeut import MoEUTConfig
+from .moe_dispatch import gather_rows, grouped_linear, plan_dispatch, scatter_rows, sorted_gates
+from .routing_losses import sequence_entropy_loss
+from .shared_modeling import RemoteCodeMixin, last_token_pooling
+
+
+class MoEUTRotaryEmbedding(nn.Module):
+    """RoPE tables for the first `config.num_rotary_dims` dims of each head ("rotate half" convention)."""
+
+    def __init__(self, config: MoEUTConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: MoEUTConfig) -> torch.Tensor:
+        rotary = config.num_rotary_dims
+        return 1.0 / config.rope_theta ** (torch.arange(0, rotary, 2, dtype=torch.float32) / max(rotary, 1))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, T]` positions -> cos, sin `[B, T, num_rotary_dims]`."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first `cos.shape[-1]` dims of `x` `[B, H, T, dh]`; the other dims are position-free."""
+    rotary = cos.shape[-1]
+    if rotary == 0:
+        return x
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = x_rot * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+class MoEUTRouter(nn.Module):
+    """Sigmoid top-k router over `num_groups` independent groups of `num_choices` (one group per head for SwitchHead).
+
+    Returns the fp32 logits (`[N, C]`, or `[N, groups, C]` with several groups; recorded as `router_logits`), the
+    chosen sigmoid scores `[N, groups * k]` (not renormalised) and the choices as indices into the flattened
+    `groups * C` experts `[N, groups * k]` (group g's expert e is `g * C + e`, the official layout).
+    """
+
+    def __init__(self, hidden_size: int, num_groups: int, num_choices: int, num_selected: int, expert_dropout: float):
+        super().__init__()
+        self.num_groups = num_groups
+        self.num_choices = num_choices
+        self.num_selected = num_selected
+        self.expert_dropout = expert_dropout
+        self.weight = nn.Parameter(torch.empty(num_groups * num_choices, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(hidden_states, self.weight).float().view(-1, self.num_groups, self.num_choices)
+        scores = logits.sigmoid()
+        candidates = scores
+        if self.training and self.expert_dropout > 0:
+            dropped = torch.rand_like(scores) < self.expert_dropout
+            candidates = scores.masked_fill(dropped, float("-inf"))
+        with torch.no_grad():
+            selected = candidates.topk(self.num_selected, dim=-1, sorted=False).indices  # [N, groups, k]
+        gates = scores.gather(-1, selected).flatten(1)
+        offsets = torch.arange(self.num_groups, device=selected.device)[:, None] * self.num_choices
+        logits = logits.squeeze(1) if self.num_groups == 1 else logits
+        return logits, gates, (selected + offsets).flatten(1)
+
+
+@use_experts_implementation(is_transposed=True, has_gate=False)
+class MoEUTExperts(nn.Module):
+    """The sigma-MoE expert pool: expert e is `down_proj[e]^T act(up_proj[e]^T x)` (official `keys` / `values`).
+
+    `forward` (the "eager" experts implementation, the default) is the shared dispatch: one sort, a grouped matmul
+    per projection, the gate applied to the `moe_intermediate_size`-wide hidden, one scatter-add.
+    `model.set_experts_implementation("grouped_mm" | "batched_mm")` switches to transformers' kernels.
+    """
+
+    def __init__(self, config: MoEUTConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.up_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.moe_intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.moe_intermediate_size, config.hidden_size))
+        if config.mlp_bias:
+            self.up_proj_bias = nn.Parameter(torch.zeros(config.num_experts, config.moe_intermediate_size))
+            self.down_proj_bias = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """`[N, d]` tokens, `[N, K]` experts and gates -> `[N, d]`."""
+        plan = plan_dispatch(top_k_index, self.num_experts)
+        up_bias = self.up_proj_bias if self.has_bias else None
+        hidden = self.act_fn(grouped_linear(gather_rows(hidden_states, plan), self.up_proj, plan, bias=up_bias))
+        gates = sorted_gates(top_k_weights, plan).to(hidden.dtype)  # [S, 1]
+        out = grouped_linear(hidden * gates, self.down_proj, plan)
+        if self.has_bias:
+            out = out + gates * self.down_proj_bias.index_select(0, plan.expert_index)
+        return scatter_rows(out, plan, hidden_states.shape[0])
+
+
+class MoEUTFeedForward(nn.Module):
+    """sigma-MoE: y = sum over the K chosen experts of sigmoid(router score) * expert(x)."""
+
+    def __init__(self, config: MoEUTConfig):
+        super().__init__()
+        self.router = MoEUTRouter(
+            config.hidden_size, 1, config.num_experts, config.num_experts_per_tok, config.expert_dropout
+        )
+        self.experts = MoEUTExperts(config)
+        self.experts.has_bias = config.mlp_bias  # read by transformers' kernels; the decorator's default is False
+
+    def forward(self, hidden_states: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        _, gates, selected = self.router(router_input.reshape(-1, shape[-1]))
+        out = self.experts(hidden_states.reshape(-1, shape[-1]), selected, gates.to(hidden_states.dtype))
+        return out.view(shape)
+
+
+class MoEUTAttention(nn.Module):
+    """SwitchHead attention, shared across the repeats of its layer (the cache slot is passed at call time).
+
+    With `num_attention_experts > 1`, head h's value is the gated sum of its top-k value experts applied to the
+    value input, and the output is the gated sum over heads and their top-k output experts of the attention result;
+    expert e of head h is expert `h * num_attention_experts + e` of the banks `v_experts` `[H * E, d, dh]` and
+    `o_experts` `[H * E, dh, d]`. With one expert, V and O are dense and each head's output is scaled by a sigmoid
+    gate read from the query input.
+    """
+
+    def __init__(self, config: MoEUTConfig):
+        super().__init__()
+        self.config = config
+        d, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
+        self.num_heads = heads
+        self.head_dim = head_dim
+        self.scaling = head_dim**-0.5  # the official dh^-1/4 on q and on k
+        self.is_causal = True
+        self.num_key_value_groups = 1
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(d, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, heads * head_dim, bias=bias)
+        self.num_experts = config.num_attention_experts
+        if self.num_experts > 1:
+            router_args = (d, heads, self.num_experts, config.num_attention_experts_per_tok)
+            self.v_router = MoEUTRouter(*router_args, config.attention_expert_dropout)
+            self.o_router = MoEUTRouter(*router_args, config.attention_expert_dropout)
+            self.v_experts = nn.Parameter(torch.empty(heads * self.num_experts, d, head_dim))
+            self.o_experts = nn.Parameter(torch.empty(heads * self.num_experts, head_dim, d))
+            self.v_bias = nn.Parameter(torch.zeros(heads * self.num_experts, head_dim)) if bias else None
+            self.o_bias = nn.Parameter(torch.zeros(d)) if bias else None
+        else:
+            self.v_proj = nn.Linear(d, heads * head_dim, bias=bias)
+            self.o_proj = nn.Linear(heads * head_dim, d, bias=bias)
+            self.o_gate = nn.Parameter(torch.empty(heads, d))  # official `sel_o`
+
+    def _values(self, value_input: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
+        """`[N, d]` -> `[N, H, dh]`."""
+        if self.num_experts == 1:
+            return self.v_proj(value_input).view(-1, self.num_heads, self.head_dim)
+        _, gates, selected = self.v_router(router_input)
+        plan = plan_dispatch(selected, self.v_experts.shape[0])
+        per_head = replace(plan, token_index=plan.flat_index // self.v_router.num_selected)  # rows (token, head)
+        values = grouped_linear(gather_rows(value_input, plan), self.v_experts, plan, bias=self.v_bias)  # [S, dh]
+        values = scatter_rows(values, per_head, value_input.shape[0] * self.num_heads, gates.to(values.dtype))
+        return values.view(-1, self.num_heads, self.head_dim)
+
+    def _output(self, attn_output: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
+        """`[N, H, dh]` attention result -> `[N, d]`."""
+        if self.num_experts == 1:
+            gate = torch.sigmoid(F.linear(router_input, self.o_gate))[..., None]
+            return self.o_proj((attn_output * gate).flatten(1))
+        _, gates, selected = self.o_router(router_input)
+        plan = plan_dispatch(selected, self.o_experts.shape[0])
+        per_head = replace(plan, token_index=plan.flat_index // self.o_router.num_selected)  # rows (token, head)
+        rows = gather_rows(attn_output.reshape(-1, self.head_dim), per_head)  # [S, dh]
+        rows = rows * sorted_gates(gates, plan).to(rows.dtype)
+        output = scatter_rows(grouped_linear(rows, self.o_experts, plan), plan, attn_output.shape[0])
+        return output if self.o_bias is None else output + self.o_bias
+
+    def forward(
+        self,
+        query_input: torch.Tensor,
+        value_input: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        cache_idx: int = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq, d = query_input.shape
+        head_shape = (batch, seq, self.num_heads, self.head_dim)
+        flat_query_input = query_input.reshape(-1, d)
+        query = self.q_proj(query_input).view(head_shape).transpose(1, 2)  # [B, H, T, dh]
+        key = self.k_proj(query_input).view(head_shape).transpose(1, 2)
+        value = self._values(value_input.reshape(-1, d), flat_query_input).view(head_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, cache_idx)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs
+        )  # [B, T, H, dh]
+        output = self._output(attn_output.reshape(-1, self.num_heads, self.head_dim), flat_query_input)
+        return output.view(batch, seq, d), attn_weights
+
+
+class MoEUTDecoderLayer(GradientCheckpointingLayer):
+    """SwitchHead attention then sigma-MoE, with LayerNorms placed by `config.norm_scheme`; shared across repeats."""
+
+    def __init__(self, config: MoEUTConfig):
+        super().__init__()
+        self.norm_scheme = config.norm_scheme
+        self.attention = MoEUTAttention(config)
+        self.mlp = MoEUTFeedForward(config)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.attention_output_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cache_idx: int = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attention_args = (position_embeddings, attention_mask, past_key_values, cache_idx)
+        if self.norm_scheme == "post":
+            attn_output, _ = self.attention(hidden_states, hidden_states, *attention_args, **kwargs)
+            hidden_states = self.input_layernorm(hidden_states + self.dropout(attn_output))
+            return self.post_attention_layernorm(hidden_states + self.mlp(hidden_states, hidden_states))
+
+        normed = self.input_layernorm(hidden_states)
+        value_input = hidden_states if self.norm_scheme == "peri" else normed
+        attn_output, _ = self.attention(normed, value_input, *attention_args, **kwargs)
+        hidden_states = hidden_states + self.dropout(attn_output)
+        normed = self.post_attention_layernorm(hidden_states)
+        expert_input = hidden_states if self.norm_scheme == "peri" else normed
+        return hidden_states + self.mlp(expert_input, normed)
+
+
+class MoEUTPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
+    config_class = MoEUTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoEUTDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": MoEUTDecoderLayer,
+        "attentions": OutputRecorder(MoEUTAttention, index=1),
+        "router_logits": OutputRecorder(MoEUTRouter, index=0),
+    }
+    _remote_code_classes = {
+        "AutoModel": "MoEUTModel",
+        "AutoModelForCausalLM": "MoEUTForCausalLM",
+        "AutoModelForSequenceClassification": "MoEUTForSequenceClassification",
+    }
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """The default experts implementation is "eager", i.e. `MoEUTExperts.forward`: the shared dispatch."""
+        return super().get_correct_experts_implementation(requested_experts or "eager")
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """The official initialisation: std `initializer_range / sqrt(fan_in)` (initializer_range defaults to
+        sqrt(2 / num_hidden_layers)), router rows renormalised, embedding std 1/sqrt(d), PyTorch's default head.
+
+        Each parameter is initialised by the module that owns it directly: transformers skips custom-code modules
+        without direct parameters.
+        """
+        super()._init_weights(module)
+        scale = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if module is getattr(self, "lm_head", None) or module is getattr(self, "score", None):
+                bound = module.weight.shape[1] ** -0.5  # nn.Linear's default: kaiming_uniform(a=sqrt(5)), U(+-bound)
+                init.uniform_(module.weight, -bound, bound)
+                if module.bias is not None:
+                    init.uniform_(module.bias, -bound, bound)
+            else:  # q, k (and dense v, o): fan_in is d for q, k, v and heads * head_dim for o
+                init.normal_(module.weight, mean=0.0, std=scale / module.weight.shape[1] ** 0.5)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=module.weight.shape[1] ** -0.5)
+        elif isinstance(module, MoEUTRouter):  # the FFN router; SwitchHead's are redone below
+            _init_router(module.weight, scale, per_row=False)
+        elif isinstance(module, MoEUTExperts):
+            num_experts, d, width = module.up_proj.shape
+            init.normal_(module.up_proj, mean=0.0, std=scale / d**0.5)
+            init.normal_(module.down_proj, mean=0.0, std=scale / (num_experts * width) ** 0.5)
+            if module.has_bias:
+                init.zeros_(module.up_proj_bias)
+                init.zeros_(module.down_proj_bias)
+        elif isinstance(module, MoEUTAttention):  # runs after its children (routers, linears)
+            if module.num_experts > 1:
+                init.normal_(module.v_experts, mean=0.0, std=scale / module.v_experts.shape[1] ** 0.5)
+                init.normal_(module.o_experts, mean=0.0, std=scale / (module.num_heads * module.head_dim) ** 0.5)
+                _init_router(module.v_router.weight, scale, per_row=True)
+                _init_router(module.o_router.weight, scale, per_row=True)
+                if module.v_bias is not None:
+                    init.zeros_(module.v_bias)
+                    init.zeros_(module.o_bias)
+            else:
+                _init_router(module.o_gate, scale, per_row=True)
+        elif isinstance(module, MoEUTRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
+
+
+def _init_router(weight: torch.Tensor, scale: float, per_row: bool):
+    """Router rows `[choices, d]` ~ N(0, scale / sqrt(d)), then scaled to unit norm and back to the overall std
+    (official `renorm_keep_std(dim=1)`); with `per_row`, back to each row's own std (SwitchHead's `renorm_rows`)."""
+    init.normal_(weight, mean=0.0, std=scale / weight.shape[1] ** 0.5)
+    std = weight.std(dim=-1, keepdim=True) if per_row else weight.std()
+    tiny = torch.finfo(weight.dtype).tiny  # keeps an all-zero init (initializer_range=0) at zero
+    normed = weight / weight.norm(dim=-1, keepdim=True).clamp(min=tiny)
+    init.copy_(weight, normed * (std / normed.std().clamp(min=tiny)))
+
+
+class MoEUTModel(MoEUTPreTrainedModel):
+    def __init__(self, config: MoEUTConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_embedding_type == "learned_absolute":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.rotary_emb = MoEUTRotaryEmbedding(config)
+        self.layers = nn.ModuleList(MoEUTDecoderLayer(config) for _ in range(config.num_unique_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    @staticmethod
+    def _position_ids(inputs_embeds, attention_mask, past_key_values) -> torch.Tensor:
+        """Positions count real tokens only (as `generate` does), so left padding does not shift them."""
+        seq = inputs_embeds.shape[1]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        return torch.arange(seq, device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)  # one slot per unrolled step
+        if position_ids is None:
+            position_ids = self._position_ids(inputs_embeds, attention_mask, past_key_values)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        if self.config.position_embedding_type == "learned_absolute":
+            hidden_states = hidden_states + self.embed_positions(position_ids)
+        for step in range(self.config.num_hidden_layers):
+            hidden_states = self.layers[step % self.config.num_unique_layers](
+                hidden_states,
+                position_embeddings,
+                attention_mask=causal_mask,
+                past_key_values=past_key_values,
+                cache_idx=step,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values if use_cache else None
+        )
+
+
+def moeut_aux_loss(config: MoEUTConfig, router_logits, batch_size: int, attention_mask) -> torch.Tensor | None:
+    """The paper's regulariser: for each shared layer, the entropy loss of its FFN router (times
+    `router_aux_loss_coef`) and of its V and O routers (times `attention_router_aux_loss_coef`), each pooled over
+    positions and over all repeats of the layer; summed over layers (not averaged), as in the official code.
+
+    `router_logits` is in call order: per unrolled step, [V router, O router,] FFN router.
+    """
+    if not router_logits:
+        return None
+    per_step = 3 if config.num_attention_experts > 1 else 1
+    coefs = [config.attention_router_aux_loss_coef] * (per_step - 1) + [config.router_aux_loss_coef]
+    calls_per_layer = per_step * config.num_unique_layers
+    loss = 0.0
+    for first_call in range(calls_per_layer):
+        calls = router_logits[first_call::calls_per_layer]
+        loss = loss + coefs[first_call % per_step] * sequence_entropy_loss(calls, batch_size, attention_mask)
+    return loss
+
+
+class MoEUTForCausalLM(MoEUTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoEUTConfig):
+        super().__init__(config)
+        self.model = MoEUTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        r"""
+        labels: next-token targets (`-100` = ignored); the loss honours `num_items_in_batch` from the Trainer.
+        output_router_logits: return the router logits (per unrolled step: [V router, O router,] FFN router) and
+            `aux_loss`, the entropy regulariser already weighted by the config's coefficients; it is added to the
+            loss as it is (the official `loss + reg_loss`).
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        aux_loss = None
+        if output_router_logits:
+            aux_loss = moeut_aux_loss(self.config, outputs.router_logits, hidden_states.shape[0], attention_mask)
+        if loss is not None and aux_loss is not None:
+            loss = loss + aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+class MoEUTForSequenceClassification(MoEUTPreTrainedModel):
+    """MoEUT with a linear head on the last non-padding token (GLUE-style classification and regression)."""
+
+    def __init__(self, config: MoEUTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MoEUTModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        r"""
+        labels: class indices (`num_labels > 1`), floats for regression (`num_labels == 1`) or multi-hot floats
+            (`problem_type="multi_label_classification"`). The entropy regulariser is added when enabled.
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.score(hidden_states)
+        pooled_logits = last_token_pooling(logits, input_ids, attention_mask, self.config.pad_token_id)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+            if output_router_logits:
+                aux_loss = moeut_aux_loss(self.config, outputs.router_logits, hidden_states.shape[0], attention_mask)
+                loss = loss + aux_loss.to(loss.device)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["MoEUTPreTrainedModel", "MoEUTModel", "MoEUTForCausalLM", "MoEUTForSequenceClassification"]
