@@ -1,3 +1,4 @@
+"""modeling_mom: modular language models (MoM, MoEUT, ModuleFormer) as Hugging Face Transformers models.
 
 Importing the package registers every architecture with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` and
 `AutoModelForSequenceClassification` (idempotently).
@@ -14,12 +15,20 @@ from .configuration_mom import MoMConfig
 from .configuration_moeut import MoEUTConfig
 from .modeling_moeut import MoEUTForCausalLM, MoEUTForSequenceClassification, MoEUTModel, MoEUTPreTrainedModel
 from .modeling_mom import MoMForCausalLM, MoMForSequenceClassification, MoMModel, MoMPreTrainedModel
+from .configuration_moduleformer import ModuleFormerConfig
+from .modeling_moduleformer import (
+    ModuleFormerForCausalLM,
+    ModuleFormerForSequenceClassification,
+    ModuleFormerModel,
+    ModuleFormerPreTrainedModel,
+)
 
 __version__ = "0.1.0"
 
 _ARCHITECTURES = [
     (MoMConfig, MoMModel, MoMForCausalLM, MoMForSequenceClassification),
     (MoEUTConfig, MoEUTModel, MoEUTForCausalLM, MoEUTForSequenceClassification),
+    (ModuleFormerConfig, ModuleFormerModel, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification),
 ]
 
 
@@ -44,4 +53,9 @@ __all__ = [
     "MoEUTForCausalLM",
     "MoEUTForSequenceClassification",
     "MoEUTPreTrainedModel",
+    "ModuleFormerConfig",
+    "ModuleFormerModel",
+    "ModuleFormerForCausalLM",
+    "ModuleFormerForSequenceClassification",
+    "ModuleFormerPreTrainedModel",
 ]

@@ -46,6 +46,55 @@ def switch_load_balancing_loss(
     return num_choices * (fraction * mean_prob).sum()
 
 
+def _router_statistics(router_logits: torch.Tensor, attention_mask: torch.Tensor | None):
+    """Routing log-probabilities `[N, C]` (fp32), token weights `[N, 1]` (0 = padding) and their sum (>= 1)."""
+    log_probs = F.log_softmax(router_logits.float(), dim=-1)
+    weights = _token_weights(attention_mask, router_logits.shape[0], 1, log_probs.device)[:, None]
+    return log_probs, weights, weights.sum().clamp(min=1.0)
+
+
+def mutual_information_loss(
+    router_logits: torch.Tensor, attention_mask: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
+    """ModuleFormer's loss for one router: ``H(e|x) - H(e)``, minus the mutual information of tokens and experts.
+
+    ``H(e|x)`` is the mean entropy of each token's routing distribution (low: confident routing) and ``H(e)`` the
+    entropy of the batch's mean routing distribution (high: balanced usage), both over non-padding tokens (the
+    official code also counts padding). Ranges over ``[-log C, 0]``.
+
+    Args:
+        router_logits: `[batch * seq, C]` logits of one router call.
+        attention_mask: `[batch, seq]` (or longer, with a KV cache) padding mask.
+    """
+    log_probs, weights, num_tokens = _router_statistics(router_logits, attention_mask)
+    probs = log_probs.exp()
+    conditional_entropy = -(probs * log_probs * weights).sum() / num_tokens
+    marginal = (probs * weights).sum(0) / num_tokens
+    marginal_entropy = -(marginal * (marginal + eps).log()).sum()
+    return conditional_entropy - marginal_entropy
+
+
+def router_z_loss(router_logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE's z-loss for one router: mean over non-padding tokens of ``logsumexp(logits)^2``."""
+    logits = router_logits.float()
+    weights = _token_weights(attention_mask, logits.shape[0], 1, logits.device)
+    return (logits.logsumexp(-1).square() * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def concentration_loss(
+    router_logits: torch.Tensor, attention_mask: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
+    """Load concentration for one router: ``H(e)``, the entropy of the batch's mean routing distribution.
+
+    Minimising it makes a fine-tuning task use few experts, so that the others can be pruned (ModuleFormer's "load
+    concentration loss"). The formula is our reconstruction: the released ModuleFormer code does not contain this
+    loss and the paper's exact definition could not be checked.
+    """
+    log_probs, weights, num_tokens = _router_statistics(router_logits, attention_mask)
+    marginal = (log_probs.exp() * weights).sum(0) / num_tokens
+    return -(marginal * (marginal + eps).log()).sum()
+
+
 def sequence_entropy_loss(
     router_logits: Sequence[torch.Tensor], batch_size: int, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:

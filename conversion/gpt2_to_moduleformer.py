@@ -1,0 +1,162 @@
+"""Seed a ModuleFormer from a GPT-2 checkpoint by upcycling: every expert starts as a copy of its GPT-2 layer.
+
+    python -m conversion.gpt2_to_moduleformer --gpt2 SRC --out DIR [--exact] [--num-experts 8] ...
+
+* Attention experts: every expert's query and output projection is GPT-2's (``c_attn``'s query third, ``c_proj``),
+  biases included; the shared key/value projections are GPT-2's key and value thirds.
+* Feed-forward experts: copies of GPT-2's MLP (``--slice-mlp``: expert e gets the e-th slice of its neurons instead).
+* Routers: randomly initialised (the symmetry breaking), optionally plus ``--expert-noise`` on the expert copies.
+
+``--exact`` (``convert(..., exact=True)``) selects softmax attention, GPT-2's learned positions and normalised gates:
+the k selected experts are identical and their gates sum to 1, so the model computes GPT-2's function exactly (logits
+equal within fp32 rounding). Without it the model uses ModuleFormer's stick-breaking attention and no positions,
+which changes the function; continue training before fine-tuning on a task.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import GPT2LMHeadModel
+
+from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
+
+EXACT_SETTINGS = {"attention_function": "softmax", "position_embedding_type": "learned", "normalize_expert_gates": True}
+
+
+def moduleformer_config(gpt2_config, exact: bool, slice_mlp: bool, **overrides) -> ModuleFormerConfig:
+    """The ModuleFormer config of a GPT-2 with the given expert settings (`overrides`: any config field)."""
+    settings = {"attention_function": "stickbreaking", "normalize_expert_gates": True, **overrides}
+    if exact:
+        conflicting = {k: v for k, v in overrides.items() if k in EXACT_SETTINGS and v != EXACT_SETTINGS[k]}
+        if conflicting:
+            raise ValueError(f"exact=True requires {EXACT_SETTINGS}; got {conflicting}.")
+        settings.update(EXACT_SETTINGS)
+    inner = gpt2_config.n_inner or 4 * gpt2_config.n_embd
+    num_experts = settings.get("num_experts", ModuleFormerConfig.num_experts)
+    if slice_mlp:
+        if inner % num_experts:
+            raise ValueError(f"--slice-mlp needs num_experts={num_experts} to divide GPT-2's MLP width {inner}.")
+        inner //= num_experts
+    if gpt2_config.scale_attn_by_inverse_layer_idx or not gpt2_config.scale_attn_weights:
+        raise ValueError("only GPT-2's standard 1/sqrt(head_dim) attention scaling is supported.")
+    if gpt2_config.n_head == 1:
+        raise ValueError("a one-head GPT-2 would map to ModuleFormer's projection-free keys/values; not supported.")
+    return ModuleFormerConfig(
+        vocab_size=gpt2_config.vocab_size,
+        hidden_size=gpt2_config.n_embd,
+        num_hidden_layers=gpt2_config.n_layer,
+        num_attention_heads=gpt2_config.n_head,
+        attention_hidden_size=gpt2_config.n_embd,
+        intermediate_size=inner,
+        hidden_act=gpt2_config.activation_function,
+        layer_norm_epsilon=gpt2_config.layer_norm_epsilon,
+        initializer_range=gpt2_config.initializer_range,
+        max_position_embeddings=gpt2_config.n_positions,
+        expert_bias=True,
+        tie_word_embeddings=True,
+        bos_token_id=gpt2_config.bos_token_id,
+        eos_token_id=gpt2_config.eos_token_id,
+        **settings,
+    )
+
+
+def _copies(weight: torch.Tensor, num: int, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """`[num, *weight.shape]` copies, each plus `noise * std(weight)` Gaussian noise."""
+    copies = weight.unsqueeze(0).repeat(num, *([1] * weight.dim()))
+    if noise > 0:
+        copies += noise * weight.std() * torch.randn(copies.shape, generator=generator)
+    return copies
+
+
+@torch.no_grad()
+def convert(
+    gpt2: str | Path | GPT2LMHeadModel,
+    out: str | Path | None = None,
+    exact: bool = False,
+    slice_mlp: bool = False,
+    expert_noise: float = 0.0,
+    seed: int = 0,
+    **config_overrides,
+) -> ModuleFormerForCausalLM:
+    """A ModuleFormer seeded from `gpt2` (a checkpoint path or a `GPT2LMHeadModel`), saved to `out` if given.
+
+    `config_overrides` set ModuleFormer config fields, e.g. `num_attention_experts`, `num_attention_experts_per_tok`,
+    `num_experts`, `num_experts_per_tok`, `router_hidden_size`, `attention_function`.
+    """
+    if exact and (slice_mlp or expert_noise):
+        raise ValueError("exact=True needs identical expert copies: no slice_mlp and no expert_noise.")
+    if not isinstance(gpt2, GPT2LMHeadModel):
+        gpt2 = GPT2LMHeadModel.from_pretrained(gpt2, dtype=torch.float32)
+    config = moduleformer_config(gpt2.config, exact, slice_mlp, **config_overrides)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = ModuleFormerForCausalLM(config).eval()
+    source, target = gpt2.transformer, model.model
+    d = config.hidden_size
+    target.embed_tokens.weight.copy_(source.wte.weight)
+    if config.position_embedding_type == "learned":
+        target.embed_positions.weight.copy_(source.wpe.weight)
+    target.norm.load_state_dict(source.ln_f.state_dict())
+    for block, layer in zip(source.h, target.layers):
+        layer.input_layernorm.load_state_dict(block.ln_1.state_dict())
+        layer.post_attention_layernorm.load_state_dict(block.ln_2.state_dict())
+        attn, w_qkv, b_qkv = layer.self_attn, block.attn.c_attn.weight, block.attn.c_attn.bias  # Conv1D: [in, out]
+        attn.input_proj.copy_(_copies(w_qkv[:, :d], attn.num_experts, expert_noise, generator))
+        attn.input_bias.copy_(_copies(b_qkv[:d], attn.num_experts, 0.0, generator))
+        attn.k_proj.weight.copy_(w_qkv[:, d : 2 * d].T)
+        attn.k_proj.bias.copy_(b_qkv[d : 2 * d])
+        attn.v_proj.weight.copy_(w_qkv[:, 2 * d :].T)
+        attn.v_proj.bias.copy_(b_qkv[2 * d :])
+        attn.output_proj.copy_(_copies(block.attn.c_proj.weight, attn.num_experts, expert_noise, generator))
+        attn.output_bias.copy_(_copies(block.attn.c_proj.bias, attn.num_experts, 0.0, generator))
+        mlp, c_fc, c_proj = layer.mlp, block.mlp.c_fc, block.mlp.c_proj
+        if slice_mlp:  # expert e: neurons [e * inner, (e + 1) * inner)
+            mlp.input_proj.copy_(c_fc.weight.view(d, mlp.num_experts, -1).permute(1, 0, 2))
+            mlp.input_bias.copy_(c_fc.bias.view(mlp.num_experts, -1))
+            mlp.output_proj.copy_(c_proj.weight.view(mlp.num_experts, -1, d))
+        else:
+            mlp.input_proj.copy_(_copies(c_fc.weight, mlp.num_experts, expert_noise, generator))
+            mlp.input_bias.copy_(_copies(c_fc.bias, mlp.num_experts, 0.0, generator))
+            mlp.output_proj.copy_(_copies(c_proj.weight, mlp.num_experts, expert_noise, generator))
+        mlp.output_bias.copy_(_copies(c_proj.bias, mlp.num_experts, 0.0, generator))
+    model.tie_weights()
+    if out is not None:
+        model.save_pretrained(out)
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpt2", required=True, help="GPT-2 checkpoint directory or hub id")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--exact", action="store_true", help="softmax attention + learned positions: equals GPT-2")
+    parser.add_argument("--slice-mlp", action="store_true", help="experts are slices of GPT-2's MLP, not copies")
+    parser.add_argument("--expert-noise", type=float, default=0.0, help="relative Gaussian noise on expert copies")
+    parser.add_argument("--num-attention-experts", type=int, default=ModuleFormerConfig.num_attention_experts)
+    parser.add_argument(
+        "--attention-experts-per-tok", type=int, default=ModuleFormerConfig.num_attention_experts_per_tok
+    )
+    parser.add_argument("--num-experts", type=int, default=ModuleFormerConfig.num_experts)
+    parser.add_argument("--experts-per-tok", type=int, default=ModuleFormerConfig.num_experts_per_tok)
+    parser.add_argument("--router-hidden-size", type=int, default=ModuleFormerConfig.router_hidden_size)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    convert(
+        args.gpt2,
+        args.out,
+        exact=args.exact,
+        slice_mlp=args.slice_mlp,
+        expert_noise=args.expert_noise,
+        seed=args.seed,
+        num_attention_experts=args.num_attention_experts,
+        num_attention_experts_per_tok=args.attention_experts_per_tok,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.experts_per_tok,
+        router_hidden_size=args.router_hidden_size,
+    )
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

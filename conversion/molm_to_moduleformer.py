@@ -1,0 +1,111 @@
+"""Convert an official ModuleFormer / MoLM checkpoint (IBM's layout, e.g. `ibm/MoLM-350M-4B`) to this package.
+
+    python -m conversion.molm_to_moduleformer --src MOLM_DIR --out DIR [--dtype float32]
+
+The official `config.json` loads unchanged (`ModuleFormerConfig` aliases its keys). Weights are renamed one to one,
+with no transposes (both layouts store experts as `[E, in, out]`); the `attn.mask` / `attn.cum_weight` buffers of the
+official checkpoints are dropped. Reads `model.safetensors`, `pytorch_model.bin` or their sharded variants.
+"""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
+
+# official name (regex) -> ours; `None` drops the tensor
+KEY_MAP = [
+    (r"transformer\.wte\.weight", "model.embed_tokens.weight"),
+    (r"transformer\.ln_f\.(weight|bias)", r"model.norm.\1"),
+    (r"transformer\.h\.(\d+)\.ln_1\.(weight|bias)", r"model.layers.\1.input_layernorm.\2"),
+    (r"transformer\.h\.(\d+)\.ln_2\.(weight|bias)", r"model.layers.\1.post_attention_layernorm.\2"),
+    (r"transformer\.h\.(\d+)\.attn\.(k_proj|v_proj)\.(weight|bias)", r"model.layers.\1.self_attn.\2.\3"),
+    (r"transformer\.h\.(\d+)\.attn\.(mask|cum_weight)", None),
+    (r"transformer\.h\.(\d+)\.attn\.q_proj\.(.+)", r"model.layers.\1.self_attn.\2"),
+    (r"transformer\.h\.(\d+)\.mlpf\.(.+)", r"model.layers.\1.mlp.\2"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
+# inside one MoE (`q_proj` or `mlpf`)
+MOE_MAP = [
+    (r"(.+)\.experts\.weight", r"\1.input_proj"),
+    (r"(.+)\.experts\.bias", r"\1.input_bias"),
+    (r"(.+)\.output_experts\.weight", r"\1.output_proj"),
+    (r"(.+)\.output_experts\.bias", r"\1.output_bias"),
+    (r"(.+)\.gate\.w_gate\.0\.(weight|bias)", r"\1.router.fc.\2"),
+    (r"(.+)\.gate\.w_gate\.3\.weight", r"\1.router.out.weight"),
+    (r"(.+)\.gate\.w_gate\.weight", r"\1.router.out.weight"),  # gate_type="linear"
+]
+
+
+def rename(key: str) -> str | None:
+    """Our name of an official tensor, or None for the buffers that are not weights."""
+    for pattern, target in KEY_MAP:
+        if re.fullmatch(pattern, key):
+            if target is None:
+                return None
+            name = re.sub(pattern, target, key)
+            for moe_pattern, moe_target in MOE_MAP:
+                if re.fullmatch(moe_pattern, name):
+                    return re.sub(moe_pattern, moe_target, name)
+            return name
+    raise ValueError(f"unexpected tensor {key!r} in the official checkpoint; not part of the ModuleFormer layout.")
+
+
+def load_official_state_dict(src: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an official checkpoint directory (single file or shards, safetensors or pickle)."""
+    files = sorted(src.glob("model*.safetensors")) or sorted(src.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{src} has no model*.safetensors or pytorch_model*.bin weights.")
+    state = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            state.update(load_file(file))
+        else:
+            state.update(torch.load(file, map_location="cpu", weights_only=True))
+    return state
+
+
+def convert(
+    src: str | Path, out: str | Path | None = None, dtype: torch.dtype | None = None
+) -> ModuleFormerForCausalLM:
+    """Load the official checkpoint in `src` as a `ModuleFormerForCausalLM`; saved to `out` if given.
+
+    `dtype` casts the weights (default: keep the checkpoint's, bf16 for MoLM).
+    """
+    src = Path(src)
+    official = json.loads((src / "config.json").read_text())
+    for key in ("architectures", "auto_map", "model_type"):
+        official.pop(key, None)
+    config = ModuleFormerConfig(**official)
+    state = {}
+    for key, tensor in load_official_state_dict(src).items():
+        name = rename(key)
+        if name is not None:
+            state[name] = tensor if dtype is None else tensor.to(dtype)
+    with torch.device("meta"):
+        model = ModuleFormerForCausalLM(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match its config: missing {missing}, unexpected {unexpected}.")
+    model.eval()
+    if out is not None:
+        model.save_pretrained(out)
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", required=True, help="official MoLM checkpoint directory (config.json + weights)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast weights (default: keep)")
+    args = parser.parse_args(argv)
+    convert(args.src, args.out, getattr(torch, args.dtype) if args.dtype else None)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,535 @@
+"""ModuleFormer: Shen et al., "ModuleFormer: Modularity Emerges from Mixture-of-Experts" (arXiv 2306.04640), the
+architecture of IBM's MoLM models, on transformers 5.x.
+
+A token's path, from `input_ids` to logits:
+
+    embed_tokens(ids) (+ embed_positions(pos) with position_embedding_type="learned"; the official model has none)
+    for each layer:
+        x = LN_1(h)
+        attention router picks k_att of the layer's attention experts; gates = softmax over all experts (top-k)
+        q_e = x W_q[e] for each picked expert e; keys and values are shared: x W_k, x W_v (or x itself, MoLM)
+        h = h + sum_e gate_e * (stick-breaking attention of q_e over the shared keys/values) W_o[e]
+        feed-forward router picks k_mlp experts of LN_2(h)
+        h = h + sum_e gate_e * W_2[e] gelu_new(W_1[e] LN_2(h))
+    LN_f -> lm_head
+
+All expert work goes through the shared dispatch (`moe_dispatch`): one sort per routing decision, reused for the
+query map and the output reduce of the attention experts. Expert weights use the official `[E, in, out]` layout.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_moduleformer import ModuleFormerConfig
+from .moduleformer_modularity import ModuleFormerModularityMixin
+from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispatch, scatter_rows
+from .routing_losses import concentration_loss, mutual_information_loss, router_z_loss, switch_load_balancing_loss
+from .shared_modeling import RemoteCodeMixin, last_token_pooling
+from .stickbreaking_attention import stick_breaking_attention
+
+
+class ModuleFormerRouter(nn.Module):
+    """Scores a layer's experts for every token and picks the top k (official `top_k_gating`).
+
+    "mlp": `Linear(d, router_hidden_size)` - GELU - dropout - `Linear(., E, bias=False)`; "linear": `Linear(d, E)`.
+    The softmax runs in fp32 over every router row, and the top k are taken among the live experts. Rows after the
+    first `num_experts` belong to pruned experts: they only keep the softmax's normaliser, hence the gates of the
+    remaining experts, unchanged (see `prune_experts`).
+
+    Returns the live experts' logits `[N, E]` (fp32), the gates `[N, k]` and the selected experts `[N, k]`.
+    """
+
+    def __init__(self, config: ModuleFormerConfig, num_experts: int, num_pruned: int, num_selected: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.num_selected = num_selected
+        self.normalize = config.normalize_expert_gates
+        self.fc = None
+        if config.router_type == "mlp":
+            self.fc = nn.Linear(config.hidden_size, config.router_hidden_size)
+            self.act = nn.GELU()
+            self.dropout = nn.Dropout(config.router_dropout)
+        features = config.router_hidden_size if config.router_type == "mlp" else config.hidden_size
+        self.out = nn.Linear(features, num_experts + num_pruned, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = hidden_states if self.fc is None else self.dropout(self.act(self.fc(hidden_states)))
+        logits = self.out(features).float()
+        probs = F.softmax(logits, dim=-1)[:, : self.num_experts]
+        gates, selected = probs.topk(self.num_selected, dim=-1)
+        if self.normalize:
+            gates = gates / gates.sum(-1, keepdim=True)
+        return logits[:, : self.num_experts], gates, selected
+
+
+class ModuleFormerExperts(nn.Module):
+    """A router and `E` experts, each an input projection `[d, X]` and an output projection `[X, d]`.
+
+    The attention experts (X = attention width) and the feed-forward experts (X = intermediate size) share this
+    structure, and with it pruning and extension.
+    """
+
+    def __init__(self, config: ModuleFormerConfig, num_experts: int, num_pruned: int, num_selected: int, inner: int):
+        super().__init__()
+        d = config.hidden_size
+        self.num_experts = num_experts
+        self.router = ModuleFormerRouter(config, num_experts, num_pruned, num_selected)
+        self.input_proj = nn.Parameter(torch.empty(num_experts, d, inner))  # [E, in, out]
+        self.output_proj = nn.Parameter(torch.empty(num_experts, inner, d))
+        if config.expert_bias:
+            self.input_bias = nn.Parameter(torch.zeros(num_experts, inner))
+            self.output_bias = nn.Parameter(torch.zeros(num_experts, d))
+        else:
+            self.input_bias = self.output_bias = None
+
+    def route(self, x: torch.Tensor) -> tuple[DispatchPlan, torch.Tensor]:
+        """`[N, d]` -> the dispatch plan of each token's top-k experts and their `[N, k]` gates."""
+        _, gates, selected = self.router(x)
+        return plan_dispatch(selected, self.num_experts), gates.to(x.dtype)
+
+    def project_in(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """`[N, d]` -> `[N * k, X]`, rows sorted by expert: every token through each of its experts' input map."""
+        return grouped_linear(gather_rows(x, plan), self.input_proj, plan, self.input_bias)
+
+    def project_out(self, rows: torch.Tensor, plan: DispatchPlan, gates: torch.Tensor, num_tokens: int):
+        """`[N * k, X]` sorted rows -> `[N, d]`: each expert's output map, gate-weighted and summed per token."""
+        out = grouped_linear(rows, self.output_proj, plan, self.output_bias)
+        return scatter_rows(out, plan, num_tokens, gates=gates)
+
+    @torch.no_grad()
+    def keep_experts(self, keep: torch.Tensor, keep_normaliser: bool):
+        """Keep only experts `keep` (ascending); their router rows first, then (if asked) every pruned expert's row."""
+        for name in ("input_proj", "output_proj", "input_bias", "output_bias"):
+            if getattr(self, name) is not None:
+                setattr(self, name, nn.Parameter(getattr(self, name)[keep].clone()))
+        weight = self.router.out.weight
+        dropped = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        dropped[keep] = False
+        rows = [weight[keep]] + ([weight[dropped]] if keep_normaliser else [])
+        self._set_router_rows(torch.cat(rows))
+        self.num_experts = self.router.num_experts = len(keep)
+
+    @torch.no_grad()
+    def add_experts(self, new: dict[str, torch.Tensor], new_router_rows: torch.Tensor):
+        """Append experts (`new` holds `[n, ...]` tensors per parameter name); their router rows go before the
+        pruned experts' rows."""
+        for name, tensor in new.items():
+            setattr(self, name, nn.Parameter(torch.cat([getattr(self, name), tensor])))
+        weight = self.router.out.weight
+        live, pruned = weight[: self.num_experts], weight[self.num_experts :]
+        self._set_router_rows(torch.cat([live, new_router_rows, pruned]))
+        self.num_experts = self.router.num_experts = self.num_experts + new_router_rows.shape[0]
+
+    def _set_router_rows(self, weight: torch.Tensor):
+        self.router.out.weight = nn.Parameter(weight.clone())
+        self.router.out.out_features = weight.shape[0]
+
+
+class ModuleFormerAttention(ModuleFormerExperts):
+    """Mixture of attention heads (MoA): per-expert query and output projections, shared keys and values.
+
+    Each token's query goes through each of its k experts' query maps; the k queries attend over the same keys
+    and values (one cache slot per layer), and the k outputs go through their experts' output maps, gate-weighted.
+    """
+
+    def __init__(self, config: ModuleFormerConfig, layer_idx: int, num_experts: int, num_pruned: int):
+        super().__init__(
+            config, num_experts, num_pruned, config.num_attention_experts_per_tok, config.attention_hidden_size
+        )
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.num_selected = config.num_attention_experts_per_tok
+        self.attention_function = config.attention_function
+        self.chunk_size = config.stick_breaking_chunk_size
+        if config.shares_hidden_states_as_kv:
+            self.k_proj = self.v_proj = None
+        else:
+            self.k_proj = nn.Linear(config.hidden_size, config.attention_hidden_size)
+            self.v_proj = nn.Linear(config.hidden_size, config.attention_hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the output `[B, T, d]` and, if asked, the weights of every head of every selected expert
+        `[B, heads * k, T, S]` (head h of a token's j-th expert at index `h * k + j`)."""
+        batch, seq, d = hidden_states.shape
+        x = hidden_states.reshape(-1, d)
+        num_tokens, k = x.shape[0], self.num_selected
+        plan, gates = self.route(x)
+        # map: [N * k, A] sorted by expert -> (token, slot) order -> [B, H, k, T, head_dim]
+        query_rows = self.project_in(x, plan)
+        query = query_rows.new_zeros(num_tokens * k, query_rows.shape[-1]).index_copy(0, plan.flat_index, query_rows)
+        query = query.view(batch, seq, k, self.num_heads, self.head_dim).permute(0, 3, 2, 1, 4)
+
+        key = hidden_states if self.k_proj is None else self.k_proj(hidden_states)
+        value = hidden_states if self.v_proj is None else self.v_proj(hidden_states)
+        key = key.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, head_dim]
+        value = value.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)  # [B, H, S, head_dim]
+
+        attn_output, attn_weights = self._attend(query, key, value, key_padding_mask, output_attentions)
+        # reduce: [B, H, k, T, head_dim] in (token, slot) order -> sorted by expert, same plan as the map
+        attn_output = attn_output.permute(0, 3, 2, 1, 4).reshape(num_tokens * k, -1)
+        out = self.project_out(attn_output.index_select(0, plan.flat_index), plan, gates, num_tokens)
+        return out.view(batch, seq, d), attn_weights
+
+    def _attend(self, query, key, value, key_padding_mask, output_weights):
+        """`[B, H, k, T, head_dim]` queries over `[B, H, S, head_dim]` keys/values -> output, weights or None."""
+        if self.attention_function != "softmax":
+            return stick_breaking_attention(
+                query,
+                key,
+                value,
+                key_padding_mask,
+                attend_current=self.attention_function == "stickbreaking",
+                remainder_to_current=self.attention_function == "stickbreaking_2024",
+                chunk_size=self.chunk_size,
+                output_weights=output_weights,
+            )
+        batch, heads, k, seq, head_dim = query.shape
+        key_len = key.shape[-2]
+        key_pos = torch.arange(key_len, device=query.device)
+        query_pos = key_pos[key_len - seq :, None]
+        allowed = key_pos <= query_pos  # [T, S]
+        if key_padding_mask is not None:  # a padding query still sees itself, so no row is empty
+            allowed = allowed & (key_padding_mask.bool()[:, None, None, :] | (key_pos == query_pos))
+        if output_weights:  # eager, to return the weights
+            if allowed.dim() == 4:
+                allowed = allowed.unsqueeze(2)  # [B, 1, 1, T, S]
+            scores = (query @ key.unsqueeze(2).transpose(-1, -2)) * head_dim**-0.5
+            weights = F.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1).flatten(1, 2)
+            return weights.view_as(scores).to(value.dtype) @ value.unsqueeze(2), weights
+        out = F.scaled_dot_product_attention(
+            query.reshape(batch, heads * k, seq, head_dim), key, value, attn_mask=allowed, enable_gqa=k > 1
+        )
+        return out.view(batch, heads, k, seq, head_dim), None
+
+
+class ModuleFormerMoE(ModuleFormerExperts):
+    """Feed-forward experts `W_2[e] act(W_1[e] x)`, no bias unless `expert_bias`; output = gate-weighted sum."""
+
+    def __init__(self, config: ModuleFormerConfig, num_experts: int, num_pruned: int):
+        super().__init__(config, num_experts, num_pruned, config.num_experts_per_tok, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        plan, gates = self.route(x)
+        return self.project_out(self.act(self.project_in(x, plan)), plan, gates, x.shape[0]).view_as(hidden_states)
+
+
+class ModuleFormerDecoderLayer(GradientCheckpointingLayer):
+    """Pre-LN block: `h + MoA(LN_1(h))`, then `+ MoE(LN_2(.))`, dropout on both residual branches."""
+
+    def __init__(self, config: ModuleFormerConfig, layer_idx: int):
+        super().__init__()
+        num_attention, pruned_attention, num_mlp, pruned_mlp = config.layer_experts(layer_idx)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.self_attn = ModuleFormerAttention(config, layer_idx, num_attention, pruned_attention)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = ModuleFormerMoE(config, num_mlp, pruned_mlp)
+        self.dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        output_attentions: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(
+            self.input_layernorm(hidden_states), key_padding_mask, past_key_values, output_attentions
+        )
+        hidden_states = hidden_states + self.dropout(attn_output)
+        return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+
+
+class ModuleFormerPreTrainedModel(RemoteCodeMixin, ModuleFormerModularityMixin, PreTrainedModel):
+    config_class = ModuleFormerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ModuleFormerDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _can_record_outputs = {
+        "hidden_states": ModuleFormerDecoderLayer,
+        "attentions": OutputRecorder(ModuleFormerAttention, index=1),
+        "router_logits": OutputRecorder(ModuleFormerRouter, index=0),
+    }
+    _remote_code_classes = {
+        "AutoModel": "ModuleFormerModel",
+        "AutoModelForCausalLM": "ModuleFormerForCausalLM",
+        "AutoModelForSequenceClassification": "ModuleFormerForSequenceClassification",
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """GPT-2's scheme: Normal(0, initializer_range), zero biases, output projections scaled by 1/sqrt(2 * layers)
+        (the official code draws experts from U(+-1/in); checkpoints do not depend on it)."""
+        super()._init_weights(module)
+        if isinstance(module, ModuleFormerExperts):
+            std = self.config.initializer_range
+            init.normal_(module.input_proj, mean=0.0, std=std)
+            init.normal_(module.output_proj, mean=0.0, std=std / (2 * self.config.num_hidden_layers) ** 0.5)
+            if module.input_bias is not None:
+                init.zeros_(module.input_bias)
+                init.zeros_(module.output_bias)
+
+    def _expert_pools(self) -> list[tuple[int, str, ModuleFormerExperts]]:
+        """`(layer index, "attention" | "mlp", experts)` for every router, in the order the routers run."""
+        return [
+            (layer_idx, kind, pool)
+            for layer_idx, layer in enumerate(self.base_model.layers)
+            for kind, pool in (("attention", layer.self_attn), ("mlp", layer.mlp))
+        ]
+
+
+def key_padding_mask_from(attention_mask: torch.Tensor | None, batch: int, key_len: int) -> torch.Tensor | None:
+    """The `[B, S]` boolean mask of real keys (cached and current), or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, key_len):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; ModuleFormer needs a 2-D padding mask of shape "
+            f"(batch, past + current length) = {(batch, key_len)}, 1 for real tokens and 0 for padding."
+        )
+    mask = attention_mask.bool()
+    return None if bool(mask.all()) else mask
+
+
+class ModuleFormerModel(ModuleFormerPreTrainedModel):
+    def __init__(self, config: ModuleFormerConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_embedding_type == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.dropout = nn.Dropout(config.embd_dropout)
+        self.layers = nn.ModuleList(ModuleFormerDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        r"""
+        position_ids: used only with `position_embedding_type="learned"`; stick-breaking needs no positions, so
+            left padding is exact without them.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)  # one slot per layer
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        batch, seq = inputs_embeds.shape[:2]
+        hidden_states = inputs_embeds
+        if hasattr(self, "embed_positions"):
+            if position_ids is None:
+                position_ids = torch.arange(seq, device=inputs_embeds.device).unsqueeze(0) + past_seen
+            hidden_states = hidden_states + self.embed_positions(position_ids)
+        hidden_states = self.dropout(hidden_states)
+        key_padding_mask = key_padding_mask_from(attention_mask, batch, past_seen + seq)
+        output_attentions = kwargs.pop("output_attentions", None)
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                key_padding_mask=key_padding_mask,
+                past_key_values=past_key_values,
+                output_attentions=output_attentions,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values if use_cache else None
+        )
+
+
+def moduleformer_router_losses(
+    config: ModuleFormerConfig, router_logits, attention_mask
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(aux_loss, concentration)` summed over the routers (`router_logits` alternates attention, feed-forward).
+
+    `aux_loss` is `config.aux_loss_type`'s balancing loss, computed per router as in the official code since the two
+    routers of a layer (and pruned layers) have different expert counts.
+    """
+    aux_loss = concentration = 0.0
+    for idx, logits in enumerate(router_logits):
+        if config.aux_loss_type == "mi":
+            aux_loss = aux_loss + mutual_information_loss(logits, attention_mask)
+        else:
+            k = config.num_attention_experts_per_tok if idx % 2 == 0 else config.num_experts_per_tok
+            aux_loss = aux_loss + switch_load_balancing_loss([logits], k, attention_mask)
+            aux_loss = aux_loss + config.router_z_loss_coef * router_z_loss(logits, attention_mask)
+        if config.concentration_loss_coef > 0:
+            concentration = concentration + concentration_loss(logits, attention_mask)
+    return aux_loss, concentration
+
+
+def add_router_losses(config: ModuleFormerConfig, loss, router_logits, attention_mask):
+    """`(loss + weighted router losses, aux_loss)`; the losses are computed whenever router logits exist."""
+    if not router_logits:
+        return loss, None
+    aux_loss, concentration = moduleformer_router_losses(config, router_logits, attention_mask)
+    if loss is not None:
+        loss = loss + config.router_aux_loss_coef * aux_loss + config.concentration_loss_coef * concentration
+    return loss, aux_loss
+
+
+def wants_router_logits(config: ModuleFormerConfig, output_router_logits: bool | None, labels) -> bool:
+    """Router logits are needed to return them, or to add a router loss with a positive weight to a training loss."""
+    if output_router_logits is None:
+        output_router_logits = config.output_router_logits
+    weighted = config.router_aux_loss_coef > 0 or config.concentration_loss_coef > 0
+    return output_router_logits or (labels is not None and weighted)
+
+
+class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ModuleFormerConfig):
+        super().__init__(config)
+        self.model = ModuleFormerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        r"""
+        labels: next-token targets (`-100` = ignored); the loss honours `num_items_in_batch` from the Trainer.
+        output_router_logits: return every router's logits (per layer: attention router, then feed-forward
+            router) and `aux_loss`. With labels, the router losses are also computed (not returned) whenever
+            `router_aux_loss_coef` or `concentration_loss_coef` is positive, and added to the loss with those weights.
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=wants_router_logits(self.config, output_router_logits, labels),
+            **kwargs,
+        )
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss, aux_loss = add_router_losses(self.config, loss, outputs.router_logits, attention_mask)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+        )
+
+
+class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
+    """ModuleFormer with a linear head on the last non-padding token (GLUE-style classification and regression)."""
+
+    def __init__(self, config: ModuleFormerConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = ModuleFormerModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        r"""
+        labels: class indices (`num_labels > 1`), floats for regression (`num_labels == 1`) or multi-hot floats
+            (`problem_type="multi_label_classification"`). Router losses are added as in the causal LM.
+        """
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=wants_router_logits(self.config, output_router_logits, labels),
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        pooled_logits = last_token_pooling(logits, input_ids, attention_mask, self.config.pad_token_id)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        loss, _ = add_router_losses(self.config, loss, outputs.router_logits, attention_mask)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "ModuleFormerPreTrainedModel",
+    "ModuleFormerModel",
+    "ModuleFormerForCausalLM",
+    "ModuleFormerForSequenceClassification",
+]

@@ -1,0 +1,669 @@
+"""ModuleFormer: kernels against naive references, cached generation, losses, config, save/load, modularity APIs.
+
+Tolerances: fp32 kernels are compared with float64 references at 1e-5 (accumulated fp32 rounding over a few dozen
+terms is ~1e-6); two fp32 computations of the same function in different orders (cached vs full, padded vs
+unpadded) at 1e-5; bit-identical paths (save/load) exactly.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+
+from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification
+from modeling_mom.routing_losses import mutual_information_loss, router_z_loss, switch_load_balancing_loss
+from modeling_mom.stickbreaking_attention import stick_breaking_attention
+
+ATOL = 1e-5
+PAD = 0
+
+
+def tiny_config(**overrides) -> ModuleFormerConfig:
+    kwargs = dict(
+        vocab_size=53,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        attention_hidden_size=16,
+        intermediate_size=24,
+        num_attention_experts=4,
+        num_attention_experts_per_tok=2,
+        num_experts=6,
+        num_experts_per_tok=2,
+        router_hidden_size=8,
+        stick_breaking_chunk_size=3,  # several blocks, the last one partial
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return ModuleFormerConfig(**kwargs)
+
+
+def tiny_model(seed=0, **overrides) -> ModuleFormerForCausalLM:
+    torch.manual_seed(seed)
+    model = ModuleFormerForCausalLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # larger routers than the default init, so routing differs between tokens
+        for layer in model.model.layers:
+            for pool in (layer.self_attn, layer.mlp):
+                pool.router.out.weight.normal_(0.0, 1.0)
+    return model
+
+
+def naive_stick_breaking(q, k, v, real=None, attend_current=True, remainder_to_current=False):
+    """The stick-breaking process itself, key by key from the nearest, in float64. q `[B,H,G,T,D]`, k/v `[B,H,S,D]`."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, heads, groups, seq, dim = q.shape
+    key_len = k.shape[2]
+    real = torch.ones(batch, key_len, dtype=torch.bool) if real is None else real.bool()
+    beta = torch.sigmoid(torch.einsum("bhgtd,bhsd->bhgts", q, k) / math.sqrt(dim))
+    out = torch.zeros_like(q)
+    for t in range(seq):
+        pos = key_len - seq + t
+        stick = torch.ones(batch, heads, groups, 1, dtype=torch.float64)
+        first = pos if attend_current else pos - 1
+        for j in range(first, -1, -1):
+            b = beta[:, :, :, t, j, None] * real[:, j, None, None, None]
+            out[:, :, :, t] += stick * b * v[:, :, None, j]
+            stick = stick * (1 - b)
+        if remainder_to_current:
+            out[:, :, :, t] += stick * v[:, :, None, pos]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("variant", [(True, False), (False, True)], ids=["official", "tan2024"])
+@pytest.mark.parametrize("past", [0, 4], ids=["no_cache", "with_cache"])
+def test_stick_breaking_matches_naive_process(variant, past):
+    attend_current, remainder = variant
+    torch.manual_seed(0)
+    batch, heads, groups, seq, dim = 2, 2, 3, 7, 4
+    q = torch.randn(batch, heads, groups, seq, dim, requires_grad=True)
+    k = torch.randn(batch, heads, past + seq, dim, requires_grad=True)
+    v = torch.randn(batch, heads, past + seq, dim, requires_grad=True)
+    real = torch.ones(batch, past + seq, dtype=torch.bool)
+    real[1, :3] = False  # left padding
+    real[0, 5] = False  # a hole
+    out, weights = stick_breaking_attention(q, k, v, real, attend_current, remainder, chunk_size=3, output_weights=True)
+    ref = naive_stick_breaking(q, k, v, real, attend_current, remainder)
+    torch.testing.assert_close(out.double(), ref, atol=ATOL, rtol=0)
+    # the returned weights are those of the output (remainder aside), and the stick is never over-spent
+    assert weights.sum(-1).max() <= 1 + 1e-6
+    if not remainder:
+        torch.testing.assert_close(weights.view(2, 2, 3, seq, -1) @ v.unsqueeze(2), out, atol=ATOL, rtol=0)
+    # gradients too (float64 reference through the same autograd graph of the naive process)
+    grad_out = torch.randn_like(out)
+    fast = torch.autograd.grad(out, (q, k, v), grad_out)
+    slow = torch.autograd.grad(ref, (q, k, v), grad_out.double())
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b.float(), atol=ATOL, rtol=0)
+
+
+def test_stick_breaking_chunking_and_padding_are_transparent():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 2, 2, 9, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
+    full, _ = stick_breaking_attention(q, k, v, chunk_size=128)
+    torch.testing.assert_close(stick_breaking_attention(q, k, v, chunk_size=2)[0], full, atol=ATOL, rtol=0)
+
+    def pad(x, dim):  # three padding positions in front, arbitrary values: they change nothing for the real rows
+        return torch.cat([torch.randn_like(x.narrow(dim, 0, 3)) * 100, x], dim)
+
+    real = torch.tensor([[False] * 3 + [True] * 9])
+    padded, _ = stick_breaking_attention(pad(q, 3), pad(k, 2), pad(v, 2), real, chunk_size=4)
+    torch.testing.assert_close(padded[..., 3:, :], full, atol=ATOL, rtol=0)
+
+
+def naive_router(router, x):
+    probs = torch.softmax(router.out(F.gelu(router.fc(x))).double(), -1)[:, : router.num_experts]
+    gates, selected = probs.topk(router.num_selected, -1)
+    if router.normalize:
+        gates = gates / gates.sum(-1, keepdim=True)
+    return gates, selected
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_experts_match_per_expert_reference(normalize):
+    """The MoA and FFN layers equal a loop over each token's selected experts (float64)."""
+    model = tiny_model(normalize_expert_gates=normalize, expert_bias=True)
+    layer = model.model.layers[0]
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for pool in (layer.self_attn, layer.mlp):
+            pool.input_bias.normal_()
+            pool.output_bias.normal_()
+    x = torch.randn(2, 5, 32)
+    attn, mlp = layer.self_attn, layer.mlp
+
+    expected_mlp = torch.zeros(10, 32, dtype=torch.float64)
+    flat = x.reshape(10, 32)
+    gates, selected = naive_router(mlp.router, flat)
+    for n in range(10):
+        for g, e in zip(gates[n], selected[n]):
+            h = F.gelu(flat[n].double() @ mlp.input_proj[e].double() + mlp.input_bias[e], approximate="tanh")
+            expected_mlp[n] += g * (h @ mlp.output_proj[e].double() + mlp.output_bias[e])
+    torch.testing.assert_close(mlp(x).reshape(10, 32).double(), expected_mlp, atol=ATOL, rtol=0)
+
+    keys = attn.k_proj(x).view(2, 5, 2, 8).transpose(1, 2)  # [B, H, T, 8]
+    values = attn.v_proj(x).view(2, 5, 2, 8).transpose(1, 2)
+    gates, selected = naive_router(attn.router, flat)
+    expected_attn = torch.zeros(2, 5, 32, dtype=torch.float64)
+    for b in range(2):
+        for t in range(5):
+            n = b * 5 + t
+            for g, e in zip(gates[n], selected[n]):
+                q = (x[b, t].double() @ attn.input_proj[e].double() + attn.input_bias[e]).view(1, 2, 1, 1, 8)
+                o = naive_stick_breaking(q, keys[b : b + 1, :, : t + 1], values[b : b + 1, :, : t + 1])
+                expected_attn[b, t] += g * (o.reshape(16) @ attn.output_proj[e].double() + attn.output_bias[e])
+    torch.testing.assert_close(attn(x)[0].double(), expected_attn, atol=ATOL, rtol=0)
+
+
+def test_molm_layout_uses_hidden_states_as_keys_and_values():
+    model = tiny_model(num_attention_heads=1, attention_hidden_size=32)
+    assert model.model.layers[0].self_attn.k_proj is None
+    assert not any("k_proj" in name or "v_proj" in name for name in model.state_dict())
+    ids = torch.randint(3, 53, (1, 6))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+# ------------------------------------------------------------------------------------------- model behaviour
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [
+        {},
+        {"attention_function": "stickbreaking_2024"},
+        {"attention_function": "softmax", "position_embedding_type": "learned"},
+    ],
+)
+def test_incremental_decoding_equals_full_forward(attention):
+    model = tiny_model(**attention)
+    ids = torch.randint(3, 53, (2, 9))
+    full = model(ids).logits
+    out = model(ids[:, :5], use_cache=True)
+    steps = [out.logits]
+    cache = out.past_key_values
+    for t in range(5, 9):
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
+
+
+def left_padded_batch():
+    torch.manual_seed(3)
+    long, short = torch.randint(3, 53, (1, 8)), torch.randint(3, 53, (1, 5))
+    ids = torch.cat([long, torch.cat([torch.full((1, 3), PAD), short], 1)])
+    mask = torch.cat([torch.ones(1, 8), torch.cat([torch.zeros(1, 3), torch.ones(1, 5)], 1)]).long()
+    return ids, mask, short
+
+
+@pytest.mark.parametrize("attention", [{}, {"attention_function": "stickbreaking_2024"}])
+def test_left_padding_is_transparent(attention):
+    model = tiny_model(**attention)
+    ids, mask, short = left_padded_batch()
+    padded = model(ids, attention_mask=mask).logits[1, 3:]
+    torch.testing.assert_close(padded, model(short).logits[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "attention", [{}, {"attention_function": "softmax", "position_embedding_type": "learned"}], ids=["sb", "softmax"]
+)
+def test_cached_generation_equals_uncached(attention):
+    model = tiny_model(**attention)
+    ids, mask, short = left_padded_batch()
+    for kwargs in ({"num_beams": 1}, {"num_beams": 3}):
+        common = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD, **kwargs)
+        cached = model.generate(ids, use_cache=True, **common)
+        uncached = model.generate(ids, use_cache=False, **common)
+        assert torch.equal(cached, uncached), kwargs
+        if not attention:  # stick-breaking: the left-padded row generates what the unpadded prompt does
+            alone = model.generate(short, max_new_tokens=6, do_sample=False, pad_token_id=PAD, **kwargs)
+            assert torch.equal(cached[1, 3:], alone[0]), kwargs
+
+
+@pytest.mark.parametrize("attention", [{}, {"attention_function": "softmax", "position_embedding_type": "learned"}])
+def test_output_attentions(attention):
+    """Returning the weights (eager path) changes nothing else; per head and selected expert, over all keys."""
+    model = tiny_model(**attention)
+    ids, mask, _ = left_padded_batch()
+    out = model(ids, attention_mask=mask, output_attentions=True)
+    torch.testing.assert_close(out.logits, model(ids, attention_mask=mask).logits, atol=ATOL, rtol=0)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 2 * 2, 8, 8)  # heads * k_att
+    totals = out.attentions[0][1, :, 3:].sum(-1)  # real rows of the left-padded sequence
+    if attention:
+        torch.testing.assert_close(totals, torch.ones_like(totals))
+    else:  # stick-breaking drops the remainder: at most 1
+        assert totals.max() <= 1 + 1e-6 and totals.min() > 0
+    assert out.attentions[0][1, :, 3:, :3].abs().max() == 0  # real rows give padding keys nothing
+
+
+def test_sequence_classifier_left_padding_and_loss():
+    torch.manual_seed(0)
+    model = ModuleFormerForSequenceClassification(tiny_config(num_labels=3, router_aux_loss_coef=0.1)).eval()
+    ids, mask, short = left_padded_batch()
+    out = model(ids, attention_mask=mask, labels=torch.tensor([0, 2]))
+    torch.testing.assert_close(out.logits[1], model(short).logits[0], atol=ATOL, rtol=0)
+    ce = F.cross_entropy(out.logits, torch.tensor([0, 2]))
+    assert out.loss.item() != pytest.approx(ce.item())  # the weighted router loss is added
+    out.loss.backward()
+    assert model.model.layers[0].mlp.router.fc.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------- losses
+
+
+def test_mutual_information_loss_by_hand():
+    torch.manual_seed(4)
+    logits = torch.randn(6, 3)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])  # rows 0 and 5 are padding
+    real = [1, 2, 3, 4]
+    probs = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits.tolist()]
+    marginal = [sum(probs[n][e] for n in real) / len(real) for e in range(3)]
+    h_marginal = -sum(p * math.log(p) for p in marginal)
+    h_conditional = -sum(p * math.log(p) for n in real for p in probs[n]) / len(real)
+    loss = mutual_information_loss(logits, mask)
+    assert loss.item() == pytest.approx(h_conditional - h_marginal, abs=1e-6)
+    torch.testing.assert_close(mutual_information_loss(logits[1:5]), loss)  # padding rows are ignored
+
+
+def test_model_aux_losses_sum_over_routers():
+    model = tiny_model(router_aux_loss_coef=0.5)
+    ids, mask, _ = left_padded_batch()
+    out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    assert [r.shape[-1] for r in out.router_logits] == [4, 6, 4, 6]
+    expected = sum(mutual_information_loss(r, mask) for r in out.router_logits)
+    torch.testing.assert_close(out.aux_loss, expected)
+    lm_only = model(ids, attention_mask=mask, labels=ids).loss - 0.5 * expected
+    torch.testing.assert_close(lm_only, model.loss_function(out.logits, ids, model.config.vocab_size))
+    assert model(ids).router_logits is None  # not requested, not returned
+
+    model.config.aux_loss_type = "switch"
+    out = model(ids, attention_mask=mask, output_router_logits=True)
+    k = [2, 2, 2, 2]
+    expected = sum(
+        switch_load_balancing_loss([r], k[i], mask) + 0.1 * router_z_loss(r, mask)
+        for i, r in enumerate(out.router_logits)
+    )
+    torch.testing.assert_close(out.aux_loss, expected)
+
+
+def test_concentration_loss_is_added_with_its_weight():
+    model = tiny_model(concentration_loss_coef=0.25)
+    ids, mask, _ = left_padded_batch()
+    out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    by_hand = 0.0
+    for logits in out.router_logits:  # entropy of the mean routing distribution over real tokens
+        marginal = torch.softmax(logits, -1)[mask.reshape(-1).bool()].mean(0)
+        by_hand = by_hand - (marginal * marginal.log()).sum()
+    lm = model.loss_function(out.logits, ids, model.config.vocab_size)
+    torch.testing.assert_close(out.loss, lm + 0.25 * by_hand)  # router_aux_loss_coef is 0: only concentration
+
+
+# ----------------------------------------------------------------------------------------------------- config
+
+MOLM_700M_8B = {
+    "vocab_size": 50295, "block_size": 512, "history_length": 512, "n_embd": 1024, "n_layer": 48, "n_head": 1,
+    "att_hidden": 1024, "ffd_hidden": 2048, "activation_function": "gelu_new", "resid_pdrop": 0, "embd_pdrop": 0,
+    "attn_pdrop": 0, "moe_pdrop": 0, "sample_topk": 0, "gating_size": 256, "n_att_experts": 16, "k_att": 2,
+    "n_mlp_experts": 32, "k_mlp": 2, "layer_norm_epsilon": 1e-05, "initializer_range": 0.02, "use_cache": True,
+    "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": False, "aux_loss_type": "mi",
+    "aux_loss_weight": 0, "gate_type": "mlp", "att_func": "stickbreaking", "local_size": 1, "moe_type": "moe",
+    "pre_norm": True, "universal": False, "world_size": None, "n_ctx": 24576, "torch_dtype": "bfloat16",
+    "architectures": ["ModuleFormerForCausalLM"], "model_type": "moduleformer", "transformers_version": "4.28.1",
+}  # fmt: skip
+
+
+def test_official_molm_config_keys_load(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(MOLM_700M_8B))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, ModuleFormerConfig)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (1024, 48, 1)
+    assert (config.attention_hidden_size, config.intermediate_size, config.router_hidden_size) == (1024, 2048, 256)
+    assert (config.num_attention_experts, config.num_attention_experts_per_tok) == (16, 2)
+    assert (config.num_experts, config.num_experts_per_tok) == (32, 2)
+    assert config.shares_hidden_states_as_kv and config.attention_function == "stickbreaking"
+    assert config.n_embd == 1024 and config.k_att == 2  # the official names read through too
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"num_attention_experts_per_tok": 5}, "num_attention_experts_per_tok=5"),
+        ({"k_mlp": 7}, "num_experts_per_tok=7"),
+        ({"attention_hidden_size": 15}, "attention_hidden_size=15"),
+        ({"attention_function": "linear"}, "attention_function='linear'"),
+        ({"position_embedding_type": "rope"}, "position_embedding_type='rope'"),
+        ({"aux_loss_type": "entropy"}, "aux_loss_type='entropy'"),
+        ({"mlp_experts_per_layer": [6]}, "mlp_experts_per_layer has 1 entries"),
+        ({"resid_pdrop": 1.5}, "resid_dropout=1.5"),
+        ({"sample_topk": 1}, "sample_topk=1"),
+        ({"gate_type": "gmm"}, "router_type=.gmm."),
+    ],
+)
+def test_config_rejects_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        tiny_config(**bad)
+
+
+# ------------------------------------------------------------------------------------- training & save/load
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model(router_aux_loss_coef=0.3).train()
+    ids = torch.randint(3, 53, (2, 7))
+
+    def gradients():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = gradients()
+    model.activation_checkpointing_enable()
+    checkpointed = gradients()
+    assert plain["model.layers.0.self_attn.router.fc.weight"].abs().sum() > 0  # the router loss reaches routers
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_loss_honours_num_items_in_batch():
+    """The Trainer passes the token count of the whole accumulated batch; the loss is then a sum divided by it."""
+    model = tiny_model()
+    ids = torch.randint(3, 53, (2, 6))
+    out = model(ids, labels=ids, num_items_in_batch=torch.tensor(40))
+    summed = F.cross_entropy(out.logits[:, :-1].reshape(-1, 53), ids[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(out.loss, summed / 40)
+
+
+def test_trainer_gradient_accumulation_equals_big_batch(tmp_path):
+    ids = torch.randint(3, 53, (8, 6))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    initial = tiny_model().state_dict()
+
+    def train(batch_size, accumulation):
+        model = tiny_model()
+        model.load_state_dict(initial)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"run{batch_size}"),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            dataloader_drop_last=True,
+        )
+        Trainer(model=model, args=args, train_dataset=data).train()
+        return model.state_dict()
+
+    accumulated, big = train(4, 2), train(8, 1)
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], atol=1e-6, rtol=1e-5)
+
+
+REMOTE_LOAD = textwrap.dedent(
+    """
+    import sys, torch
+    sys.modules["modeling_mom"] = None  # the package must not be importable: only the saved code may run
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    path = sys.argv[1]
+    inputs = torch.load(path + "/inputs.pt")
+    assert type(AutoConfig.from_pretrained(path, trust_remote_code=True)).__name__ == "ModuleFormerConfig"
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    torch.save(model(**inputs).logits, path + "/remote_logits.pt")
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.save(generated, path + "/remote_generated.pt")
+    assert type(AutoModel.from_pretrained(path, trust_remote_code=True)).__name__ == "ModuleFormerModel"
+    classifier = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True, num_labels=2)
+    assert classifier(**inputs).logits.shape == (inputs["input_ids"].shape[0], 2)
+    """
+)
+
+
+def check_remote_load(model, path):
+    """Load `path` through `trust_remote_code` in a fresh process without the package; compare with `model`."""
+    for name in os.listdir(path):
+        if name.endswith(".py"):
+            source = (path / name).read_text()
+            assert "from .." not in source and "import modeling_mom" not in source, name
+    ids, mask, _ = left_padded_batch()
+    torch.save({"input_ids": ids, "attention_mask": mask}, path / "inputs.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(path / "modules")}
+    env.pop("PYTHONPATH", None)
+    subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(path)], check=True, env=env, cwd="/")
+    expected = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(torch.load(path / "remote_logits.pt"), expected, atol=ATOL, rtol=0)
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(torch.load(path / "remote_generated.pt"), generated)
+
+
+# --------------------------------------------------------------------------------------------- modularity
+
+
+def test_expert_usage_counts_real_tokens():
+    model = tiny_model()
+    ids, mask, _ = left_padded_batch()
+    usage = model.expert_usage([{"input_ids": ids, "attention_mask": mask}, ids[:1]])
+    assert [len(c) for c in usage["attention"]] == [4, 4] and [len(c) for c in usage["mlp"]] == [6, 6]
+    for counts in usage["attention"] + usage["mlp"]:
+        assert counts.sum() == (13 + 8) * 2  # real tokens x k
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["official_gates", "normalized_gates"])
+def test_pruned_model_keeps_logits_and_round_trips(normalize, tmp_path):
+    model = tiny_model(normalize_expert_gates=normalize, num_attention_experts=6, num_experts=8)
+    ids = torch.randint(3, 53, (1, 3))
+    before = model(ids).logits
+    usage = model.expert_usage([ids])
+    kept = model.prune_experts(usage, threshold=0.0)
+    assert [len(k) for k in kept["mlp"]] == [int((c > 0).sum()) for c in usage["mlp"]]
+    assert model.config.mlp_experts_per_layer == [len(k) for k in kept["mlp"]]
+    assert sum(model.config.mlp_experts_per_layer) < 16  # something was pruned
+    torch.testing.assert_close(model(ids).logits, before, atol=ATOL, rtol=0)
+
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    if not normalize:  # one subprocess is enough: the remote code path is the same for both gate modes
+        check_remote_load(model, tmp_path / "pruned")
+
+
+def test_prune_rejects_bad_requests():
+    model = tiny_model()
+    usage = model.expert_usage([torch.randint(3, 53, (1, 4))])
+    with pytest.raises(ValueError, match="keep_top_n and/or threshold"):
+        model.prune_experts(usage)
+    with pytest.raises(ValueError, match="fewer than the 2"):
+        model.prune_experts(usage, keep_top_n=1)
+    with pytest.raises(ValueError, match="has shape"):
+        model.prune_experts({"attention": [torch.ones(3)] * 2, "mlp": usage["mlp"]}, threshold=0.0)
+
+
+def test_add_experts_trains_only_new_experts(tmp_path):
+    model = tiny_model().train()
+    old = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.add_experts(2, freeze_existing=True)
+    with torch.no_grad():  # route to the new experts as often as to the old ones (see tiny_model)
+        for layer in model.model.layers:
+            for pool in (layer.self_attn, layer.mlp):
+                pool.router.out.weight[-2:].normal_(0.0, 1.0)
+    assert model.config.attention_experts_per_layer == [6, 6] and model.config.mlp_experts_per_layer == [8, 8]
+    grown = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.0)
+    ids = torch.randint(3, 53, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    new_rows_moved = []
+    for name, param in model.named_parameters():
+        num_old = old[name].shape[0]
+        assert torch.equal(param[:num_old], old[name]), name  # every old row is exactly unchanged
+        if param.shape != old[name].shape:
+            new_rows_moved.append(not torch.equal(param[num_old:], grown[name][num_old:]))
+    assert len(new_rows_moved) == 2 * 2 * 3 and all(new_rows_moved)  # layers x pools x (in, out, router rows)
+    model.save_pretrained(tmp_path / "grown")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "grown").eval()
+    torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------ official MoLM checkpoints
+
+
+def official_checkpoint(config: dict, seed=0) -> dict[str, torch.Tensor]:
+    """Random tensors named and shaped as in an official ModuleFormer checkpoint (moduleformer.md §1.10)."""
+    torch.manual_seed(seed)
+    d, a, f, g = config["n_embd"], config["att_hidden"], config["ffd_hidden"], config["gating_size"]
+    state = {"transformer.wte.weight": torch.randn(config["vocab_size"], d), "lm_head.weight": torch.randn(50, d) * 0.2}
+    state.update({"transformer.ln_f.weight": 1 + 0.1 * torch.randn(d), "transformer.ln_f.bias": 0.1 * torch.randn(d)})
+    for i in range(config["n_layer"]):
+        p = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            state.update({p + ln + ".weight": 1 + 0.1 * torch.randn(d), p + ln + ".bias": 0.1 * torch.randn(d)})
+        for moe, num, inner in (("attn.q_proj.", config["n_att_experts"], a), ("mlpf.", config["n_mlp_experts"], f)):
+            state[p + moe + "experts.weight"] = torch.randn(num, d, inner) / d**0.5
+            state[p + moe + "output_experts.weight"] = torch.randn(num, inner, d) / inner**0.5
+            state[p + moe + "gate.w_gate.0.weight"] = torch.randn(g, d) / d**0.5
+            state[p + moe + "gate.w_gate.0.bias"] = 0.1 * torch.randn(g)
+            state[p + moe + "gate.w_gate.3.weight"] = torch.randn(num, g)
+        if not (config["n_head"] == 1 and a == d):
+            for proj in ("k_proj", "v_proj"):
+                state[p + f"attn.{proj}.weight"] = torch.randn(a, d) / d**0.5
+                state[p + f"attn.{proj}.bias"] = 0.1 * torch.randn(a)
+        state[p + "attn.mask"] = torch.tril(torch.ones(8, 8, dtype=torch.int8))  # buffers the loader must drop
+        state[p + "attn.cum_weight"] = torch.tril(torch.ones(8, 8), -1)
+    return state
+
+
+def official_forward(state, config, ids):
+    """The official HF ModuleFormer forward (IBM/ModuleFormer 850f1eb), transcribed in float64, no cache."""
+    sd = {k: v.double() for k, v in state.items()}
+    d, heads, k_att, k_mlp = config["n_embd"], config["n_head"], config["k_att"], config["k_mlp"]
+    batch, seq = ids.shape
+
+    def gate(prefix, x, k):  # top_k_gating: MLP, softmax over all experts, top-k, gates not renormalised
+        logits = F.linear(F.gelu(F.linear(x, sd[prefix + "0.weight"], sd[prefix + "0.bias"])), sd[prefix + "3.weight"])
+        return torch.softmax(logits, -1).topk(k, -1)
+
+    def layer_norm(x, name):
+        return F.layer_norm(x, (d,), sd[name + ".weight"], sd[name + ".bias"])
+
+    h = sd["transformer.wte.weight"][ids]
+    for i in range(config["n_layer"]):
+        p = f"transformer.h.{i}."
+        x = layer_norm(h, p + "ln_1").reshape(-1, d)
+        gates, experts = gate(p + "attn.q_proj.gate.w_gate.", x, k_att)
+        q = torch.einsum("nd,nkda->nka", x, sd[p + "attn.q_proj.experts.weight"][experts])
+        kv = {}
+        for proj in ("k_proj", "v_proj"):
+            name = p + f"attn.{proj}.weight"
+            kv[proj] = x if name not in sd else F.linear(x, sd[name], sd[p + f"attn.{proj}.bias"])
+        head = q.shape[-1] // heads
+        q = q.view(batch, seq, k_att, heads, head)
+        key, value = (kv[n].view(batch, seq, heads, head) for n in ("k_proj", "v_proj"))
+        logits = torch.einsum("bikhd,bjhd->bkhij", q, key) / math.sqrt(head)
+        mask = (torch.tril(torch.ones(seq, seq)) == 0).expand_as(logits)
+        z = torch.sigmoid(logits).masked_fill(mask, 0)
+        log_beta = F.logsigmoid(-logits).masked_fill(mask, 0)
+        re_cum_log_beta = torch.einsum("bnhij,jk->bnhik", log_beta, torch.tril(torch.ones(seq, seq), -1).double())
+        y = torch.einsum("bkhij,bjhd->bikhd", z * re_cum_log_beta.exp(), value).reshape(-1, k_att, heads * head)
+        out = torch.einsum("nka,nkad,nk->nd", y, sd[p + "attn.q_proj.output_experts.weight"][experts], gates)
+        h = h + out.view(batch, seq, d)
+        x = layer_norm(h, p + "ln_2").reshape(-1, d)
+        gates, experts = gate(p + "mlpf.gate.w_gate.", x, k_mlp)
+        hidden = F.gelu(torch.einsum("nd,nkdf->nkf", x, sd[p + "mlpf.experts.weight"][experts]), approximate="tanh")
+        out = torch.einsum("nkf,nkfd,nk->nd", hidden, sd[p + "mlpf.output_experts.weight"][experts], gates)
+        h = h + out.view(batch, seq, d)
+    return layer_norm(h, "transformer.ln_f") @ sd["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("shape", [{"n_head": 1, "att_hidden": 16}, {"n_head": 2, "att_hidden": 8}], ids=["molm", "kv"])
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_official_checkpoint_converts_to_the_official_function(shape, fmt, tmp_path):
+    from safetensors.torch import save_file
+
+    from conversion.molm_to_moduleformer import convert
+
+    official = {**MOLM_700M_8B, "vocab_size": 50, "n_embd": 16, "n_layer": 2, "ffd_hidden": 12, "gating_size": 6}
+    official.update(n_att_experts=4, n_mlp_experts=5, bos_token_id=0, eos_token_id=0, torch_dtype="float32", **shape)
+    state = official_checkpoint(official)
+    src = tmp_path / "molm"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(official))
+    if fmt == "bin":
+        torch.save(state, src / "pytorch_model.bin")
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, src / "model.safetensors")
+    model = convert(src, tmp_path / "converted")
+    ids = torch.randint(0, 50, (2, 7))
+    expected = official_forward(state, official, ids)
+    torch.testing.assert_close(model(ids).logits.double(), expected, atol=ATOL, rtol=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "converted").eval()
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+# ------------------------------------------------------------------------------------------ GPT-2 seeding
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(5)
+    config = GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_exact_gpt2_seeding_reproduces_gpt2(tmp_path):
+    from conversion.gpt2_to_moduleformer import main
+
+    gpt2 = tiny_gpt2()
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    main(["--gpt2", str(tmp_path / "gpt2"), "--out", str(tmp_path / "mf"), "--exact", "--num-experts", "4"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "mf").eval()
+    assert model.config.attention_function == "softmax" and model.config.num_experts == 4
+    ids = torch.randint(3, 61, (2, 10))
+    torch.testing.assert_close(model(ids).logits, gpt2(ids).logits, atol=ATOL, rtol=0)
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, gpt2.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0))
+
+
+def test_gpt2_seeding_options():
+    from conversion.gpt2_to_moduleformer import convert
+
+    gpt2 = tiny_gpt2()
+    sliced = convert(gpt2, slice_mlp=True, num_experts=4)
+    assert sliced.config.attention_function == "stickbreaking" and sliced.config.position_embedding_type == "none"
+    mlp, c_fc = sliced.model.layers[1].mlp, gpt2.transformer.h[1].mlp.c_fc
+    torch.testing.assert_close(torch.cat(list(mlp.input_proj.unbind(0)), dim=1), c_fc.weight, atol=0, rtol=0)
+    noisy = convert(gpt2, expert_noise=0.01)
+    experts = noisy.model.layers[0].self_attn.input_proj
+    assert not torch.equal(experts[0], experts[1])
+    with pytest.raises(ValueError, match="exact=True"):
+        convert(gpt2, exact=True, expert_noise=0.1)
+    with pytest.raises(ValueError, match="divide"):
+        convert(gpt2, slice_mlp=True, num_experts=5)
+
+
+def test_prune_then_extend_round_trips(tmp_path):
+    model = tiny_model(num_experts=8)
+    ids = torch.randint(3, 53, (1, 3))
+    model.prune_experts(model.expert_usage([ids]), keep_top_n=3)
+    assert model.config.mlp_experts_per_layer == [3, 3] and model.config.pruned_mlp_experts_per_layer == [5, 5]
+    model.add_experts(1, freeze_existing=False)
+    assert model.config.mlp_experts_per_layer == [4, 4] and model.config.attention_experts_per_layer == [4, 4]
+    assert model.model.layers[0].mlp.router.out.weight.shape[0] == 4 + 5  # live experts, then pruned rows
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
