@@ -1,0 +1,132 @@
+"""Input checks and loading shared by the `mom` commands: models, tokenizers, data files, context lengths.
+
+Every check here runs before any training and raises `WorkflowError` with one message that names the bad value and
+what is allowed; the `mom` command prints it and exits with status 2.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
+
+LOCAL_DATA_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"}
+
+
+class WorkflowError(ValueError):
+    """Bad input to a `mom` command, found before any work was done."""
+
+
+def load_model_config(model: str) -> PreTrainedConfig:
+    """The config of `model` (a checkpoint directory or a Hub id); checks that it is one."""
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise WorkflowError(f"--model {model} is a file; expected a checkpoint directory or a Hub model id.")
+        if not (path / "config.json").is_file():
+            raise WorkflowError(
+                f"--model {model} has no config.json, so it is not a saved model; expected a directory written by "
+                "`save_pretrained`, `mom convert` or a `mom` training command (e.g. runs/demo/mom/final)."
+            )
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise WorkflowError(f"--model {model}: cannot load its config ({error}).") from error
+
+
+def load_tokenizer(model: str, tokenizer: str | None = None, needs_padding: bool = False, pad_token: str | None = None):
+    """The tokenizer saved with `model` (or at `tokenizer`); with `needs_padding`, one that has a pad token.
+
+    `pad_token` (e.g. GPT-2's `<|endoftext|>`) sets the pad token to a token already in the vocabulary.
+    """
+    source = tokenizer or model
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as error:
+        raise WorkflowError(
+            f"no tokenizer found at {source} ({error}); save one next to the model or pass --tokenizer."
+        ) from error
+    if pad_token is not None:
+        if tok.convert_tokens_to_ids(pad_token) in (None, tok.unk_token_id):
+            raise WorkflowError(f"--pad-token {pad_token!r} is not in the vocabulary of the tokenizer at {source}.")
+        tok.pad_token = pad_token
+    if needs_padding and tok.pad_token is None:
+        raise WorkflowError(
+            f"the tokenizer at {source} has no pad token, which batching sequences of different lengths needs; "
+            f"pass --pad-token (for GPT-2 tokenizers the usual choice is its EOS, --pad-token "
+            f"{tok.eos_token or '<|endoftext|>'!r}) or save the tokenizer with one."
+        )
+    return tok
+
+
+def check_context_length(length: int, config: PreTrainedConfig, option: str) -> None:
+    """`length` tokens must fit the model's positions (`max_position_embeddings`, when the config has one)."""
+    if length < 2:
+        raise WorkflowError(f"{option} {length} is too short; allowed: 2..{model_context_length(config) or 'any'}.")
+    limit = model_context_length(config)
+    if limit is not None and length > limit:
+        raise WorkflowError(
+            f"{option} {length} is longer than the model allows (max_position_embeddings={limit}); "
+            f"allowed: 2..{limit}."
+        )
+
+
+def model_context_length(config: PreTrainedConfig) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+def is_local_data(name: str) -> bool:
+    """A data argument names a local file if it has a data file extension or exists on disk."""
+    return Path(name).suffix.lower() in LOCAL_DATA_BUILDERS or os.path.exists(name)
+
+
+def load_local_split(path: str, columns: list[str]):
+    """One local data file (.txt, .json, .jsonl, .csv, .tsv) as a `datasets.Dataset`, checked to hold `columns`."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    file = Path(path)
+    builder = LOCAL_DATA_BUILDERS.get(file.suffix.lower())
+    if builder is None:
+        raise WorkflowError(
+            f"data file {path}: unknown extension {file.suffix!r}; allowed: {', '.join(LOCAL_DATA_BUILDERS)}."
+        )
+    if not file.is_file():
+        raise WorkflowError(f"data file {path} does not exist.")
+    options = {"delimiter": "\t"} if file.suffix.lower() == ".tsv" else {}
+    try:
+        data = load_dataset(builder, data_files=str(file), split="train", **options)
+    except (DatasetGenerationError, ValueError, json.JSONDecodeError) as error:
+        cause = error.__cause__ or error
+        raise WorkflowError(f"data file {path} is not valid {builder.upper()}: {cause}") from error
+    check_columns(data, columns, f"data file {path}")
+    if len(data) == 0:
+        raise WorkflowError(f"data file {path} has no rows.")
+    return data
+
+
+def check_columns(data, columns: list[str], where: str) -> None:
+    names = data.column_names
+    if names is None:  # a streamed data set whose features are only known once read
+        return
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise WorkflowError(f"{where} lacks the column(s) {missing}; it has {names}.")
+
+
+def write_json(path: str | Path, value) -> None:
+    """Write JSON through a temporary file and a rename, so that a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+HISTORY_FILE = "mom_history.json"
+
+
+def read_history(model: str) -> list[dict]:
+    """How a checkpoint was made: one record per `mom` step (convert, pretrain, glue, summarize), oldest first."""
+    path = Path(model) / HISTORY_FILE
+    return json.loads(path.read_text()) if path.is_file() else []

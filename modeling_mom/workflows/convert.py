@@ -1,0 +1,76 @@
+"""`mom convert ARCH --gpt2 SRC --out DIR [options]`: the GPT-2 converters of `conversion/` behind one command.
+
+Every module `conversion/gpt2_to_<arch>.py` is a converter: `convert(gpt2, **options) -> model` and a command line
+`main(argv)` taking `--gpt2` and `--out`. A converter that accepts `exact=True` offers a function-preserving form
+(the converted model computes GPT-2's function). `mom convert` runs the converter's own command line, then saves
+GPT-2's tokenizer next to the model (with EOS as the pad token if it has none, GPT-2's usual choice) and a history
+record, so that the directory is ready for `mom pretrain`, `mom glue` and `mom summarize`.
+"""
+
+import argparse
+import importlib
+import inspect
+import pkgutil
+from types import ModuleType
+
+from transformers import AutoTokenizer
+
+from .common import HISTORY_FILE, WorkflowError, load_model_config, write_json
+
+CONVERTER_PREFIX = "gpt2_to_"
+
+
+def converters() -> dict[str, ModuleType]:
+    """Architecture name -> its GPT-2 converter module, for every `conversion/gpt2_to_<arch>.py`."""
+    try:
+        import conversion
+    except ImportError:
+        return {}
+    names = sorted(m.name for m in pkgutil.iter_modules(conversion.__path__) if m.name.startswith(CONVERTER_PREFIX))
+    return {name[len(CONVERTER_PREFIX) :]: importlib.import_module(f"conversion.{name}") for name in names}
+
+
+def offers_exact(converter: ModuleType) -> bool:
+    """Whether the converter has a function-preserving form (`convert(..., exact=True)`)."""
+    return "exact" in inspect.signature(converter.convert).parameters
+
+
+def gpt2_tokenizer(source: str):
+    """The tokenizer saved with a GPT-2 checkpoint, with EOS as its pad token if it has none; None if absent."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        return None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def main(argv=None) -> None:
+    available = converters()
+    parser = argparse.ArgumentParser(prog="mom convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser.add_argument("arch", nargs="?", help=f"one of: {', '.join(available) or '(no converter installed)'}")
+    parser.add_argument("--gpt2")
+    parser.add_argument("--out")
+    args, _ = parser.parse_known_args(argv)
+    argv = list(argv or [])
+    if args.arch is None or args.arch.startswith("-"):
+        parser.print_help()
+        return
+    if args.arch not in available:
+        raise WorkflowError(f"no converter for {args.arch!r}; allowed: {', '.join(available)}.")
+    converter_argv = argv[argv.index(args.arch) + 1 :]
+    if args.gpt2 is not None and not {"-h", "--help"} & set(converter_argv):
+        load_model_config(args.gpt2)  # a missing or config-less source fails here, before converting
+    available[args.arch].main(converter_argv)
+    if args.out is None:
+        return
+    tokenizer = gpt2_tokenizer(args.gpt2)
+    if tokenizer is None:
+        print(f"note: no tokenizer at {args.gpt2}; pass --tokenizer to the training commands or save one in {args.out}")
+    else:
+        tokenizer.save_pretrained(args.out)
+    write_json(f"{args.out}/{HISTORY_FILE}", [
+        {"command": "convert", "arch": args.arch, "source": args.gpt2, "options": converter_argv},
+    ])

@@ -1,0 +1,211 @@
+"""`mom push DIR REPO_ID`: publish a checkpoint on the Hugging Face Hub with its model card.
+
+    mom push runs/mom-sst2/final my-name/mom-gpt2-sst2 [--private]
+
+Uploads, in one commit: the weights (safetensors), the modeling code (so that the repository loads with
+`trust_remote_code=True` without this package), the tokenizer, the training history, and a README.md model card
+rendered from `model_cards/<model_type>.md` with `ModelCardData` metadata and the evaluation results of the
+checkpoint's last step as `model-index`. The training commands' `--push-to-hub REPO_ID` does the same at the end.
+"""
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from huggingface_hub import (
+    CommitOperationAdd,
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+)
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedConfig,
+)
+
+from model_cards import template_path, templates
+
+from .common import (
+    HISTORY_FILE,
+    WorkflowError,
+    is_local_data,
+    load_model_config,
+    read_history,
+)
+
+TAGS = ["custom_code", "moe", "mixture-of-experts", "modular"]
+
+
+def check_push_target(repo_id: str, config: PreTrainedConfig) -> None:
+    """Fail before any work if `repo_id` is malformed or the architecture has no model card template."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise WorkflowError(f"{repo_id!r} is not a valid Hub repository id: {error}") from error
+    if not template_path(config.model_type).is_file():
+        raise WorkflowError(
+            f"no model card template for model type {config.model_type!r}; allowed: {', '.join(templates())}."
+        )
+
+
+def is_classifier(config: PreTrainedConfig) -> bool:
+    return any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` if it is a Hub id (not a local path), else None: only Hub ids belong in card metadata."""
+    if not name or is_local_data(name) or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def eval_results(record: dict) -> list[EvalResult]:
+    """The `model-index` entries of one history record (the checkpoint's last step)."""
+    dataset = hub_id(record.get("dataset")) or "local"
+    name = dataset if dataset != "local" else f"local file {Path(record.get('dataset', '')).name}"
+    results = record.get("results", {})
+    if record["command"] == "glue":
+        return [
+            EvalResult(task_type="text-classification", task_name="Text Classification",
+                       dataset_type=dataset, dataset_name=f"GLUE {record['task_title']}",
+                       dataset_config=record["task"], dataset_split=split, metric_type=metric, metric_value=value)
+            for split, metrics in results.items()
+            for metric, value in metrics.items()
+        ]
+    if record["command"] == "summarize":
+        return [
+            EvalResult(task_type="summarization", task_name="Summarization", dataset_type=dataset,
+                       dataset_name=name, dataset_split="validation", metric_type="rouge",
+                       metric_name=name.upper().replace("ROUGE", "ROUGE-"), metric_value=results[name])
+            for name in ("rouge1", "rouge2", "rougeL")
+            if name in results
+        ]
+    if record["command"] == "pretrain" and "perplexity" in results:
+        return [EvalResult(task_type="text-generation", task_name="Language Modeling", dataset_type=dataset,
+                           dataset_name=name, dataset_split="held-out", metric_type="perplexity",
+                           metric_value=results["perplexity"])]
+    return []
+
+
+def describe_step(record: dict) -> str:
+    """One markdown bullet: what a `mom` step did, with its settings and results."""
+    command = record["command"]
+    if command == "convert":
+        return (f"- **Seeded** from `{record['source']}` with `mom convert {record['arch']} "
+                f"{' '.join(record['options'])}`.")
+    settings = f"{record.get('steps')} steps, peak learning rate {record.get('learning_rate')}"
+    if command == "pretrain":
+        text = (f"- **Continued pretraining** on `{record['dataset']}`: {settings}, {record['tokens']:,} tokens in "
+                f"blocks of {record['block_size']}, routers and modules trained together")
+    elif command == "glue":
+        text = f"- **Fine-tuned** on GLUE {record['task_title']} (`{record['dataset']}`): {settings}"
+    elif command == "summarize":
+        text = (f"- **Fine-tuned for summarization** on `{record['dataset']}`: {settings}; format "
+                f"`{record['prompt_format']}`, {record['loss']}; decoding {record['decoding']}")
+    else:
+        text = f"- `{command}`: {settings}"
+    return f"{text}. Results: {format_results(record.get('results', {}))}."
+
+
+def format_results(results: dict) -> str:
+    def value(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(
+        f"{k}: {{{format_results(v)}}}" if isinstance(v, dict) else f"{k} {value(v)}" for k, v in results.items()
+    ) or "none"
+
+
+def results_table(results: list[EvalResult]) -> str:
+    if not results:
+        return "No evaluation was recorded for this checkpoint."
+    rows = [f"| {r.dataset_name} | {r.dataset_split} | {r.metric_name or r.metric_type} | {r.metric_value:.4f} |"
+            for r in results]
+    return "\n".join(["| data set | split | metric | value |", "|---|---|---|---|", *rows])
+
+
+def render_card(checkpoint: str, repo_id: str) -> ModelCard:
+    """The model card of `checkpoint` as it will be published at `repo_id`."""
+    config = load_model_config(checkpoint)
+    history = read_history(checkpoint)
+    last = history[-1] if history else {}
+    seeds = [hub_id(r.get("source")) for r in history if r["command"] == "convert"]
+    datasets = sorted({d for r in history if (d := hub_id(r.get("dataset")))})
+    classifier = is_classifier(config)
+    results = eval_results(last) if last else []
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-classification" if classifier else "text-generation",
+        tags=TAGS + [config.model_type],
+        base_model=next((s for s in seeds if s), None),
+        datasets=datasets or None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=results or None,
+    )
+    auto_class = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path(config.model_type)),
+        repo_id=repo_id,
+        model_name=card_data.model_name,
+        config=config.to_dict(),
+        auto_class=auto_class,
+        history="\n".join(describe_step(r) for r in history) or "- No training history was recorded.",
+        results=results_table(results),
+        summarization=last if last.get("command") == "summarize" else None,
+    )
+
+
+def export(checkpoint: str, folder: str) -> None:
+    """Everything to upload: model re-saved through its Auto class (safetensors + code), tokenizer, history, card."""
+    config = load_model_config(checkpoint)
+    auto = AutoModelForSequenceClassification if is_classifier(config) else AutoModelForCausalLM
+    model = auto.from_pretrained(checkpoint, dtype=torch.float32)
+    model.save_pretrained(folder)
+    try:
+        AutoTokenizer.from_pretrained(checkpoint).save_pretrained(folder)
+    except (OSError, ValueError):
+        print(f"note: no tokenizer in {checkpoint}; uploading the model without one")
+    if (Path(checkpoint) / HISTORY_FILE).is_file():
+        shutil.copyfile(Path(checkpoint) / HISTORY_FILE, Path(folder) / HISTORY_FILE)
+
+
+def push(checkpoint: str, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload `checkpoint` to `repo_id` in one commit; returns the commit URL."""
+    check_push_target(repo_id, load_model_config(checkpoint))
+    card = render_card(checkpoint, repo_id)
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        export(checkpoint, folder)
+        card.save(Path(folder) / "README.md")
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(Path(folder).rglob("*"))
+            if path.is_file()
+        ]
+        commit = api.create_commit(repo_id=repo_id, operations=operations,
+                                   commit_message=f"Upload {Path(checkpoint).name} with `mom push`")
+    print(f"pushed {checkpoint} to {repo_id}: {commit.commit_url}")
+    return commit.commit_url
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(prog="mom push", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint directory (e.g. runs/mom-sst2/final)")
+    parser.add_argument("repo_id", help="Hub repository, e.g. my-name/mom-gpt2-sst2 (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--token", help="Hub token (default: the one saved by `hf auth login`)")
+    args = parser.parse_args(argv)
+    return push(args.checkpoint, args.repo_id, private=args.private, token=args.token)

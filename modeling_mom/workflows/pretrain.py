@@ -1,0 +1,175 @@
+"""`mom pretrain`: continued pretraining of a causal LM (the MoM recipe's second phase: after seeding from a vanilla
+model, routers and modules are trained together).
+
+    mom pretrain --model runs/gpt2-mom --out runs/gpt2-mom-owt                      # OpenWebText, streamed
+    mom pretrain --model DIR --out OUT --dataset corpus.txt --validation-file held_out.txt --block-size 512
+    accelerate launch -m modeling_mom.workflows.cli pretrain --model DIR --out OUT  # after `accelerate config`
+    accelerate launch --multi_gpu --num_processes 2 -m modeling_mom.workflows.cli pretrain ...  # 2 processes, even
+                                                                                # on CPUs (DDP over gloo)
+
+Documents are tokenised, joined with EOS and cut into blocks of `--block-size` tokens (no padding). AdamW
+(beta2 0.95, eps 1e-5, weight decay 0.1, clipping 1.0) with linear warmup and cosine decay, as in the MoM paper's
+pretraining script. The router aux loss is logged beside the LM loss. Checkpoints every `--save-steps`; `--resume`
+continues from the last complete one with the same data order, giving the same losses as an uninterrupted run.
+"""
+
+import argparse
+import math
+
+import torch
+from transformers import AutoModelForCausalLM, default_data_collator, set_seed
+
+from .common import (
+    WorkflowError,
+    check_columns,
+    check_context_length,
+    is_local_data,
+    load_local_split,
+    load_model_config,
+    load_tokenizer,
+    model_context_length,
+)
+from .training import (
+    MoETrainer,
+    add_training_arguments,
+    check_training_arguments,
+    finish,
+    train,
+    training_arguments,
+)
+
+DEFAULT_DATASET = "Skylion007/openwebtext"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory or Hub id (e.g. from `mom convert`)")
+    parser.add_argument("--tokenizer", help="tokenizer directory or Hub id (default: the model's)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=DEFAULT_DATASET,
+                      help=f"Hub data set (streamed; default {DEFAULT_DATASET}) or a local .txt/.json/.jsonl/.csv file")
+    data.add_argument("--dataset-config", help="Hub data set configuration name")
+    data.add_argument("--split", default="train", help="Hub split to train on")
+    data.add_argument("--text-column", default="text")
+    data.add_argument("--validation-file", help="local held-out file (default: the first --eval-blocks blocks)")
+    data.add_argument("--eval-blocks", type=int, default=64, help="blocks held out from the data's start (0: none)")
+    data.add_argument("--block-size", type=int, help="tokens per training block (default: min(1024, model max))")
+    data.add_argument("--no-streaming", action="store_true", help="download a Hub data set instead of streaming it")
+    add_training_arguments(parser, steps=5000, epochs=1, lr=1e-3, batch_size=8, warmup=500, weight_decay=0.1)
+
+
+def pack_blocks(data, tokenizer, text_column: str, block_size: int):
+    """Tokenise documents, append EOS to each, concatenate, and cut into `block_size`-token blocks with labels."""
+    if tokenizer.eos_token_id is None:
+        raise WorkflowError("the tokenizer has no EOS token to separate documents with.")
+
+    def group(batch):
+        ids = []
+        for encoded in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]:
+            ids += encoded + [tokenizer.eos_token_id]
+        blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
+        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+    data = data.select_columns([text_column])
+    return data.map(group, batched=True, remove_columns=[text_column])
+
+
+def load_blocks(args, tokenizer, block_size: int):
+    """(train, eval or None) blocks, from a local file or a (streamed) Hub data set."""
+    if is_local_data(args.dataset):
+        raw = load_local_split(args.dataset, [args.text_column])
+        streaming = False
+    else:
+        from datasets import load_dataset
+
+        streaming = not args.no_streaming
+        try:
+            raw = load_dataset(args.dataset, args.dataset_config, split=args.split, streaming=streaming)
+        except Exception as error:  # datasets raises many types for a bad name, config or split
+            raise WorkflowError(f"--dataset {args.dataset}: cannot load it ({error}).") from error
+        check_columns(raw, [args.text_column], f"data set {args.dataset}")
+        raw = raw.shuffle(seed=args.seed, buffer_size=10_000) if streaming else raw
+    blocks = pack_blocks(raw, tokenizer, args.text_column, block_size)
+    if args.validation_file:
+        return blocks, pack_blocks(load_local_split(args.validation_file, [args.text_column]), tokenizer,
+                                   args.text_column, block_size)
+    if args.eval_blocks == 0:
+        return blocks, None
+    if streaming:
+        return blocks.skip(args.eval_blocks), blocks.take(args.eval_blocks)
+    if len(blocks) <= args.eval_blocks:
+        raise WorkflowError(
+            f"--dataset {args.dataset} gives {len(blocks)} blocks of {block_size} tokens; holding out "
+            f"--eval-blocks {args.eval_blocks} leaves none to train on. Lower --eval-blocks or --block-size."
+        )
+    return blocks.select(range(args.eval_blocks, len(blocks))), blocks.select(range(args.eval_blocks))
+
+
+def run(args, callbacks=None) -> dict:
+    """Check every input, train, evaluate, save `OUT/final`; returns this step's record (settings and results)."""
+    check_training_arguments(args)
+    if args.max_steps == -1 and not is_local_data(args.dataset) and not args.no_streaming:
+        raise WorkflowError("a streamed data set has no length: give --max-steps (or --no-streaming with --epochs).")
+    if args.eval_blocks < 0:
+        raise WorkflowError(f"--eval-blocks {args.eval_blocks} must be >= 0.")
+    config = load_model_config(args.model)
+    block_size = args.block_size or min(1024, model_context_length(config) or 1024)
+    check_context_length(block_size, config, "--block-size")
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    if args.push_to_hub:
+        from .hub import check_push_target
+
+        check_push_target(args.push_to_hub, config)
+    train_blocks, eval_blocks = load_blocks(args, tokenizer, block_size)
+    if hasattr(train_blocks, "__len__") and len(train_blocks) == 0:
+        raise WorkflowError(f"--dataset {args.dataset} has fewer than --block-size {block_size} tokens.")
+
+    set_seed(args.seed)  # new weights (a classifier head) start the same whatever ran before
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    trainer = MoETrainer(
+        model=model,
+        args=training_arguments(args, adam_beta2=0.95, adam_epsilon=1e-5),
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        router_aux_loss=True,
+        lm_loss=True,
+    )
+    results = {}
+    if eval_blocks is not None and not args.resume:  # the seeded model's loss, to see what training changed
+        results["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    train(trainer, args)
+    results.update(train_loss=last_logged(trainer, "loss"), train_aux_loss=last_logged(trainer, "aux_loss"))
+    if eval_blocks is not None:
+        results["eval_loss"] = trainer.evaluate()["eval_loss"]
+        results["perplexity"] = math.exp(min(results["eval_loss"], 50.0))
+    batch_size = trainer.args.train_batch_size * args.grad_accum * trainer.args.world_size
+    record = {
+        "command": "pretrain",
+        "dataset": args.dataset,
+        "dataset_config": args.dataset_config,
+        "block_size": block_size,
+        "steps": trainer.state.global_step,
+        "tokens": trainer.state.global_step * batch_size * block_size,
+        "learning_rate": args.learning_rate,
+        "warmup_steps": args.warmup_steps,
+        "batch_size": batch_size,
+        "results": results,
+    }
+    return finish(trainer, args, record)
+
+
+def last_logged(trainer, key: str) -> float | None:
+    """The last value of `key` in the Trainer's log history."""
+    values = [entry[key] for entry in trainer.state.log_history if key in entry]
+    return values[-1] if values else None
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="mom pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    record = run(parser.parse_args(argv))
+    print(f"saved {record['checkpoint']}; results: {record['results']}")
+    return record

@@ -1,0 +1,219 @@
+"""What the training commands share: options, `TrainingArguments`, a Trainer that logs the router aux loss,
+checkpoints that survive interruption, and the final save.
+
+Runs unchanged under `accelerate launch` (DDP or FSDP over processes, GPUs or nodes): the Trainer does the
+distribution; only the aux-loss logging gathers across processes itself.
+"""
+
+import argparse
+import inspect
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import nested_gather
+
+from .common import HISTORY_FILE, WorkflowError, read_history, write_json
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKER = "trainer_state.json"  # the Trainer writes it last in a checkpoint
+
+
+def add_training_arguments(
+    parser: argparse.ArgumentParser, *, steps: int, epochs: float, lr: float, batch_size: int, warmup: int,
+    weight_decay: float,
+):
+    """Options every training command takes; the defaults are the command's recipe."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--out", required=True, help="output directory: checkpoint-N/ while training, final/ at the end")
+    group.add_argument("--max-steps", type=int, default=steps,
+                       help=f"optimizer steps; -1: train for --epochs instead (default {steps})")
+    group.add_argument("--epochs", type=float, default=epochs, help=f"passes over the data if --max-steps -1 "
+                       f"(default {epochs:g})")
+    group.add_argument("--learning-rate", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    group.add_argument("--warmup-steps", type=int, default=warmup, help="linear warmup before the cosine decay")
+    group.add_argument("--batch-size", type=int, default=batch_size, help="sequences per device per micro-batch")
+    group.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    group.add_argument("--weight-decay", type=float, default=weight_decay)
+    group.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
+                       help="bf16 mixed precision; auto: when the GPU supports it")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    group.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (the last 2 are kept)")
+    group.add_argument("--logging-steps", type=int, default=10)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--resume", action="store_true",
+                       help="continue from the last complete checkpoint in --out (same data order and losses)")
+    group.add_argument("--push-to-hub", metavar="REPO_ID", help="after training, upload the final model with its card")
+    group.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars (logs are printed instead)")
+
+
+def check_training_arguments(args) -> None:
+    for name in ("batch_size", "grad_accum", "save_steps", "logging_steps"):
+        if getattr(args, name) < 1:
+            raise WorkflowError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1.")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise WorkflowError(f"--max-steps {args.max_steps} must be >= 1, or -1 to train for --epochs.")
+    if args.max_steps == -1 and args.epochs <= 0:
+        raise WorkflowError(f"--epochs {args.epochs} must be > 0.")
+    if args.learning_rate <= 0:
+        raise WorkflowError(f"--learning-rate {args.learning_rate} must be > 0.")
+    if args.warmup_steps < 0:
+        raise WorkflowError(f"--warmup-steps {args.warmup_steps} must be >= 0.")
+    if args.bf16 == "yes" and not bf16_available():
+        raise WorkflowError("--bf16 yes: this machine has no GPU with bf16 support; use --bf16 auto or no.")
+    if args.resume and last_complete_checkpoint(args.out) is None:
+        raise WorkflowError(f"--resume: no complete checkpoint-N directory in {args.out} to resume from.")
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as error:
+            raise WorkflowError(f"--push-to-hub {args.push_to_hub!r} is not a valid repository id: {error}") from error
+
+
+def bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def training_arguments(args, **overrides) -> TrainingArguments:
+    """`TrainingArguments` from the common options (AdamW, cosine schedule with warmup, periodic checkpoints) plus
+    the command's own `overrides`."""
+    return TrainingArguments(
+        output_dir=args.out,
+        max_steps=args.max_steps,
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.warmup_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        weight_decay=args.weight_decay,
+        max_grad_norm=1.0,
+        bf16=args.bf16 == "yes" or (args.bf16 == "auto" and bf16_available()),
+        activation_checkpointing=args.gradient_checkpointing or None,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        logging_steps=args.logging_steps,
+        eval_strategy="no",
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=[],
+        disable_tqdm=args.no_progress,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.accelerator.is_available(),  # lets `accelerate launch` run several CPU processes (gloo)
+        **overrides,
+    )
+
+
+class MoETrainer(Trainer):
+    """The HF Trainer, logging the router aux loss (mean over micro-batches and processes) beside the loss.
+
+    With `router_aux_loss=True` it asks the model for router logits in training (`output_router_logits=True`, the
+    Mixtral convention), so that the model adds its balancing loss; with `lm_loss=True` (causal LMs) it also logs
+    the language-modelling loss alone as `lm_loss`, and evaluates the language-modelling loss only, so that
+    `eval_loss` is comparable across architectures (perplexity = exp(eval_loss)).
+    """
+
+    def __init__(self, *args, router_aux_loss: bool = False, lm_loss: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        forward = inspect.signature(self.accelerator.unwrap_model(self.model).forward).parameters
+        self.router_aux_loss = router_aux_loss and "output_router_logits" in forward
+        self.lm_loss = lm_loss
+        self._logged = {}  # name -> [sum tensor, count]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.router_aux_loss and model.training:
+            inputs = {**inputs, "output_router_logits": True}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        lm = None
+        if self.lm_loss and aux is not None and "labels" in inputs:
+            unwrapped = self.accelerator.unwrap_model(model)
+            with torch.no_grad():
+                lm = unwrapped.loss_function(
+                    logits=outputs["logits"], labels=inputs["labels"], vocab_size=unwrapped.config.vocab_size
+                )
+        if model.training:
+            for name, value in (("aux_loss", aux), ("lm_loss", lm)):
+                if value is not None:
+                    self._accumulate(name, value)
+        elif lm is not None:
+            loss = lm
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        total = self._logged.setdefault(name, [torch.zeros((), device=value.device), 0])
+        total[0] += value.detach().float()
+        total[1] += 1
+
+    def log(self, logs: dict, start_time=None) -> None:
+        if "loss" in logs:
+            for name, (total, count) in self._logged.items():
+                if count:
+                    logs[name] = nested_gather(total / count, self.args.parallel_mode).mean().item()
+            self._logged = {}
+        super().log(logs, start_time)
+
+
+def last_complete_checkpoint(out: str) -> str | None:
+    """The newest `checkpoint-N` in `out` that the Trainer finished writing (a run killed mid-save leaves a
+    directory without `trainer_state.json`; `transformers.trainer_utils.get_last_checkpoint` would pick it)."""
+    if not os.path.isdir(out):
+        return None
+    steps = [
+        int(match.group(1))
+        for name in os.listdir(out)
+        if (match := CHECKPOINT_PATTERN.match(name)) and os.path.isfile(os.path.join(out, name, COMPLETE_MARKER))
+    ]
+    return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
+
+
+def train(trainer: Trainer, args) -> None:
+    """`trainer.train()`, resumed from the last complete checkpoint with `--resume`."""
+    checkpoint = last_complete_checkpoint(args.out) if args.resume else None
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def save_final(trainer: Trainer, out: str, source_model: str, record: dict) -> str:
+    """Save the trained model, its tokenizer (the Trainer's `processing_class`) and history to `out/final` all at
+    once: written aside, then renamed.
+
+    `record` (this step: command, data, settings, results) is appended to the history read from `source_model`.
+    Returns the final directory.
+    """
+    final = Path(out) / "final"
+    staging = Path(out) / ".final.partial"
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # every process takes part (FSDP gathers the weights); rank 0 writes
+    if trainer.is_world_process_zero():
+        write_json(staging / HISTORY_FILE, read_history(source_model) + [record])
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    trainer.accelerator.wait_for_everyone()
+    return str(final)
+
+
+def finish(trainer: Trainer, args, record: dict, files: dict | None = None) -> dict:
+    """End of a training command: `files` (name -> JSON value, e.g. results.json) written to `--out`, the final
+    checkpoint saved with `record` in its history, and, with `--push-to-hub`, uploaded (by the main process)."""
+    if trainer.is_world_process_zero():
+        for name, value in (files or {}).items():
+            write_json(Path(args.out) / name, value)
+    record["checkpoint"] = save_final(trainer, args.out, args.model, dict(record))
+    if args.push_to_hub and trainer.is_world_process_zero():
+        from .hub import push
+
+        push(record["checkpoint"], args.push_to_hub, private=args.private)
+    return record

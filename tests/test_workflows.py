@@ -1,0 +1,488 @@
+"""The `mom` workflows on tiny models and the embedded data, offline: every architecture with a converter goes
+through convert -> pretrain -> glue -> summarize -> inspect -> push (to a stand-in Hub) -> trust_remote_code load.
+
+Numbers checked, with their tolerances:
+* the function-preserving conversions equal GPT-2's logits within 1e-5 (fp32; the expert paths sum in another
+  order than GPT-2's dense matmuls);
+* a resumed run logs exactly the losses of an uninterrupted one (same ops on the same data in the same order);
+* the Hub upload, loaded by a fresh process through trust_remote_code, gives the package model's logits within
+  1e-6 (the same code and weights);
+* GPT-2's measured active parameters are its total minus the position rows other tokens use (exact count).
+"""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    TrainerCallback,
+)
+
+import modeling_mom
+from model_cards import templates
+from modeling_mom.workflows import (
+    cli,
+    embedded_data,
+    glue,
+    hub,
+    pretrain,
+    routing,
+    summarize,
+)
+from modeling_mom.workflows.common import HISTORY_FILE, WorkflowError
+from modeling_mom.workflows.convert import converters, offers_exact
+from modeling_mom.workflows.training import last_complete_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = list(converters())
+CONTEXT = 64
+
+
+def subprocess_env(tmp: Path, package: bool) -> dict:
+    """Offline, one thread; with or without this repository importable."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp / "modules")}
+    env.pop("PYTHONPATH", None)
+    if package:
+        env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tiny 12-layer GPT-2 (GPT-2 small's depth, so every converter's default structure fits) with the embedded
+    tokenizer, and the embedded data sets as local files."""
+    root = tmp_path_factory.mktemp("workflows")
+    tokenizer = embedded_data.build_tokenizer()
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=16, n_inner=128, n_layer=12, n_head=2,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    gpt2.save_pretrained(root / "gpt2")
+    tokenizer.save_pretrained(root / "gpt2")
+    ed = embedded_data
+    ed.write_jsonl([{"text": t} for t in ed.corpus(60, seed=0)], root / "corpus.jsonl")
+    ed.write_jsonl([{"text": t} for t in ed.corpus(8, seed=1)], root / "corpus_eval.jsonl")
+    ed.write_jsonl(ed.sentiment_task(32, seed=2), root / "sst2_train.jsonl")
+    ed.write_jsonl(ed.sentiment_task(16, seed=3), root / "sst2_eval.jsonl")
+    ed.write_jsonl(ed.summarization_task(32, seed=4), root / "sum_train.jsonl")
+    ed.write_jsonl(ed.summarization_task(4, seed=5), root / "sum_eval.jsonl")
+    return root
+
+
+def short_training(out: Path, steps: int = 2) -> list[str]:
+    return ["--out", str(out), "--max-steps", str(steps), "--batch-size", "4", "--learning-rate", "1e-3",
+            "--warmup-steps", "0", "--logging-steps", "1", "--save-steps", str(steps), "--no-progress"]
+
+
+class FakeHfApi:
+    """Stands in for `huggingface_hub.HfApi`: a commit's files land in `FakeHfApi.remote / repo_id`."""
+
+    remote: Path
+
+    def __init__(self, **kwargs):
+        pass
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            target = self.remote / repo_id / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(op.path_or_fileobj, target)
+        return SimpleNamespace(commit_url=f"fake://{repo_id}", oid="0" * 40)
+
+
+@pytest.fixture(scope="module")
+def pipelines(workspace) -> dict:
+    """Every architecture through the whole path; returns each step's record per architecture."""
+    FakeHfApi.remote = workspace / "hub"
+    results = {}
+    for arch in ARCHS:
+        out = workspace / arch
+        cli.main(["convert", arch, "--gpt2", str(workspace / "gpt2"), "--out", str(out / "seeded")])
+        lm = pretrain.main(["--model", str(out / "seeded"), "--dataset", str(workspace / "corpus.jsonl"),
+                            "--validation-file", str(workspace / "corpus_eval.jsonl"), "--block-size", "32",
+                            *short_training(out / "pretrain", steps=3)])
+        classifier = glue.main(["--model", lm["checkpoint"], "--task", "SST-2",
+                                "--train-file", str(workspace / "sst2_train.jsonl"),
+                                "--validation-file", str(workspace / "sst2_eval.jsonl"), *short_training(out / "glue")])
+        summaries = summarize.main(["--model", lm["checkpoint"], "--train-file", str(workspace / "sum_train.jsonl"),
+                                    "--validation-file", str(workspace / "sum_eval.jsonl"), "--max-new-tokens", "6",
+                                    "--num-beams", "2", *short_training(out / "summarize")])
+        pictures = routing.main(["--model", lm["checkpoint"], "--text", "the cat sees the river .",
+                                 "--dataset", str(workspace / "corpus_eval.jsonl"), "--out", str(out / "routing.png")])
+        with mock.patch("modeling_mom.workflows.hub.HfApi", FakeHfApi):
+            cli.main(["push", classifier["checkpoint"], f"tester/{arch}-sst2"])
+            hub.push(summaries["checkpoint"], f"tester/{arch}-xsum")
+        results[arch] = {"out": out, "lm": lm, "glue": classifier, "summarize": summaries, "routing": pictures}
+    return results
+
+
+# ------------------------------------------------------------------------------------------ embedded data
+
+
+def test_embedded_data_is_deterministic_and_in_vocabulary():
+    assert embedded_data.corpus(5, seed=3) == embedded_data.corpus(5, seed=3)
+    tokenizer = embedded_data.build_tokenizer()
+    for row in embedded_data.summarization_task(20, seed=1):
+        sentences = row["document"].split(" . ")
+        obj = next(o for o in embedded_data.OBJECTS if row["summary"].endswith(f" {o} ."))
+        subject_and_verb = row["summary"].removesuffix(f" {obj} .")
+        assert sentences[0].startswith(subject_and_verb + " ")  # first sentence's subject and verb
+        assert f" {obj}" in sentences[-1]  # last sentence's object
+        assert tokenizer.unk_token_id not in tokenizer(row["document"] + " TL;DR: " + row["summary"])["input_ids"]
+    labels = {row["label"] for row in embedded_data.sentiment_task(50)}
+    assert labels == {0, 1}
+
+
+def test_every_architecture_has_a_converter_and_a_model_card_template():
+    model_types = {config_class.model_type for config_class, *_ in modeling_mom._ARCHITECTURES}
+    assert model_types <= set(templates())
+    assert model_types <= set(ARCHS)
+
+
+# -------------------------------------------------------------------------------------------------- convert
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_convert_writes_a_checkpoint_ready_for_training(pipelines, workspace, arch):
+    seeded = pipelines[arch]["out"] / "seeded"
+    config = json.loads((seeded / "config.json").read_text())
+    assert config["model_type"] == arch and "AutoModelForSequenceClassification" in config["auto_map"]
+    assert json.loads((seeded / HISTORY_FILE).read_text())[0]["command"] == "convert"
+    converter = converters()[arch]
+    if offers_exact(converter):  # the function-preserving form reproduces GPT-2
+        gpt2 = GPT2LMHeadModel.from_pretrained(workspace / "gpt2").eval()
+        exact = converter.convert(gpt2, exact=True).eval()
+        ids = torch.randint(3, gpt2.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(exact(ids).logits, gpt2(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_convert_rejects_an_unknown_architecture(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", "llama", "--gpt2", "x", "--out", "y"])
+    assert exit_info.value.code == 2
+    assert "no converter for 'llama'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- pretrain
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pretraining_logs_the_aux_loss_beside_the_lm_loss(pipelines, arch):
+    record = pipelines[arch]["lm"]
+    state = json.loads((Path(record["checkpoint"]).parent / "checkpoint-3" / "trainer_state.json").read_text())
+    steps = [entry for entry in state["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2, 3]
+    for entry in steps:
+        assert np.isfinite(entry["aux_loss"]) and np.isfinite(entry["lm_loss"])
+    results = record["results"]
+    assert results["perplexity"] == pytest.approx(np.exp(results["eval_loss"]))
+    assert record["tokens"] == 3 * 4 * 32
+    history = json.loads((Path(record["checkpoint"]) / HISTORY_FILE).read_text())
+    assert [step["command"] for step in history] == ["convert", "pretrain"]
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after step `step`, as a Ctrl-C would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def pretrain_args(workspace, model, out, *extra):
+    parser = pretrain.argparse.ArgumentParser()
+    pretrain.add_arguments(parser)
+    return parser.parse_args(["--model", str(model), "--dataset", str(workspace / "corpus.jsonl"), "--block-size", "32",
+                              "--eval-blocks", "0", *short_training(out, steps=6), "--save-steps", "3", *extra])
+
+
+def losses(out: Path) -> list[tuple]:
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    return [(e["step"], e["loss"], e["aux_loss"]) for e in state["log_history"] if "loss" in e]
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(pipelines, workspace, tmp_path):
+    model = pipelines[ARCHS[0]]["out"] / "seeded"
+    pretrain.run(pretrain_args(workspace, model, tmp_path / "straight"))
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run(pretrain_args(workspace, model, tmp_path / "resumed"), callbacks=[StopAt(5)])
+    assert last_complete_checkpoint(tmp_path / "resumed") == str(tmp_path / "resumed" / "checkpoint-3")
+    assert not (tmp_path / "resumed" / "final").exists()
+    pretrain.run(pretrain_args(workspace, model, tmp_path / "resumed", "--resume"))
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_a_run_killed_while_saving_leaves_its_last_complete_checkpoint_loadable(pipelines, workspace, tmp_path):
+    model = pipelines[ARCHS[0]]["out"] / "seeded"
+    save_rng_state = pretrain.MoETrainer._save_rng_state
+
+    def killed_at_second_save(trainer, output_dir):
+        if output_dir.endswith("checkpoint-6"):
+            raise KeyboardInterrupt  # weights written, trainer state not: an incomplete checkpoint
+        save_rng_state(trainer, output_dir)
+
+    with mock.patch.object(pretrain.MoETrainer, "_save_rng_state", killed_at_second_save), \
+            pytest.raises(KeyboardInterrupt):
+        pretrain.run(pretrain_args(workspace, model, tmp_path))
+    assert (tmp_path / "checkpoint-6" / "config.json").exists()
+    last = last_complete_checkpoint(tmp_path)
+    assert last == str(tmp_path / "checkpoint-3")
+    loaded = AutoModelForCausalLM.from_pretrained(last)
+    assert loaded.config.model_type == ARCHS[0]
+    assert not (tmp_path / "final").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- GLUE
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_glue_fine_tunes_and_scores_a_classifier(pipelines, arch):
+    record = pipelines[arch]["glue"]
+    written = json.loads((pipelines[arch]["out"] / "glue" / "results.json").read_text())
+    assert written["results"] == record["results"]
+    assert 0.0 <= record["results"]["validation"]["accuracy"] <= 1.0
+    config = json.loads((Path(record["checkpoint"]) / "config.json").read_text())
+    assert config["architectures"][0].endswith("ForSequenceClassification")
+
+
+def glue_rows(task: glue.GlueTask, count: int, rng: np.random.Generator) -> list[dict]:
+    sentences = embedded_data.corpus(count, seed=int(rng.integers(1000)))
+    rows = []
+    for i in range(count):
+        row = {column: sentences[(i + j) % count] for j, column in enumerate(task.text_columns)}
+        row["label"] = float(rng.uniform(0, 5)) if task.num_labels == 1 else int(i % task.num_labels)
+        rows.append(row)
+    return rows
+
+
+def test_all_nine_glue_tasks_from_local_files(workspace, tmp_path):
+    rng = np.random.default_rng(0)
+    assert len(glue.GLUE_TASKS) == 9
+    for name, task in glue.GLUE_TASKS.items():
+        files = {split: embedded_data.write_jsonl(glue_rows(task, 6, rng), tmp_path / name / f"{split}.jsonl")
+                 for split in ("train", "validation", "mismatched")}
+        record = glue.main(["--model", str(workspace / "gpt2"), "--task", name, "--train-file", files["train"],
+                            "--validation-file", files["validation"], "--validation-mismatched-file",
+                            files["mismatched"], "--max-length", "24", *short_training(tmp_path / name / "out", 1)])
+        assert list(record["results"]) == list(task.eval_splits)
+        for metrics in record["results"].values():
+            assert list(metrics) == list(task.metrics)
+            assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_glue_metrics_are_the_official_ones():
+    labels = np.array([0, 1, 1, 0, 1])
+    perfect = np.eye(2)[labels]
+    for name in ("cola", "mrpc", "sst2"):
+        assert all(v == pytest.approx(1.0) for v in glue.glue_metrics(glue.glue_task(name), perfect, labels).values())
+    inverted = np.eye(2)[1 - labels]
+    assert glue.glue_metrics(glue.glue_task("cola"), inverted, labels) == {"matthews_correlation": pytest.approx(-1)}
+    scores = np.array([0.5, 1.0, 4.0, 2.0])
+    monotone = glue.glue_metrics(glue.glue_task("STS-B"), (scores**3)[:, None], scores)
+    assert monotone["spearmanr"] == pytest.approx(1.0) and monotone["pearson"] < 1.0
+
+
+# ------------------------------------------------------------------------------------------------ summarize
+
+
+def test_summary_examples_have_loss_on_the_summary_only():
+    tokenizer = embedded_data.build_tokenizer()
+    fmt = summarize.SummaryFormat(tokenizer, "TL;DR:", max_length=16, max_summary_tokens=4, max_new_tokens=5)
+    document = "the cat sees the river near the lake . the dog likes a red ball ."
+    batch = fmt.training_examples([document], ["the cat likes a red ball ."])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    separator = tokenizer.convert_tokens_to_ids("TL;DR:")
+    cut = ids.index(separator) + 1
+    assert len(ids) <= 16 and len(batch["attention_mask"][0]) == len(ids)
+    assert labels[:cut] == [-100] * cut
+    assert labels[cut:] == ids[cut:] == tokenizer("the cat likes a")["input_ids"] + [tokenizer.eos_token_id]
+    prompt = fmt.prompts([document])[0]
+    assert prompt[-1] == separator and len(prompt) + 5 <= 16
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_summarize_reports_rouge_with_its_protocol(pipelines, arch):
+    record = pipelines[arch]["summarize"]
+    assert set(record["results"]) == {"eval_loss", "rouge1", "rouge2", "rougeL"}
+    assert all(0.0 <= record["results"][k] <= 1.0 for k in summarize.ROUGE_TYPES)
+    assert record["prompt_format"] == "{document} TL;DR: {summary}<|endoftext|>"
+    assert record["decoding"]["num_beams"] == 2 and record["eval_examples"] == 4
+    predictions = json.loads((pipelines[arch]["out"] / "summarize" / "predictions.json").read_text())
+    assert summarize.rouge([p["generated"] for p in predictions], [p["reference"] for p in predictions]) == {
+        k: pytest.approx(record["results"][k]) for k in summarize.ROUGE_TYPES
+    }
+
+
+# -------------------------------------------------------------------------------------------------- inspect
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inspect_writes_pictures_and_tables(pipelines, arch):
+    import matplotlib.image
+
+    written = pipelines[arch]["routing"]
+    for key in ("heatmap", "histograms"):
+        image = matplotlib.image.imread(written[key])
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    tokens = Path(written["tokens"]).read_text().splitlines()
+    assert len(tokens) == 1 + 6  # header + "the cat sees the river ."
+    with open(written["table"]) as f:
+        header, *rows = csv.reader(f)
+    assert header[0] == "router call" and rows
+    for row in rows:
+        assert sum(float(x) for x in row[1:] if x) == pytest.approx(1.0, abs=0.01)  # shares rounded to 3 decimals
+
+
+def test_active_parameters_of_gpt2_are_all_but_other_positions(workspace):
+    gpt2 = GPT2LMHeadModel.from_pretrained(workspace / "gpt2")
+    ids = torch.randint(3, gpt2.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    unused_positions = (gpt2.config.n_positions - 1) * gpt2.config.n_embd
+    assert routing.active_parameters(gpt2, ids) == gpt2.num_parameters() - unused_positions
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_routed_models_use_fewer_parameters_per_token(pipelines, arch):
+    model = AutoModelForCausalLM.from_pretrained(pipelines[arch]["lm"]["checkpoint"])
+    ids = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    assert 0 < routing.active_parameters(model, ids) < model.num_parameters()
+
+
+# ----------------------------------------------------------------------------------------------------- push
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_push_uploads_weights_code_tokenizer_and_card(pipelines, workspace, arch):
+    repo = workspace / "hub" / "tester" / f"{arch}-sst2"
+    files = set(os.listdir(repo))
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", HISTORY_FILE} <= files
+    assert f"modeling_{arch}.py" in files and f"configuration_{arch}.py" in files
+    header = (repo / "README.md").read_text().split("---")[1]
+    metadata = yaml.safe_load(header)
+    assert metadata["library_name"] == "transformers" and "custom_code" in metadata["tags"]
+    assert metadata["pipeline_tag"] == "text-classification"
+    (result,) = metadata["model-index"][0]["results"]
+    accuracy = pipelines[arch]["glue"]["results"]["validation"]["accuracy"]
+    assert result["metrics"] == [{"type": "accuracy", "value": accuracy}]
+    card = (workspace / "hub" / "tester" / f"{arch}-xsum" / "README.md").read_text()
+    assert "TL;DR:" in card and "ROUGE-2" in card and "Continued pretraining" in card
+
+
+def test_push_to_hub_after_training(pipelines, workspace, tmp_path):
+    with mock.patch("modeling_mom.workflows.hub.HfApi", FakeHfApi):
+        record = pretrain.main(["--model", str(pipelines[ARCHS[0]]["out"] / "seeded"), "--block-size", "32",
+                                "--dataset", str(workspace / "corpus.jsonl"), "--eval-blocks", "2",
+                                *short_training(tmp_path, steps=1), "--push-to-hub", "tester/pushed-after-training"])
+    repo = workspace / "hub" / "tester" / "pushed-after-training"
+    card = (repo / "README.md").read_text()
+    assert "perplexity" in card and f"{record['results']['perplexity']:.4f}" in card
+    assert (repo / "model.safetensors").is_file()
+
+
+REMOTE_LOAD = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["modeling_mom"] = None  # a user without this package
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    for path in sys.argv[2:]:
+        auto = AutoModelForSequenceClassification if path.endswith("sst2") else AutoModelForCausalLM
+        model = auto.from_pretrained(path, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        with torch.no_grad():
+            torch.save(model(torch.tensor([json.loads(sys.argv[1])])).logits, path + "/remote_logits.pt")
+    """
+)
+
+
+def test_pushed_repositories_load_with_trust_remote_code_in_a_fresh_process(pipelines, workspace):
+    repos = [str(workspace / "hub" / "tester" / f"{arch}-{task}") for arch in ARCHS for task in ("sst2", "xsum")]
+    ids = embedded_data.build_tokenizer()("the cat sees the river .")["input_ids"]
+    subprocess.run([sys.executable, "-c", REMOTE_LOAD, json.dumps(ids), *repos],
+                   env=subprocess_env(workspace, package=False), cwd=workspace, check=True)
+    for repo in repos:
+        auto = glue.AutoModelForSequenceClassification if repo.endswith("sst2") else AutoModelForCausalLM
+        model = auto.from_pretrained(repo).eval()
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits
+        torch.testing.assert_close(torch.load(Path(repo) / "remote_logits.pt"), expected, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def no_pad_tokenizer_model(workspace: Path) -> Path:
+    target = workspace / "gpt2-no-pad"
+    if not target.exists():
+        shutil.copytree(workspace / "gpt2", target)
+        tokenizer = embedded_data.build_tokenizer()
+        tokenizer.pad_token = None
+        tokenizer.save_pretrained(target)
+    return target
+
+
+def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
+    (tmp_path / "malformed.jsonl").write_text('{"text": "the cat ."}\n{"text": broken\n')
+    (tmp_path / "no_config").mkdir()
+    gpt2, corpus = str(workspace / "gpt2"), str(workspace / "corpus.jsonl")
+    sst2 = ["--train-file", str(workspace / "sst2_train.jsonl"), "--validation-file", str(workspace / "sst2_eval.jsonl")]
+    out = tmp_path / "out"
+    cases = {
+        "does not exist": ["pretrain", "--model", gpt2, "--dataset", str(tmp_path / "missing.jsonl")],
+        "is not valid JSON": ["pretrain", "--model", gpt2, "--dataset", str(tmp_path / "malformed.jsonl")],
+        "lacks the column(s) ['story']": ["pretrain", "--model", gpt2, "--dataset", corpus, "--text-column", "story"],
+        "is not a GLUE task": ["glue", "--model", gpt2, "--task", "sst3", *sst2],
+        "has no config.json": ["glue", "--model", str(tmp_path / "no_config"), "--task", "sst2", *sst2],
+        "has no pad token": ["glue", "--model", str(no_pad_tokenizer_model(workspace)), "--task", "sst2", *sst2],
+        "longer than the model allows": ["pretrain", "--model", gpt2, "--dataset", corpus, "--block-size", "65"],
+        "max_position_embeddings=64": ["summarize", "--model", gpt2, "--max-length", "100",
+                                       "--train-file", str(workspace / "sum_train.jsonl"),
+                                       "--validation-file", str(workspace / "sum_eval.jsonl")],
+        "no complete checkpoint": ["pretrain", "--model", gpt2, "--dataset", corpus, "--resume"],
+        "not a valid repository id": ["pretrain", "--model", gpt2, "--dataset", corpus, "--push-to-hub", "a/b/c"],
+    }
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*argv, "--out", str(out)])
+        error = capsys.readouterr().err.splitlines()[-1]  # after any data loading progress bars
+        assert exit_info.value.code == 2, argv
+        assert error.startswith(f"mom {argv[0]}: error:") and message in error, (message, error)
+        assert not out.exists(), argv  # nothing trained, nothing written
+
+
+def test_unknown_command_prints_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "mom pretrain" in captured.out and "unknown command 'train'" in captured.err
+
+
+def test_workflow_errors_are_value_errors():
+    with pytest.raises(ValueError, match="allowed: cola, sst2"):
+        glue.glue_task("squad")
+    assert issubclass(WorkflowError, ValueError)
