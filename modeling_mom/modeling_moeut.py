@@ -32,21 +32,24 @@ from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
-    MoeCausalLMOutputWithPast,
     MoeModelOutputWithPast,
-    SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moeut import MoEUTConfig
 from .moe_dispatch import gather_rows, grouped_linear, plan_dispatch, scatter_rows, sorted_gates
 from .routing_losses import sequence_entropy_loss
-from .shared_modeling import RemoteCodeMixin, last_token_pooling
+from .shared_modeling import (
+    CausalLMWithRouterLosses,
+    RemoteCodeMixin,
+    SequenceClassifierWithRouterLosses,
+    position_ids_from_mask,
+)
 
 
 class MoEUTRotaryEmbedding(nn.Module):
@@ -312,6 +315,12 @@ class MoEUTPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
         """The default experts implementation is "eager", i.e. `MoEUTExperts.forward`: the shared dispatch."""
         return super().get_correct_experts_implementation(requested_experts or "eager")
 
+    def router_losses(self, router_logits, batch_size, attention_mask):
+        """The entropy regulariser (`moeut_aux_loss`), already weighted by its two coefficients: it is returned as
+        `aux_loss` and added to the loss as it is (the official `loss + reg_loss`)."""
+        aux_loss = moeut_aux_loss(self.config, router_logits, batch_size, attention_mask)
+        return aux_loss, aux_loss
+
     @torch.no_grad()
     def _init_weights(self, module):
         """The official initialisation: std `initializer_range / sqrt(fan_in)` (initializer_range defaults to
@@ -384,15 +393,6 @@ class MoEUTModel(MoEUTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    @staticmethod
-    def _position_ids(inputs_embeds, attention_mask, past_key_values) -> torch.Tensor:
-        """Positions count real tokens only (as `generate` does), so left padding does not shift them."""
-        seq = inputs_embeds.shape[1]
-        if attention_mask is not None and attention_mask.dim() == 2:
-            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        return torch.arange(seq, device=inputs_embeds.device).unsqueeze(0) + past_seen
-
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -412,7 +412,7 @@ class MoEUTModel(MoEUTPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)  # one slot per unrolled step
         if position_ids is None:
-            position_ids = self._position_ids(inputs_embeds, attention_mask, past_key_values)
+            position_ids = position_ids_from_mask(inputs_embeds, attention_mask, past_key_values)
 
         causal_mask = create_causal_mask(
             config=self.config,
@@ -458,7 +458,13 @@ def moeut_aux_loss(config: MoEUTConfig, router_logits, batch_size: int, attentio
     return loss
 
 
-class MoEUTForCausalLM(MoEUTPreTrainedModel, GenerationMixin):
+class MoEUTForCausalLM(CausalLMWithRouterLosses, MoEUTPreTrainedModel, GenerationMixin):
+    """MoEUT with its untied, biased language-model head (as in the official code).
+
+    With `output_router_logits`, `router_logits` holds, per unrolled step, the [V router's, O router's,] FFN
+    router's logits, and `aux_loss` the entropy regulariser (see `router_losses`).
+    """
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: MoEUTConfig):
@@ -467,61 +473,8 @@ class MoEUTForCausalLM(MoEUTPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeCausalLMOutputWithPast:
-        r"""
-        labels: next-token targets (`-100` = ignored); the loss honours `num_items_in_batch` from the Trainer.
-        output_router_logits: return the router logits (per unrolled step: [V router, O router,] FFN router) and
-            `aux_loss`, the entropy regulariser already weighted by the config's coefficients; it is added to the
-            loss as it is (the official `loss + reg_loss`).
-        """
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        outputs: MoeModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        aux_loss = None
-        if output_router_logits:
-            aux_loss = moeut_aux_loss(self.config, outputs.router_logits, hidden_states.shape[0], attention_mask)
-        if loss is not None and aux_loss is not None:
-            loss = loss + aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
-            loss=loss,
-            aux_loss=aux_loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            router_logits=outputs.router_logits,
-        )
 
-
-class MoEUTForSequenceClassification(MoEUTPreTrainedModel):
+class MoEUTForSequenceClassification(SequenceClassifierWithRouterLosses, MoEUTPreTrainedModel):
     """MoEUT with a linear head on the last non-padding token (GLUE-style classification and regression)."""
 
     def __init__(self, config: MoEUTConfig):
@@ -530,52 +483,6 @@ class MoEUTForSequenceClassification(MoEUTPreTrainedModel):
         self.model = MoEUTModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> SequenceClassifierOutputWithPast:
-        r"""
-        labels: class indices (`num_labels > 1`), floats for regression (`num_labels == 1`) or multi-hot floats
-            (`problem_type="multi_label_classification"`). The entropy regulariser is added when enabled.
-        """
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        outputs: MoeModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        logits = self.score(hidden_states)
-        pooled_logits = last_token_pooling(logits, input_ids, attention_mask, self.config.pad_token_id)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-            if output_router_logits:
-                aux_loss = moeut_aux_loss(self.config, outputs.router_logits, hidden_states.shape[0], attention_mask)
-                loss = loss + aux_loss.to(loss.device)
-        return SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
 
 
 __all__ = ["MoEUTPreTrainedModel", "MoEUTModel", "MoEUTForCausalLM", "MoEUTForSequenceClassification"]

@@ -29,16 +29,21 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import maybe_autocast, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mom import MoMConfig
 from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispatch, scatter_rows
-from .shared_modeling import RemoteCodeMixin, last_token_pooling
+from .shared_modeling import (
+    CausalLMWithRouterLosses,
+    RemoteCodeMixin,
+    SequenceClassifierWithRouterLosses,
+    position_ids_from_mask,
+)
 from .routing_losses import switch_load_balancing_loss
 
 
@@ -330,6 +335,14 @@ class MoMPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
             for bias in (module.bias_ih, module.bias_hh):
                 init.zeros_(bias)
 
+    def router_losses(self, router_logits, batch_size, attention_mask):
+        """Switch-style balancing loss of the attention routers plus that of the FFN routers (`router_logits`
+        alternates them, one pair per routed round); the loss term is it times `router_aux_loss_coef`."""
+        k = self.config.num_modules_per_tok
+        aux_loss = switch_load_balancing_loss(router_logits[0::2], k, attention_mask)
+        aux_loss = aux_loss + switch_load_balancing_loss(router_logits[1::2], k, attention_mask)
+        return aux_loss, self.config.router_aux_loss_coef * aux_loss
+
 
 def layer_schedule(config: MoMConfig) -> tuple[list[bool], list[tuple[int, int]]]:
     """The layer stack (True = routed chunk) and the unrolled steps `(layer index, round)`, one per cache slot."""
@@ -353,15 +366,6 @@ class MoMModel(MoMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    @staticmethod
-    def _position_ids(inputs_embeds, attention_mask, past_key_values) -> torch.Tensor:
-        """Positions count real tokens only (as `generate` does), so left padding does not shift them."""
-        seq = inputs_embeds.shape[1]
-        if attention_mask is not None and attention_mask.dim() == 2:
-            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        return torch.arange(seq, device=inputs_embeds.device).unsqueeze(0) + past_seen
-
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -381,7 +385,7 @@ class MoMModel(MoMPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)  # one slot per unrolled step
         if position_ids is None:
-            position_ids = self._position_ids(inputs_embeds, attention_mask, past_key_values)
+            position_ids = position_ids_from_mask(inputs_embeds, attention_mask, past_key_values)
 
         causal_mask = create_causal_mask(
             config=self.config,
@@ -409,16 +413,14 @@ class MoMModel(MoMPreTrainedModel):
         )
 
 
-def mom_aux_loss(config: MoMConfig, router_logits, attention_mask) -> torch.Tensor | None:
-    """Balancing loss of the attention routers plus that of the FFN routers (`router_logits` alternates them)."""
-    if not router_logits:
-        return None
-    return switch_load_balancing_loss(
-        router_logits[0::2], config.num_modules_per_tok, attention_mask
-    ) + switch_load_balancing_loss(router_logits[1::2], config.num_modules_per_tok, attention_mask)
+class MoMForCausalLM(CausalLMWithRouterLosses, MoMPreTrainedModel, GenerationMixin):
+    """MoM with the language-model head tied to the input embeddings (as in GPT-2).
 
+    With `output_router_logits`, `router_logits` holds, per routed round, the attention router's then the FFN
+    router's `[B * T, modules (+ SKIP)]` logits, and `aux_loss` their Switch-style balancing loss, which is added to
+    the loss times `config.router_aux_loss_coef`.
+    """
 
-class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: MoMConfig):
@@ -427,57 +429,8 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeCausalLMOutputWithPast:
-        r"""
-        labels: next-token targets (`-100` = ignored); the loss honours `num_items_in_batch` from the Trainer.
-        output_router_logits: return the router logits (per routed round: attention router, then FFN router) and
-            the load-balancing `aux_loss`, which is added to the loss with `config.router_aux_loss_coef`.
-        """
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        outputs: MoeModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            **kwargs,
-        )
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        aux_loss = mom_aux_loss(self.config, outputs.router_logits, attention_mask) if output_router_logits else None
-        if loss is not None and aux_loss is not None:
-            loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
-            loss=loss,
-            aux_loss=aux_loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            router_logits=outputs.router_logits,
-        )
 
-
-class MoMForSequenceClassification(MoMPreTrainedModel):
+class MoMForSequenceClassification(SequenceClassifierWithRouterLosses, MoMPreTrainedModel):
     """MoM with a linear head on the last non-padding token (GLUE-style classification and regression)."""
 
     def __init__(self, config: MoMConfig):
@@ -486,51 +439,6 @@ class MoMForSequenceClassification(MoMPreTrainedModel):
         self.model = MoMModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> SequenceClassifierOutputWithPast:
-        r"""
-        labels: class indices (`num_labels > 1`), floats for regression (`num_labels == 1`) or multi-hot floats
-            (`problem_type="multi_label_classification"`). The routers' balancing loss is added when enabled.
-        """
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        outputs: MoeModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            **kwargs,
-        )
-        logits = self.score(outputs.last_hidden_state)
-        pooled_logits = last_token_pooling(logits, input_ids, attention_mask, self.config.pad_token_id)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-            if output_router_logits and outputs.router_logits:
-                aux_loss = mom_aux_loss(self.config, outputs.router_logits, attention_mask)
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-        return SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
 
 
 __all__ = ["MoMPreTrainedModel", "MoMModel", "MoMForCausalLM", "MoMForSequenceClassification"]

@@ -1,6 +1,23 @@
-"""Pieces every architecture of this package uses the same way: remote-code saving and last-token pooling."""
+"""Pieces every architecture of this package uses the same way: remote-code saving, positions from the attention
+mask, last-token pooling, and the two task heads (causal LM and sequence classifier) with router losses.
+
+The heads only differ by which router losses an architecture has: each `...ForCausalLM` /
+`...ForSequenceClassification` sets `self.model` (returning `MoeModelOutputWithPast`) and its output layer, and
+defines `router_losses` (see `RouterLossesMixin`). They come first among the bases, so that their `forward` is used, as with
+transformers' `GenericForSequenceClassification`:
+
+    class MoMForCausalLM(CausalLMWithRouterLosses, MoMPreTrainedModel, GenerationMixin): ...
+"""
 
 import torch
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 
 class RemoteCodeMixin:
@@ -55,3 +72,144 @@ def last_token_pooling(
         )
     last = (positions * real).argmax(-1)
     return logits[torch.arange(batch, device=logits.device), last]
+
+
+def position_ids_from_mask(
+    inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values: Cache | None
+) -> torch.Tensor:
+    """`[B, T]` positions that count real tokens only (as `generate` does), so left padding does not shift them."""
+    seq = inputs_embeds.shape[1]
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+    past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+    return torch.arange(seq, device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+
+class RouterLossesMixin:
+    """How a model's router losses enter its task heads.
+
+    The architecture's `PreTrainedModel` defines `router_losses(router_logits, batch_size, attention_mask)`,
+    returning `(aux_loss, loss_term)`: the auxiliary loss returned to the user, and what is added to a training loss
+    (`aux_loss` times its coefficient(s)), or `(None, None)`. It may override `needs_router_logits`.
+    """
+
+    def needs_router_logits(self, output_router_logits: bool, labels: torch.Tensor | None) -> bool:
+        """Whether the base model must return router logits: by default only when they are asked for, so that the
+        router losses join the training loss when `output_router_logits` is set (as in Mixtral)."""
+        return output_router_logits
+
+    def _run_base_model(self, labels, output_router_logits, **model_kwargs) -> tuple[MoeModelOutputWithPast, bool]:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs = self.model(
+            output_router_logits=self.needs_router_logits(output_router_logits, labels), **model_kwargs
+        )
+        return outputs, output_router_logits
+
+    def _add_router_losses(self, loss, outputs, attention_mask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(loss + the router loss term, aux_loss)`; nothing is added without labels or router logits."""
+        if not outputs.router_logits:
+            return loss, None
+        batch_size = outputs.last_hidden_state.shape[0]
+        aux_loss, loss_term = self.router_losses(outputs.router_logits, batch_size, attention_mask)
+        if loss is not None and loss_term is not None:
+            loss = loss + loss_term.to(loss.device)
+        return loss, aux_loss
+
+
+class CausalLMWithRouterLosses(RouterLossesMixin):
+    """`self.model` -> `self.lm_head`; the next-token loss (honouring the Trainer's `num_items_in_batch`) plus the
+    router losses."""
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        r"""
+        labels: next-token targets (`-100` = ignored); the loss honours `num_items_in_batch` from the Trainer.
+        output_router_logits: return the router logits (in execution order; see the model's `router_losses`) and
+            `aux_loss`; the weighted router losses are then added to the loss.
+        """
+        outputs, output_router_logits = self._run_base_model(
+            labels,
+            output_router_logits,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss, aux_loss = self._add_router_losses(loss, outputs, attention_mask)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+        )
+
+
+class SequenceClassifierWithRouterLosses(RouterLossesMixin):
+    """`self.model` -> `self.score` on the last real token (left or right padding); the loss of the task type
+    (single-label, regression for `num_labels=1`, multi-label) plus the router losses."""
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        r"""
+        labels: class indices (`num_labels > 1`), floats for regression (`num_labels == 1`) or multi-hot floats
+            (`problem_type="multi_label_classification"`). The router losses are added as in the causal LM.
+        """
+        outputs, _ = self._run_base_model(
+            labels,
+            output_router_logits,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        pooled_logits = last_token_pooling(logits, input_ids, attention_mask, self.config.pad_token_id)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+            loss, _ = self._add_router_losses(loss, outputs, attention_mask)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
