@@ -15,11 +15,13 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification
 from modeling_mom.routing_losses import mutual_information_loss, router_z_loss, switch_load_balancing_loss
 from modeling_mom.stickbreaking_attention import stick_breaking_attention
+
+from .trainer_contract import assert_accumulation_equals_big_batch
 
 ATOL = 1e-5
 PAD = 0
@@ -386,32 +388,7 @@ def test_loss_honours_num_items_in_batch():
 
 
 def test_trainer_gradient_accumulation_equals_big_batch(tmp_path):
-    ids = torch.randint(3, 53, (8, 6))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    initial = tiny_model().state_dict()
-
-    def train(batch_size, accumulation):
-        model = tiny_model()
-        model.load_state_dict(initial)
-        args = TrainingArguments(
-            output_dir=str(tmp_path / f"run{batch_size}"),
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            max_steps=1,
-            learning_rate=0.1,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            dataloader_drop_last=True,
-        )
-        Trainer(model=model, args=args, train_dataset=data).train()
-        return model.state_dict()
-
-    accumulated, big = train(4, 2), train(8, 1)
-    for name in big:
-        torch.testing.assert_close(accumulated[name], big[name], atol=1e-6, rtol=1e-5)
+    assert_accumulation_equals_big_batch(tiny_model, torch.randint(3, 53, (8, 6)), tmp_path)
 
 
 REMOTE_LOAD = textwrap.dedent(

@@ -15,11 +15,13 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM
 
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM, MoEUTForSequenceClassification, MoEUTModel
 from modeling_mom.modeling_moeut import MoEUTAttention, MoEUTFeedForward, moeut_aux_loss
 from modeling_mom.routing_losses import sequence_entropy_loss
+
+from .trainer_contract import assert_accumulation_equals_big_batch
 
 VOCAB = 61
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -360,35 +362,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_trainer_gradient_accumulation_equals_big_batch(tmp_path):
-    """With `num_items_in_batch` honoured, 2 x 4 accumulated equals one batch of 8 (regulariser off: it is a
-    per-micro-batch term, as for every transformers MoE)."""
+    """Regulariser off: it is a per-micro-batch term, as for every transformers MoE."""
     torch.manual_seed(0)
     ids = torch.randint(2, VOCAB, (8, 10))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    initial = MoEUTForCausalLM(tiny_config()).state_dict()
-
-    def train(batch_size, accumulation):
-        model = MoEUTForCausalLM(tiny_config())
-        model.load_state_dict(initial)
-        args = TrainingArguments(
-            output_dir=str(tmp_path / f"run{batch_size}"),
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            max_steps=1,
-            learning_rate=0.1,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            dataloader_drop_last=True,
-        )
-        Trainer(model=model, args=args, train_dataset=data).train()
-        return model.state_dict()
-
-    accumulated, big = train(4, 2), train(8, 1)
-    for name in big:
-        torch.testing.assert_close(accumulated[name], big[name], atol=1e-6, rtol=1e-5)
+    assert_accumulation_equals_big_batch(lambda: MoEUTForCausalLM(tiny_config()), ids, tmp_path)
 
 
 def test_expert_dropout_only_in_training():

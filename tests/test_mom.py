@@ -11,10 +11,12 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM
 
 from modeling_mom import MoMConfig, MoMForCausalLM, MoMForSequenceClassification, MoMModel
 from modeling_mom.routing_losses import switch_load_balancing_loss
+
+from .trainer_contract import assert_accumulation_equals_big_batch
 
 VOCAB = 61
 
@@ -212,31 +214,7 @@ def test_gradient_accumulation_matches_one_big_batch():
 def test_trainer_gradient_accumulation_equals_big_batch(tmp_path):
     torch.manual_seed(0)
     ids = torch.randint(1, VOCAB, (8, 10))
-    data = [{"input_ids": row, "labels": row} for row in ids]
-    initial = MoMForCausalLM(tiny_config(routing_mode="sequential")).state_dict()
-
-    def train(batch_size, accumulation):
-        model = MoMForCausalLM(tiny_config(routing_mode="sequential"))
-        model.load_state_dict(initial)
-        args = TrainingArguments(
-            output_dir=str(tmp_path / f"run{batch_size}"),
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            max_steps=1,
-            learning_rate=0.1,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            dataloader_drop_last=True,
-        )
-        Trainer(model=model, args=args, train_dataset=data).train()
-        return model.state_dict()
-
-    accumulated, big = train(4, 2), train(8, 1)
-    for name in big:
-        torch.testing.assert_close(accumulated[name], big[name], atol=1e-6, rtol=1e-5)
+    assert_accumulation_equals_big_batch(lambda: MoMForCausalLM(tiny_config(routing_mode="sequential")), ids, tmp_path)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
