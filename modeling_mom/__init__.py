@@ -11,17 +11,17 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configuration_mom import MoMConfig
-from .configuration_moeut import MoEUTConfig
-from .modeling_moeut import MoEUTForCausalLM, MoEUTForSequenceClassification, MoEUTModel, MoEUTPreTrainedModel
-from .modeling_mom import MoMForCausalLM, MoMForSequenceClassification, MoMModel, MoMPreTrainedModel
 from .configuration_moduleformer import ModuleFormerConfig
+from .configuration_moeut import MoEUTConfig
+from .configuration_mom import MoMConfig
 from .modeling_moduleformer import (
     ModuleFormerForCausalLM,
     ModuleFormerForSequenceClassification,
     ModuleFormerModel,
     ModuleFormerPreTrainedModel,
 )
+from .modeling_moeut import MoEUTForCausalLM, MoEUTForSequenceClassification, MoEUTModel, MoEUTPreTrainedModel
+from .modeling_mom import MoMForCausalLM, MoMForSequenceClassification, MoMModel, MoMPreTrainedModel
 
 __version__ = "0.1.0"
 

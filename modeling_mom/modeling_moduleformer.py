@@ -26,13 +26,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
-    MoeCausalLMOutputWithPast,
     MoeModelOutputWithPast,
-    SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -40,7 +38,12 @@ from .configuration_moduleformer import ModuleFormerConfig
 from .moduleformer_modularity import ModuleFormerModularityMixin
 from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispatch, scatter_rows
 from .routing_losses import concentration_loss, mutual_information_loss, router_z_loss, switch_load_balancing_loss
-from .shared_modeling import RemoteCodeMixin, last_token_pooling
+from .shared_modeling import (
+    CausalLMWithRouterLosses,
+    RemoteCodeMixin,
+    SequenceClassifierWithRouterLosses,
+    position_ids_from_mask,
+)
 from .stickbreaking_attention import stick_breaking_attention
 
 
@@ -284,6 +287,19 @@ class ModuleFormerPreTrainedModel(RemoteCodeMixin, ModuleFormerModularityMixin, 
         "AutoModelForSequenceClassification": "ModuleFormerForSequenceClassification",
     }
 
+    @property
+    def router_losses_with_labels(self) -> bool:
+        """With labels, the router losses join the loss unasked when one has a positive weight (as the official
+        model always adds its auxiliary loss)."""
+        return self.config.router_aux_loss_coef > 0 or self.config.concentration_loss_coef > 0
+
+    def router_losses(self, router_logits, batch_size, attention_mask):
+        """`config.aux_loss_type`'s balancing loss summed over the routers, returned as `aux_loss`; the loss term
+        adds it times `router_aux_loss_coef` and the concentration loss times `concentration_loss_coef`."""
+        aux_loss, concentration = moduleformer_router_losses(self.config, router_logits, attention_mask)
+        config = self.config
+        return aux_loss, config.router_aux_loss_coef * aux_loss + config.concentration_loss_coef * concentration
+
     @torch.no_grad()
     def _init_weights(self, module):
         """GPT-2's scheme: Normal(0, initializer_range), zero biases, output projections scaled by 1/sqrt(2 * layers)
@@ -344,8 +360,9 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         r"""
-        position_ids: used only with `position_embedding_type="learned"`; stick-breaking needs no positions, so
-            left padding is exact without them.
+        position_ids: used only with `position_embedding_type="learned"` (default: counted over real tokens, so
+            left padding does not shift them); stick-breaking needs no positions, so left padding is exact without
+            them.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
@@ -358,7 +375,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         hidden_states = inputs_embeds
         if hasattr(self, "embed_positions"):
             if position_ids is None:
-                position_ids = torch.arange(seq, device=inputs_embeds.device).unsqueeze(0) + past_seen
+                position_ids = position_ids_from_mask(inputs_embeds, attention_mask, past_key_values)
             hidden_states = hidden_states + self.embed_positions(position_ids)
         hidden_states = self.dropout(hidden_states)
         key_padding_mask = key_padding_mask_from(attention_mask, batch, past_seen + seq)
@@ -399,25 +416,13 @@ def moduleformer_router_losses(
     return aux_loss, concentration
 
 
-def add_router_losses(config: ModuleFormerConfig, loss, router_logits, attention_mask):
-    """`(loss + weighted router losses, aux_loss)`; the losses are computed whenever router logits exist."""
-    if not router_logits:
-        return loss, None
-    aux_loss, concentration = moduleformer_router_losses(config, router_logits, attention_mask)
-    if loss is not None:
-        loss = loss + config.router_aux_loss_coef * aux_loss + config.concentration_loss_coef * concentration
-    return loss, aux_loss
+class ModuleFormerForCausalLM(CausalLMWithRouterLosses, ModuleFormerPreTrainedModel, GenerationMixin):
+    """ModuleFormer with its language-model head (untied in MoLM; tied if `tie_word_embeddings`).
 
+    `router_logits` holds every router's logits (per layer: attention router, then feed-forward router); with
+    labels, the router losses are computed whether or not they are returned (see `router_losses`).
+    """
 
-def wants_router_logits(config: ModuleFormerConfig, output_router_logits: bool | None, labels) -> bool:
-    """Router logits are needed to return them, or to add a router loss with a positive weight to a training loss."""
-    if output_router_logits is None:
-        output_router_logits = config.output_router_logits
-    weighted = config.router_aux_loss_coef > 0 or config.concentration_loss_coef > 0
-    return output_router_logits or (labels is not None and weighted)
-
-
-class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: ModuleFormerConfig):
@@ -426,56 +431,8 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeCausalLMOutputWithPast:
-        r"""
-        labels: next-token targets (`-100` = ignored); the loss honours `num_items_in_batch` from the Trainer.
-        output_router_logits: return every router's logits (per layer: attention router, then feed-forward
-            router) and `aux_loss`. With labels, the router losses are also computed (not returned) whenever
-            `router_aux_loss_coef` or `concentration_loss_coef` is positive, and added to the loss with those weights.
-        """
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        outputs: MoeModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_router_logits=wants_router_logits(self.config, output_router_logits, labels),
-            **kwargs,
-        )
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        loss, aux_loss = add_router_losses(self.config, loss, outputs.router_logits, attention_mask)
-        return MoeCausalLMOutputWithPast(
-            loss=loss,
-            aux_loss=aux_loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            router_logits=outputs.router_logits if output_router_logits else None,
-        )
 
-
-class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
+class ModuleFormerForSequenceClassification(SequenceClassifierWithRouterLosses, ModuleFormerPreTrainedModel):
     """ModuleFormer with a linear head on the last non-padding token (GLUE-style classification and regression)."""
 
     def __init__(self, config: ModuleFormerConfig):
@@ -484,47 +441,6 @@ class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
         self.model = ModuleFormerModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> SequenceClassifierOutputWithPast:
-        r"""
-        labels: class indices (`num_labels > 1`), floats for regression (`num_labels == 1`) or multi-hot floats
-            (`problem_type="multi_label_classification"`). Router losses are added as in the causal LM.
-        """
-        outputs: MoeModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_router_logits=wants_router_logits(self.config, output_router_logits, labels),
-            **kwargs,
-        )
-        logits = self.score(outputs.last_hidden_state)
-        pooled_logits = last_token_pooling(logits, input_ids, attention_mask, self.config.pad_token_id)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-        loss, _ = add_router_losses(self.config, loss, outputs.router_logits, attention_mask)
-        return SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
 
 
 __all__ = [

@@ -38,13 +38,13 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mom import MoMConfig
 from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispatch, scatter_rows
+from .routing_losses import switch_load_balancing_loss
 from .shared_modeling import (
     CausalLMWithRouterLosses,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
     position_ids_from_mask,
 )
-from .routing_losses import switch_load_balancing_loss
 
 
 @dataclass

@@ -90,20 +90,18 @@ class RouterLossesMixin:
 
     The architecture's `PreTrainedModel` defines `router_losses(router_logits, batch_size, attention_mask)`,
     returning `(aux_loss, loss_term)`: the auxiliary loss returned to the user, and what is added to a training loss
-    (`aux_loss` times its coefficient(s)), or `(None, None)`. It may override `needs_router_logits`.
-    """
+    (`aux_loss` times its coefficient(s)), or `(None, None)`.
 
-    def needs_router_logits(self, output_router_logits: bool, labels: torch.Tensor | None) -> bool:
-        """Whether the base model must return router logits: by default only when they are asked for, so that the
-        router losses join the training loss when `output_router_logits` is set (as in Mixtral)."""
-        return output_router_logits
+    Router logits (and so the router losses) are computed when `output_router_logits` asks for them (argument, else
+    config), as in Mixtral. A model whose training loss includes its router losses unasked (ModuleFormer, like the
+    official code) sets the class attribute `router_losses_with_labels = True`: then labels suffice.
+    """
 
     def _run_base_model(self, labels, output_router_logits, **model_kwargs) -> tuple[MoeModelOutputWithPast, bool]:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        outputs = self.model(
-            output_router_logits=self.needs_router_logits(output_router_logits, labels), **model_kwargs
-        )
+        unasked = labels is not None and getattr(self, "router_losses_with_labels", False)
+        outputs = self.model(output_router_logits=output_router_logits or unasked, **model_kwargs)
         return outputs, output_router_logits
 
     def _add_router_losses(self, loss, outputs, attention_mask) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -616,6 +616,18 @@ def test_exact_gpt2_seeding_reproduces_gpt2(tmp_path):
     assert torch.equal(generated, gpt2.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0))
 
 
+def test_exact_gpt2_seeding_is_transparent_to_left_padding():
+    """Learned positions count real tokens (from the attention mask), as GPT-2's `generate` does."""
+    from conversion.gpt2_to_moduleformer import convert
+
+    model = convert(tiny_gpt2(), exact=True).eval()
+    ids = torch.randint(3, 61, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = (padded != 0).long()
+    mask[:, 3:] = 1
+    torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, 3:], model(ids).logits, atol=ATOL, rtol=0)
+
+
 def test_gpt2_seeding_options():
     from conversion.gpt2_to_moduleformer import convert
 
