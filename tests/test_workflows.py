@@ -30,6 +30,7 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     TrainerCallback,
+    TrainingArguments,
 )
 
 import modeling_mom
@@ -42,6 +43,7 @@ from modeling_mom.workflows import (
     pretrain,
     routing,
     summarize,
+    training,
 )
 from modeling_mom.workflows.common import HISTORY_FILE, WorkflowError
 from modeling_mom.workflows.convert import converters, offers_exact
@@ -201,6 +203,22 @@ def test_pretraining_logs_the_aux_loss_beside_the_lm_loss(pipelines, arch):
     assert record["tokens"] == 3 * 4 * 32
     history = json.loads((Path(record["checkpoint"]) / HISTORY_FILE).read_text())
     assert [step["command"] for step in history] == ["convert", "pretrain"]
+
+
+def test_eval_loss_of_gpt2_is_the_mean_over_predicted_tokens(tmp_path):
+    """transformers' Trainer does not recognise `GPT2LMHeadModel` as a label-shifting causal LM and would divide its
+    summed loss by T labels instead of T - 1 predictions; MoETrainer(lm_loss=True) must not, or GPT-2 baselines
+    look better than they are. Tolerance: fp32 summation order."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).eval()
+    blocks = [{"input_ids": row, "labels": row} for row in torch.randint(0, 50, (6, 8))]
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=3)
+    trainer = training.MoETrainer(model=model, args=args, eval_dataset=blocks, lm_loss=True)
+    ids = torch.stack([block["input_ids"] for block in blocks])
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), ids[:, 1:].reshape(-1))
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 class StopAt(TrainerCallback):

@@ -117,8 +117,9 @@ class MoETrainer(Trainer):
 
     With `router_aux_loss=True` it asks the model for router logits in training (`output_router_logits=True`, the
     Mixtral convention), so that the model adds its balancing loss; with `lm_loss=True` (causal LMs) it also logs
-    the language-modelling loss alone as `lm_loss`, and evaluates the language-modelling loss only, so that
-    `eval_loss` is comparable across architectures (perplexity = exp(eval_loss)).
+    the language-modelling loss alone as `lm_loss`, and evaluates the language-modelling loss only, normalised by
+    the number of predicted tokens for every model, so that `eval_loss` is comparable across architectures
+    (perplexity = exp(eval_loss)).
     """
 
     def __init__(self, *args, router_aux_loss: bool = False, lm_loss: bool = False, **kwargs):
@@ -126,6 +127,11 @@ class MoETrainer(Trainer):
         forward = inspect.signature(self.accelerator.unwrap_model(self.model).forward).parameters
         self.router_aux_loss = router_aux_loss and "output_router_logits" in forward
         self.lm_loss = lm_loss
+        if lm_loss:
+            # The Trainer divides a causal LM's summed loss by the labels it counts, `labels[..., 1:]` only for models
+            # whose `loss_type` it recognises: `GPT2LMHeadModel` is not (its name lacks "ForCausalLM"), so its loss
+            # would come out (T-1)/T too small, and comparisons with GPT-2 would be biased.
+            self._loss_shifts_labels = True
         self._logged = {}  # name -> [sum tensor, count]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
