@@ -1,0 +1,200 @@
+"""Every architecture against its dense baseline, at CPU-sized shapes, with the analytic cost beside the time.
+
+    python -m benchmarks.bench_models --json models.json --markdown models.md [--dtype bf16]
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_models --threads 1 --tiny --repeats 1   # smoke test
+
+Pairs (the baseline first; ratios are model / baseline, times measured alternately in the same run):
+- MoM with sequential and with learned (K=1) routing vs HF `GPT2LMHeadModel` of the same shape and unrolled depth;
+- MoEUT-44M (`MoEUTConfig.from_preset("moeut-44m")`) vs a dense pre-LN GPT-2 of its depth and width, MLP widened
+  to match its parameters (`bench_moeut.matched_gpt2`);
+- a MoLM-shaped ModuleFormer (16 attention experts, k=2; 32 FFN experts, k=2; fewer, narrower layers) vs a dense
+  GPT-2 of equal total parameters (`bench_moduleformer.build_dense`).
+
+Per model: training step (forward + backward) tokens/s, activation memory (bytes autograd saves for backward in one
+step, the part of training memory that grows with the batch), prefill tokens/s (batch 1), cached greedy decoding
+tokens/s at batch 1 and 8, forward FLOPs per token (2 x the parameters a token uses, from the routers' choices,
+plus attention's 4 x context x width per layer at the training length) and KV-cache bytes per token (measured on the
+model's own cache after a prefill).
+"""
+
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read when torch is imported: set it first
+
+import argparse
+import gc
+
+import torch
+
+from benchmarks import bench_moduleformer, bench_moeut, bench_mom
+from benchmarks.common import (
+    DTYPES,
+    FOREIGN_LOAD_WARNING,
+    build_parser,
+    setup,
+    time_interleaved,
+    timing_dict,
+    write_report,
+)
+from modeling_mom.workflows.routing import active_parameters
+
+
+def pairs(args) -> dict[str, tuple]:
+    """name -> (baseline builder, [(model name, builder), ...]); builders are deferred so one pair is in memory."""
+    dtype = DTYPES[args.dtype]
+    mom_args = argparse.Namespace(vocab=args.vocab, hidden=args.mom_hidden, heads=args.mom_hidden // 64,
+                                  layers=args.mom_layers, modules=args.mom_modules, enable_skip=False,
+                                  dtype=args.dtype)  # fmt: skip
+    moeut_args = argparse.Namespace(vocab=args.vocab, tiny=args.tiny)
+    mf_args = argparse.Namespace(vocab=args.vocab, hidden=args.mf_hidden, layers=args.mf_layers, dtype=args.dtype)
+
+    def moeut():
+        return bench_moeut.MoEUTForCausalLM(bench_moeut.moeut_config(moeut_args)).to(dtype)
+
+    def moeut_dense():
+        return bench_moeut.matched_gpt2(moeut(), heads=4).to(dtype)
+
+    def moduleformer():
+        return bench_moduleformer.build_moduleformer(mf_args)
+
+    def moduleformer_dense():
+        return bench_moduleformer.build_dense(mf_args, bench_moduleformer.non_embedding_parameters(moduleformer()))
+
+    return {
+        "mom": (lambda: bench_mom.build_gpt2(mom_args, args.mom_layers),
+                [("mom-sequential", lambda: bench_mom.build_mom(mom_args, "sequential")),
+                 ("mom-learned", lambda: bench_mom.build_mom(mom_args, "learned"))]),
+        "moeut": (moeut_dense, [("moeut-44m", moeut)]),
+        "moduleformer": (moduleformer_dense, [("moduleformer", moduleformer)]),
+    }  # fmt: skip
+
+
+def activation_bytes(model, input_ids) -> int:
+    """Bytes of the tensors autograd saves for backward in one training forward (each storage counted once)."""
+    seen = {}
+
+    def pack(tensor):
+        if tensor.device.type != "meta":
+            seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    del loss
+    return sum(size for pointer, size in seen.items() if pointer not in parameters)
+
+
+def kv_bytes_per_token(model, prompt) -> float:
+    """Bytes the model's KV cache holds per token, after a prefill of `prompt` (batch 1)."""
+    model.eval()
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+    total = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+    return total / prompt.shape[1]
+
+
+def forward_flops_per_token(model, input_ids) -> float:
+    """2 x parameters used per token (routers' choices on `input_ids`) + attention scores and mixing at its length."""
+    config = model.config
+    width = getattr(config, "num_attention_heads", 1) * getattr(config, "head_dim", 0) or config.hidden_size
+    heads_factor = getattr(config, "num_attention_experts_per_tok", 1) if config.model_type == "moduleformer" else 1
+    attention = 4 * input_ids.shape[1] / 2 * width * heads_factor * config.num_hidden_layers  # causal: mean context
+    return 2 * active_parameters(model.eval(), input_ids[:1]) + attention
+
+
+def time_pair(baseline_fn, models, args) -> list[dict]:
+    """Train step, prefill and decoding of the baseline and its models, alternately; plus their analytic costs."""
+    built = {"baseline": baseline_fn(), **{name: fn() for name, fn in models}}
+    vocab = next(iter(built.values())).config.vocab_size
+    train_ids = torch.randint(vocab, (args.batch, args.seq))
+    prompt = torch.randint(1, vocab, (1, args.prompt))
+    results = {name: {"parameters": sum(p.numel() for p in m.parameters())} for name, m in built.items()}
+    for name, model in built.items():
+        results[name]["forward_flops_per_token"] = forward_flops_per_token(model, train_ids)
+        results[name]["kv_cache_bytes_per_token"] = kv_bytes_per_token(model, prompt)
+        results[name]["activation_bytes"] = activation_bytes(model, train_ids)
+        gc.collect()
+    measurements = {
+        "train": (lambda m: bench_mom.train_step(m, train_ids), args.batch * args.seq),
+        "prefill": (lambda m: prefill(m, prompt), args.prompt),
+        "decode_b1": (lambda m: bench_mom.greedy_decode(m, prompt, args.new_tokens), args.new_tokens),
+        "decode_b8": (lambda m: bench_mom.greedy_decode(m, prompt.expand(8, -1), args.new_tokens),
+                      8 * args.new_tokens),
+    }  # fmt: skip
+    for what, (make, tokens) in measurements.items():
+        timings = time_interleaved({n: make(m) for n, m in built.items()}, warmup=args.warmup, repeats=args.repeats)
+        for name, timing in timings.items():
+            results[name][what] = {**timing_dict(timing), "tokens_per_s": tokens / timing.median_s}
+    del built
+    gc.collect()
+    return [{"model": name, **values} for name, values in results.items()]
+
+
+def fmt_foreign_load(load: float | None) -> str:
+    return "n/a" if load is None else f"{load:.2f}" + (" ⚠" if load > FOREIGN_LOAD_WARNING else "")
+
+
+def prefill(model, prompt):
+    model.eval()
+
+    def step():
+        with torch.no_grad():
+            model(input_ids=prompt, use_cache=True)
+
+    return step
+
+
+def main():
+    parser = build_parser(__doc__.splitlines()[0], repeats=3)
+    parser.add_argument("--pairs", nargs="+", choices=["mom", "moeut", "moduleformer"],
+                        default=["mom", "moeut", "moduleformer"])  # fmt: skip
+    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of every model (default 8000)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--mom-hidden", type=int, default=768)
+    parser.add_argument("--mom-layers", type=int, default=6, help="GPT-2 depth = MoM unrolled depth (default 6)")
+    parser.add_argument("--mom-modules", type=int, default=4)
+    parser.add_argument("--mf-hidden", type=int, default=512, help="ModuleFormer width (MoLM: 1024)")
+    parser.add_argument("--mf-layers", type=int, default=4, help="ModuleFormer depth (MoLM: 24)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a smoke test")
+    args = parser.parse_args()
+    if args.tiny:
+        args.batch, args.seq, args.prompt, args.new_tokens = 2, 16, 8, 2
+        args.mom_hidden, args.mom_layers, args.mom_modules, args.mf_hidden, args.mf_layers = 64, 3, 2, 64, 2
+    setup(args.threads, args.seed)
+    all_pairs = pairs(args)
+    results, rows = {}, []
+    for pair in args.pairs:
+        baseline_fn, models = all_pairs[pair]
+        results[pair] = time_pair(baseline_fn, models, args)
+        base = results[pair][0]
+        for r in results[pair]:
+            ratio = {what: base[what]["median_s"] / r[what]["median_s"] for what in ("train", "decode_b1")}
+            rows.append([
+                pair, "baseline" if r is base else r["model"], f"{r['parameters'] / 1e6:.1f}M",
+                f"{r['train']['tokens_per_s']:.0f}", f"{ratio['train']:.2f}", f"{r['activation_bytes'] / 2**20:.0f}",
+                f"{r['prefill']['tokens_per_s']:.0f}", f"{r['decode_b1']['tokens_per_s']:.1f}", f"{ratio['decode_b1']:.2f}",
+                f"{r['decode_b8']['tokens_per_s']:.1f}", f"{r['forward_flops_per_token'] / 1e6:.1f}",
+                f"{r['kv_cache_bytes_per_token'] / 1024:.1f}", fmt_foreign_load(r["train"]["foreign_load"]),
+            ])  # fmt: skip
+    notes = [
+        f"dtype={args.dtype}; vocabulary {args.vocab}; training batch {args.batch} x {args.seq}; prefill batch 1 x "
+        f"{args.prompt}; decoding {args.new_tokens} new tokens after that prompt, batch 1 and 8. MoM: width "
+        f"{args.mom_hidden}, {args.mom_layers} unrolled layers, {args.mom_modules} modules per pool. ModuleFormer: "
+        f"width {args.mf_hidden}, {args.mf_layers} layers.",
+        "Speed-up columns are baseline time / model time (> 1: the model is faster). Activation memory: bytes saved "
+        "for backward in one training step. FLOPs: forward, per token.",
+    ]
+    header = ["pair", "model", "params", "train tok/s", "train speed-up", "activations MiB", "prefill tok/s",
+              "decode b1 tok/s", "decode b1 speed-up", "decode b8 tok/s", "fwd MFLOP/token", "KV KiB/token",
+              "foreign load (train)"]  # fmt: skip
+    write_report("Architectures vs dense baselines", header, rows, {"args": vars(args), "results": results}, args,
+                 notes)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
