@@ -125,6 +125,21 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _few_experts_used(plan: DispatchPlan) -> bool:
+    """At most a quarter of the experts received rows (decoding a few tokens, or a tiny batch)."""
+    return 4 * sum(1 for count in plan.counts if count) <= plan.num_experts
+
+
+def _used_experts_linear(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Without autograd: one matmul per expert that received rows, on a view of its weight. A grouped matmul (or the
+    split loop) visits every expert, which costs more than the work when only k of hundreds are used."""
+    used = [(expert, count) for expert, count in enumerate(plan.counts) if count]
+    rows = x.split([count for _, count in used])
+    if not used:  # every selection was SKIP
+        return x.new_zeros(0, weight.shape[-1])
+    return torch.cat([xe @ weight[expert] for xe, (expert, _) in zip(rows, used)])
+
+
 def grouped_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -135,14 +150,18 @@ def grouped_linear(
     """Per-expert linear map of sorted rows: `x[S, in] @ weight[e, in, out] (+ bias[e, out])` -> `[S, out]`.
 
     `use_grouped_mm=None` picks `grouped_mm` when supported (see :func:`grouped_mm_supported`); `False` forces the
-    per-expert `split`/`unbind` loop, which is also the reference the fast path is tested against.
+    per-expert `split`/`unbind` loop, which is also the reference the fast path is tested against. Without autograd
+    and with few experts used (decoding), only the used experts are multiplied (`weight[e]` is safe there: indexing
+    is slow only in backward).
     """
     if torch.is_autocast_enabled(x.device.type):  # `grouped_mm` has no autocast rule: cast as a matmul would be
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x, weight)
-    if use_grouped_mm:
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and _few_experts_used(plan):
+        out = _used_experts_linear(x, weight, plan)
+    elif use_grouped_mm:
         out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))
     else:
         out = torch.cat([xe @ we for xe, we in zip(x.split(plan.counts), weight.unbind(0))])

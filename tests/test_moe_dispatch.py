@@ -212,6 +212,25 @@ def test_expert_ffn_with_gate_on_hidden(use_grouped_mm, dtype):
         torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol, msg=name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("selected", [[[3, 9], [9, 16]], [[16, 17]]], ids=["decode", "all_skip"])
+def test_inference_with_few_experts_used_matches_naive_loop(selected, dtype):
+    """Without autograd, when at most a quarter of the experts get rows (decoding), only those are multiplied."""
+    num_experts, selected = 16, torch.tensor(selected)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(selected.shape[0], IN_FEATURES, generator=generator).to(dtype)
+    weight = torch.randn(num_experts, IN_FEATURES, OUT_FEATURES, generator=generator).to(dtype)
+    bias = torch.randn(num_experts, OUT_FEATURES, generator=generator).to(dtype)
+    gates = torch.rand(selected.shape, generator=generator).to(dtype)
+    with torch.no_grad():
+        plan = plan_dispatch(selected, num_experts)
+        out = scatter_rows(grouped_linear(gather_rows(x, plan), weight, plan, bias), plan, x.shape[0], gates)
+    ref = naive_dispatch(*(t.double() for t in (x, weight, bias)), selected, gates.double(), num_experts)
+    scale = ref.abs().max().item() if dtype == torch.bfloat16 else 1.0
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol * max(scale, 1e-12), rtol=tol)
+
+
 def test_plan_sorts_by_expert_and_drops_skip():
     selected = CASES["k2_skip_empty_expert"]
     plan = plan_dispatch(selected, NUM_EXPERTS)
