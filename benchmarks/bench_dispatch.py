@@ -38,9 +38,9 @@ DECODE_TOKENS = (1, 2, 4, 8)
 TINY = (64, 64, 24, 16, 4, "relu")
 
 
-def build_layer(d: int, num_experts: int, width: int, act: str, dtype) -> MoEUTExperts:
-    config = MoEUTConfig(hidden_size=d, num_experts=num_experts, moe_intermediate_size=width, hidden_act=act,
-                         num_attention_heads=1, head_dim=8, vocab_size=8)  # fmt: skip
+def build_layer(d: int, num_experts: int, width: int, k: int, act: str, dtype) -> MoEUTExperts:
+    config = MoEUTConfig(hidden_size=d, num_experts=num_experts, num_experts_per_tok=k, moe_intermediate_size=width,
+                         hidden_act=act, num_attention_heads=1, head_dim=8, vocab_size=8)  # fmt: skip
     experts = MoEUTExperts(config).to(dtype)
     experts.has_bias = False
     with torch.no_grad():
@@ -63,7 +63,7 @@ def loop_forward(experts: MoEUTExperts, x, index, gates):
 
 def case_functions(shape, dtype, backward: bool, with_loop: bool):
     tokens, d, num_experts, width, k, act = shape
-    experts = build_layer(d, num_experts, width, act, dtype)
+    experts = build_layer(d, num_experts, width, k, act, dtype)
     dense = nn.Sequential(nn.Linear(d, k * width, bias=False), nn.ReLU(), nn.Linear(k * width, d, bias=False))
     dense = dense.to(dtype)
     x = torch.randn(tokens, d, dtype=dtype, requires_grad=backward)
@@ -104,7 +104,7 @@ def case_functions(shape, dtype, backward: bool, with_loop: bool):
 def check_equal(shape, dtype) -> float:
     """max |ours - loop| on one input: the figures compare implementations of the same function."""
     tokens, d, num_experts, width, k, act = shape
-    experts = build_layer(d, num_experts, width, act, dtype)
+    experts = build_layer(d, num_experts, width, k, act, dtype)
     x = torch.randn(tokens, d, dtype=dtype)
     index = torch.rand(tokens, num_experts).topk(k, dim=-1).indices
     gates = torch.rand(tokens, k, dtype=dtype)

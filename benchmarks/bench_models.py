@@ -12,9 +12,9 @@ Pairs (the baseline first; ratios are model / baseline, times measured alternate
 
 Per model: training step (forward + backward) tokens/s, activation memory (bytes autograd saves for backward in one
 step, the part of training memory that grows with the batch), prefill tokens/s (batch 1), cached greedy decoding
-tokens/s at batch 1 and 8, forward FLOPs per token (2 x the parameters a token uses, from the routers' choices,
-plus attention's 4 x context x width per layer at the training length) and KV-cache bytes per token (measured on the
-model's own cache after a prefill).
+tokens/s at batch 1 and 8, forward FLOPs per token (counted by `torch.utils.flop_counter` on a training-length
+forward: matmuls, the dispatch's grouped matmuls and attention, so shared layers count once per application) and
+KV-cache bytes per token (measured on the model's own cache after a prefill).
 """
 
 import os
@@ -23,8 +23,10 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read when torch is importe
 
 import argparse
 import gc
+import math
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench_moduleformer, bench_moeut, bench_mom
 from benchmarks.common import (
@@ -36,7 +38,6 @@ from benchmarks.common import (
     timing_dict,
     write_report,
 )
-from modeling_mom.workflows.routing import active_parameters
 
 
 def pairs(args) -> dict[str, tuple]:
@@ -95,13 +96,29 @@ def kv_bytes_per_token(model, prompt) -> float:
     return total / prompt.shape[1]
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """`[S, in] x [E, in, out]` (the dispatch's forward): 2 S in out."""
+    return 2 * a_shape[0] * a_shape[-1] * b_shape[-1]
+
+
+def _cpu_sdpa_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    """Scores and mixing, `4 B H T S D`, counted over the full square as torch counts its other SDPA kernels."""
+    return 4 * math.prod(q_shape[:-1]) * k_shape[-2] * q_shape[-1]
+
+
+FLOP_FORMULAS = {
+    torch.ops.aten._grouped_mm: _grouped_mm_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+}
+
+
 def forward_flops_per_token(model, input_ids) -> float:
-    """2 x parameters used per token (routers' choices on `input_ids`) + attention scores and mixing at its length."""
-    config = model.config
-    width = getattr(config, "num_attention_heads", 1) * getattr(config, "head_dim", 0) or config.hidden_size
-    heads_factor = getattr(config, "num_attention_experts_per_tok", 1) if config.model_type == "moduleformer" else 1
-    attention = 4 * input_ids.shape[1] / 2 * width * heads_factor * config.num_hidden_layers  # causal: mean context
-    return 2 * active_parameters(model.eval(), input_ids[:1]) + attention
+    """Forward FLOPs per token, counted by `torch.utils.flop_counter` on one forward of `input_ids` (matmuls, the
+    dispatch's grouped matmuls and attention; a shared layer counts once per application)."""
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        model(input_ids=input_ids)
+    return counter.get_total_flops() / input_ids.numel()
 
 
 def time_pair(baseline_fn, models, args) -> list[dict]:
