@@ -26,7 +26,8 @@ class RemoteCodeMixin:
     transformers records only the saved class in `config.auto_map`; this writes the whole map (config, base model,
     causal LM, sequence classifier) before saving, so any of them loads from a checkpoint of any of them. Each
     concrete class is marked for the Auto class that names it, so `save_pretrained` copies the code files.
-    Subclasses list their classes in `_remote_code_classes` (`{"AutoModel": "XModel", ...}`).
+    Subclasses list their classes in `_remote_code_classes` (`{"AutoModel": "XModel", ...}`). Loading a state dict
+    without the tied head (a Trainer checkpoint being resumed) does not report it as missing.
     """
 
     _remote_code_classes: dict[str, str] = {}
@@ -45,6 +46,26 @@ class RemoteCodeMixin:
             **{auto: f"{module}.{name}" for auto, name in self._remote_code_classes.items()},
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def post_init(self):
+        super().post_init()
+        self.register_load_state_dict_post_hook(_tied_keys_are_not_missing)
+
+
+def _tied_keys_are_not_missing(model, incompatible_keys) -> None:
+    """`load_state_dict` hook: a tied weight (`lm_head.weight` when `tie_word_embeddings`) is not saved, but it is not
+    missing either while it is still the same tensor as its source, which was loaded.
+
+    The Trainer resumes from a checkpoint with `model.load_state_dict(state_dict, strict=False)` and would otherwise
+    warn that the tied head is missing (transformers' own tied models, GPT-2 included, do).
+    """
+    tied = {
+        target
+        for target, source in model.all_tied_weights_keys.items()
+        if model.get_parameter(target) is model.get_parameter(source)
+    }
+    missing = incompatible_keys.missing_keys  # names from the root module: "module.lm_head.weight" under a wrapper
+    missing[:] = [key for key in missing if not any(key == t or key.endswith("." + t) for t in tied)]
 
 
 def last_token_pooling(

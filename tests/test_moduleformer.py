@@ -7,10 +7,6 @@ unpadded) at 1e-5; bit-identical paths (save/load) exactly.
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -21,6 +17,7 @@ from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM, ModuleForm
 from modeling_mom.routing_losses import mutual_information_loss, router_z_loss, switch_load_balancing_loss
 from modeling_mom.stickbreaking_attention import stick_breaking_attention
 
+from .remote_contract import assert_remote_code_load_matches
 from .trainer_contract import assert_accumulation_equals_big_batch
 
 ATOL = 1e-5
@@ -391,41 +388,32 @@ def test_trainer_gradient_accumulation_equals_big_batch(tmp_path):
     assert_accumulation_equals_big_batch(tiny_model, torch.randint(3, 53, (8, 6)), tmp_path)
 
 
-REMOTE_LOAD = textwrap.dedent(
-    """
-    import sys, torch
-    sys.modules["modeling_mom"] = None  # the package must not be importable: only the saved code may run
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-    path = sys.argv[1]
-    inputs = torch.load(path + "/inputs.pt")
-    assert type(AutoConfig.from_pretrained(path, trust_remote_code=True)).__name__ == "ModuleFormerConfig"
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    torch.save(model(**inputs).logits, path + "/remote_logits.pt")
-    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    torch.save(generated, path + "/remote_generated.pt")
-    assert type(AutoModel.from_pretrained(path, trust_remote_code=True)).__name__ == "ModuleFormerModel"
-    classifier = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True, num_labels=2)
-    assert classifier(**inputs).logits.shape == (inputs["input_ids"].shape[0], 2)
-    """
-)
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainer_resume_loads_every_weight_without_missing_keys(tied, tmp_path):
+    """Resuming a Trainer run must not report the tied head (absent from the checkpoint) as missing, and must restore
+    every weight exactly, the tie included."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.testing_utils import CaptureLogger
+    from transformers.trainer import logger
+
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 53, (4, 6))]
+    args = TrainingArguments(tmp_path, max_steps=2, save_steps=2, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, disable_tqdm=True)  # fmt: skip
+    trained = tiny_model(tie_word_embeddings=tied).train()
+    Trainer(model=trained, args=args, train_dataset=rows).train()
+    resumed = tiny_model(seed=1, tie_word_embeddings=tied)
+    with CaptureLogger(logger) as captured:  # the checkpoint is at max_steps: it is loaded, no step is taken
+        Trainer(model=resumed, args=args, train_dataset=rows).train(resume_from_checkpoint=True)
+    assert "missing keys" not in captured.out and "unexpected keys" not in captured.out, captured.out
+    assert (resumed.lm_head.weight is resumed.model.embed_tokens.weight) == tied
+    for name, weight in trained.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], weight), name
 
 
 def check_remote_load(model, path):
     """Load `path` through `trust_remote_code` in a fresh process without the package; compare with `model`."""
-    for name in os.listdir(path):
-        if name.endswith(".py"):
-            source = (path / name).read_text()
-            assert "from .." not in source and "import modeling_mom" not in source, name
     ids, mask, _ = left_padded_batch()
-    torch.save({"input_ids": ids, "attention_mask": mask}, path / "inputs.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(path / "modules")}
-    env.pop("PYTHONPATH", None)
-    subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(path)], check=True, env=env, cwd="/")
-    expected = model(ids, attention_mask=mask).logits
-    torch.testing.assert_close(torch.load(path / "remote_logits.pt"), expected, atol=ATOL, rtol=0)
-    generated = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert torch.equal(torch.load(path / "remote_generated.pt"), generated)
+    assert_remote_code_load_matches(model, ids, mask, path, atol=ATOL)
 
 
 # --------------------------------------------------------------------------------------------- modularity

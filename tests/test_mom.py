@@ -4,10 +4,6 @@ Tolerances: fp32 on CPU. Cached and uncached forwards run the same ops on differ
 differ by float rounding (~1e-6); we allow 1e-5. Token sequences must be identical.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from modeling_mom import MoMConfig, MoMForCausalLM, MoMForSequenceClassification, MoMModel
 from modeling_mom.routing_losses import switch_load_balancing_loss
 
+from .remote_contract import assert_remote_code_load_matches
 from .trainer_contract import assert_accumulation_equals_big_batch
 
 VOCAB = 61
@@ -292,44 +289,7 @@ def test_save_and_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
 
 
-REMOTE_LOAD = textwrap.dedent(
-    """
-    import sys
-    sys.modules["modeling_mom"] = None  # the installed package must not be needed
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-    path = sys.argv[1]
-    ids = torch.load(path + "/inputs.pt")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    assert type(config).__name__ == "MoMConfig", type(config)
-    lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-    assert not type(lm).__module__.startswith("modeling_mom"), type(lm).__module__
-    torch.save(lm(**ids).logits, path + "/remote_logits.pt")
-    base = AutoModel.from_pretrained(path, trust_remote_code=True)
-    assert type(base).__name__ == "MoMModel"
-    classifier = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True, num_labels=2)
-    assert classifier(**ids).logits.shape == (ids["input_ids"].shape[0], 2)
-    generated = lm.generate(**ids, max_new_tokens=5, do_sample=False)
-    torch.save(generated, path + "/remote_generated.pt")
-    """
-)
-
-
 def test_remote_code_load_without_the_package(tmp_path):
     torch.manual_seed(0)
     model = MoMForCausalLM(tiny_config(router_type="gru", num_modules_per_tok=2)).eval()
-    ids, mask = left_padded_batch()
-    model.save_pretrained(tmp_path)
-    for name in os.listdir(tmp_path):
-        if name.endswith(".py"):
-            source = (tmp_path / name).read_text()
-            assert "from .." not in source and "import modeling_mom" not in source, name
-    torch.save({"input_ids": ids, "attention_mask": mask}, tmp_path / "inputs.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    env.pop("PYTHONPATH", None)
-    subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(tmp_path)], env=env, cwd="/", check=True)
-    torch.testing.assert_close(
-        torch.load(tmp_path / "remote_logits.pt"), model(ids, attention_mask=mask).logits, atol=1e-6, rtol=1e-6
-    )
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    assert torch.equal(torch.load(tmp_path / "remote_generated.pt"), expected)
+    assert_remote_code_load_matches(model, *left_padded_batch(), tmp_path)
