@@ -27,8 +27,14 @@ layer g (of G) holds the union of the experts of GPT-2 layers g, g + G, g + 2G, 
 repeat). The shared Q and K are those of layer g (the first of the group; averaging Q/K of different layers mixes
 unrelated attention patterns); the shared LayerNorms are the group's means. GPT-2's positions, pre-LN, activation
 and biases are kept by default. Each token uses ``num_experts_per_tok`` experts (default: as many as one GPT-2 MLP
-has) whose gates start near 0.5, so the factor 2 is folded into the down-projections here as well. Continue LM
-training before fine-tuning on a task.
+has) whose gates start near 0.5, so the factor 2 is folded into the down-projections here as well.
+
+Recipe after an upcycling conversion (measured in benchmarks/results/upcycling.md, `python -m benchmarks.upcycling`):
+the seeded model is not usable as is (held-out loss +0.46 nats above GPT-2's with G = 6 of 12 layers, +1.9 with
+G = 2, on the small demo GPT-2); continue LM pretraining (`mom pretrain`, AdamW lr 1e-3 with warm-up, all parameters)
+before any task fine-tuning. 200 short steps there closed all but 0.02-0.05 nats of the gap to the unshared model.
+Prefer the largest G the memory allows (less sharing, smaller gap); ``--norm-scheme peri`` did slightly better
+than GPT-2's pre-LN after training.
 """
 
 import argparse
