@@ -65,7 +65,7 @@ class ModuleFormerConfig(PreTrainedConfig):
     """
 
     model_type = "moduleformer"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache field before and since transformers 5.24
     _auto_class = "AutoConfig"
     attribute_map = {
         "n_embd": "hidden_size",

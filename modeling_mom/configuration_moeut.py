@@ -84,7 +84,7 @@ class MoEUTConfig(PreTrainedConfig):
     """
 
     model_type = "moeut"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache field before and since transformers 5.24
     _auto_class = "AutoConfig"
 
     vocab_size: int = 8000

@@ -55,7 +55,7 @@ class MoMConfig(PreTrainedConfig):
     """
 
     model_type = "mom"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache field before and since transformers 5.24
     _auto_class = "AutoConfig"
 
     vocab_size: int = 50257

@@ -42,7 +42,9 @@ from .shared_modeling import (
     CausalLMWithRouterLosses,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
+    accepts_past_key_values,
     position_ids_from_mask,
+    with_cache,
 )
 from .stickbreaking_attention import stick_breaking_attention
 
@@ -171,7 +173,7 @@ class ModuleFormerAttention(ModuleFormerExperts):
         self,
         hidden_states: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the output `[B, T, d]` and, if asked, the weights of every head of every selected expert
@@ -189,8 +191,8 @@ class ModuleFormerAttention(ModuleFormerExperts):
         value = hidden_states if self.v_proj is None else self.v_proj(hidden_states)
         key = key.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, head_dim]
         value = value.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)  # [B, H, S, head_dim]
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)  # [B, H, S, head_dim]
 
         attn_output, attn_weights = self._attend(query, key, value, key_padding_mask, output_attentions)
         # reduce: [B, H, k, T, head_dim] in (token, slot) order -> sorted by expert, same plan as the map
@@ -259,12 +261,12 @@ class ModuleFormerDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_output, _ = self.self_attn(
-            self.input_layernorm(hidden_states), key_padding_mask, past_key_values, output_attentions
+            self.input_layernorm(hidden_states), key_padding_mask, cache, output_attentions
         )
         hidden_states = hidden_states + self.dropout(attn_output)
         return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
@@ -275,7 +277,6 @@ class ModuleFormerPreTrainedModel(RemoteCodeMixin, ModuleFormerModularityMixin, 
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ModuleFormerDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _can_record_outputs = {
         "hidden_states": ModuleFormerDecoderLayer,
         "attentions": OutputRecorder(ModuleFormerAttention, index=1),
@@ -347,6 +348,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @accepts_past_key_values
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -354,7 +356,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -368,14 +370,14 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)  # one slot per layer
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)  # one slot per layer
+        past_seen = cache.get_seq_length() if cache is not None else 0
         batch, seq = inputs_embeds.shape[:2]
         hidden_states = inputs_embeds
         if hasattr(self, "embed_positions"):
             if position_ids is None:
-                position_ids = position_ids_from_mask(inputs_embeds, attention_mask, past_key_values)
+                position_ids = position_ids_from_mask(inputs_embeds, attention_mask, cache)
             hidden_states = hidden_states + self.embed_positions(position_ids)
         hidden_states = self.dropout(hidden_states)
         key_padding_mask = key_padding_mask_from(attention_mask, batch, past_seen + seq)
@@ -386,13 +388,11 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
             hidden_states = layer(
                 hidden_states,
                 key_padding_mask=key_padding_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 output_attentions=output_attentions,
                 **kwargs,
             )
-        return MoeModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values if use_cache else None
-        )
+        return with_cache(MoeModelOutputWithPast, cache if use_cache else None, last_hidden_state=self.norm(hidden_states))
 
 
 def moduleformer_router_losses(

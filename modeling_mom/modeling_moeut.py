@@ -45,10 +45,13 @@ from .configuration_moeut import MoEUTConfig
 from .moe_dispatch import gather_rows, grouped_linear, plan_dispatch, scatter_rows, sorted_gates
 from .routing_losses import sequence_entropy_loss
 from .shared_modeling import (
+    CACHE_FIELD,
     CausalLMWithRouterLosses,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
+    accepts_past_key_values,
     position_ids_from_mask,
+    with_cache,
 )
 
 
@@ -230,7 +233,7 @@ class MoEUTAttention(nn.Module):
         value_input: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         cache_idx: int = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -242,8 +245,8 @@ class MoEUTAttention(nn.Module):
         value = self._values(value_input.reshape(-1, d), flat_query_input).view(head_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, cache_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, cache_idx)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -272,11 +275,11 @@ class MoEUTDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         cache_idx: int = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        attention_args = (position_embeddings, attention_mask, past_key_values, cache_idx)
+        attention_args = (position_embeddings, attention_mask, cache, cache_idx)
         if self.norm_scheme == "post":
             attn_output, _ = self.attention(hidden_states, hidden_states, *attention_args, **kwargs)
             hidden_states = self.input_layernorm(hidden_states + self.dropout(attn_output))
@@ -296,7 +299,6 @@ class MoEUTPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoEUTDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
@@ -393,6 +395,7 @@ class MoEUTModel(MoEUTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @accepts_past_key_values
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -400,7 +403,7 @@ class MoEUTModel(MoEUTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -409,17 +412,17 @@ class MoEUTModel(MoEUTPreTrainedModel):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)  # one slot per unrolled step
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)  # one slot per unrolled step
         if position_ids is None:
-            position_ids = position_ids_from_mask(inputs_embeds, attention_mask, past_key_values)
+            position_ids = position_ids_from_mask(inputs_embeds, attention_mask, cache)
 
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_FIELD: cache},  # the argument's name in the installed transformers
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
@@ -430,13 +433,11 @@ class MoEUTModel(MoEUTPreTrainedModel):
                 hidden_states,
                 position_embeddings,
                 attention_mask=causal_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 cache_idx=step,
                 **kwargs,
             )
-        return MoeModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values if use_cache else None
-        )
+        return with_cache(MoeModelOutputWithPast, cache if use_cache else None, last_hidden_state=self.norm(hidden_states))
 
 
 def moeut_aux_loss(config: MoEUTConfig, router_logits, batch_size: int, attention_mask) -> torch.Tensor | None:

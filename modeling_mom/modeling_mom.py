@@ -40,10 +40,13 @@ from .configuration_mom import MoMConfig
 from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispatch, scatter_rows
 from .routing_losses import switch_load_balancing_loss
 from .shared_modeling import (
+    CACHE_FIELD,
     CausalLMWithRouterLosses,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
+    accepts_past_key_values,
     position_ids_from_mask,
+    with_cache,
 )
 
 
@@ -127,7 +130,7 @@ class MoMAttention(MoMModulePool):
         hidden_states: torch.Tensor,
         route: ModuleRoute,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         cache_idx: int = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -140,8 +143,8 @@ class MoMAttention(MoMModulePool):
             qkv = scatter_rows(qkv_rows, route.plan, x.shape[0])
         # [B, T, 3d] -> 3 x [B, heads, T, head_dim]
         query, key, value = qkv.view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, cache_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, cache_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -201,18 +204,20 @@ class MoMRouter(nn.Module):
 
     Routers compute in their weights' dtype with autocast off, and `from_pretrained` keeps them in fp32 when the
     rest of the model loads in half precision (`_keep_in_fp32_modules_strict`): a top-K choice flips on small logit
-    errors (the Switch Transformer's "selective precision").
+    errors (the Switch Transformer's "selective precision"). They are created in fp32 whatever the default dtype, so
+    a model built in half precision from its config has them in fp32 too.
     """
 
     def __init__(self, config: MoMConfig, num_choices: int):
         super().__init__()
         self.router_type = config.router_type
         self.temperature = config.router_temperature
+        fp32 = {"dtype": torch.float32}
         if config.router_type == "gru":
-            self.cell = nn.GRUCell(config.hidden_size, config.router_hidden_size)
+            self.cell = nn.GRUCell(config.hidden_size, config.router_hidden_size, **fp32)
         else:
-            self.fc = nn.Linear(config.hidden_size, config.router_hidden_size)
-        self.out = nn.Linear(config.router_hidden_size, num_choices)
+            self.fc = nn.Linear(config.hidden_size, config.router_hidden_size, **fp32)
+        self.out = nn.Linear(config.router_hidden_size, num_choices, **fp32)
 
     def forward(
         self, hidden_states: torch.Tensor, state: torch.Tensor | None
@@ -274,14 +279,14 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
         mlp_router_state: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         round_idx: int = 0,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         cache_idx: int = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         route, attention_router_state = self._route(
             getattr(self, "attention_router", None), self.attention, hidden_states, round_idx, attention_router_state
         )
-        attn_output, _ = self.attention(hidden_states, route, attention_mask, past_key_values, cache_idx, **kwargs)
+        attn_output, _ = self.attention(hidden_states, route, attention_mask, cache, cache_idx, **kwargs)
         hidden_states = hidden_states + attn_output
         route, mlp_router_state = self._route(
             getattr(self, "mlp_router", None), self.mlp, hidden_states, round_idx, mlp_router_state
@@ -295,7 +300,6 @@ class MoMPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
@@ -366,6 +370,7 @@ class MoMModel(MoMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @accepts_past_key_values
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -373,7 +378,7 @@ class MoMModel(MoMPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -382,17 +387,17 @@ class MoMModel(MoMPreTrainedModel):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)  # one slot per unrolled step
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)  # one slot per unrolled step
         if position_ids is None:
-            position_ids = position_ids_from_mask(inputs_embeds, attention_mask, past_key_values)
+            position_ids = position_ids_from_mask(inputs_embeds, attention_mask, cache)
 
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_FIELD: cache},  # the argument's name in the installed transformers
         )
         hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
         router_states = (None, None)
@@ -404,13 +409,11 @@ class MoMModel(MoMPreTrainedModel):
                 *router_states,
                 attention_mask=causal_mask,
                 round_idx=round_idx,
-                past_key_values=past_key_values,
+                cache=cache,
                 cache_idx=cache_idx,
                 **kwargs,
             )
-        return MoeModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values if use_cache else None
-        )
+        return with_cache(MoeModelOutputWithPast, cache if use_cache else None, last_hidden_state=self.norm(hidden_states))
 
 
 class MoMForCausalLM(CausalLMWithRouterLosses, MoMPreTrainedModel, GenerationMixin):

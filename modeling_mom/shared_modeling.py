@@ -9,6 +9,8 @@ transformers' `GenericForSequenceClassification`:
     class MoMForCausalLM(CausalLMWithRouterLosses, MoMPreTrainedModel, GenerationMixin): ...
 """
 
+import functools
+
 import torch
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
@@ -18,6 +20,33 @@ from transformers.modeling_outputs import (
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. The models here
+# take `cache` and return it under the installed version's field name, so the package and saved checkpoints run on
+# either version.
+CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def accepts_past_key_values(forward):
+    """Decorator: `forward(cache=...)` may also be called as `forward(past_key_values=...)`. Since transformers 5.24
+    that name is deprecated (with the warning transformers' own models give); before, `generate` passes it, so it is
+    renamed silently."""
+    if CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def renamed(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return forward(*args, **kwargs)
+
+    return renamed
+
+
+def with_cache(output_class, cache: Cache | None, **fields):
+    """`output_class(...)` with the cache under the installed transformers' field name."""
+    return output_class(**fields, **{CACHE_FIELD: cache})
 
 
 class RemoteCodeMixin:
@@ -96,13 +125,13 @@ def last_token_pooling(
 
 
 def position_ids_from_mask(
-    inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_key_values: Cache | None
+    inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None
 ) -> torch.Tensor:
     """`[B, T]` positions that count real tokens only (as `generate` does), so left padding does not shift them."""
     seq = inputs_embeds.shape[1]
     if attention_mask is not None and attention_mask.dim() == 2:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
-    past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+    past_seen = cache.get_seq_length() if cache is not None else 0
     return torch.arange(seq, device=inputs_embeds.device).unsqueeze(0) + past_seen
 
 
@@ -140,13 +169,14 @@ class CausalLMWithRouterLosses(RouterLossesMixin):
     """`self.model` -> `self.lm_head`; the next-token loss (honouring the Trainer's `num_items_in_batch`) plus the
     router losses."""
 
+    @accepts_past_key_values
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -165,7 +195,7 @@ class CausalLMWithRouterLosses(RouterLossesMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -176,11 +206,12 @@ class CausalLMWithRouterLosses(RouterLossesMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         loss, aux_loss = self._add_router_losses(loss, outputs, attention_mask)
-        return MoeCausalLMOutputWithPast(
+        return with_cache(
+            MoeCausalLMOutputWithPast,
+            getattr(outputs, CACHE_FIELD),
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
@@ -191,13 +222,14 @@ class SequenceClassifierWithRouterLosses(RouterLossesMixin):
     """`self.model` -> `self.score` on the last real token (left or right padding); the loss of the task type
     (single-label, regression for `num_labels=1`, multi-label) plus the router losses."""
 
+    @accepts_past_key_values
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -214,7 +246,7 @@ class SequenceClassifierWithRouterLosses(RouterLossesMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -225,10 +257,11 @@ class SequenceClassifierWithRouterLosses(RouterLossesMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
             loss, _ = self._add_router_losses(loss, outputs, attention_mask)
-        return SequenceClassifierOutputWithPast(
+        return with_cache(
+            SequenceClassifierOutputWithPast,
+            getattr(outputs, CACHE_FIELD),
             loss=loss,
             logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

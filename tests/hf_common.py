@@ -25,7 +25,7 @@ Re-exported from the sdist: `ModelTesterMixin`, `TrainingTesterMixin`, `ConfigTe
 Defined here:
 
 * `GenerationTesterMixin`: greedy and beam-search `generate` with the cache equal to without it, a left-padded
-  batch equal to each row generated alone, continuing from a returned `past_key_values`, a `DynamicCache` passed
+  batch equal to each row generated alone, continuing from a returned cache, a `DynamicCache` passed
   by the user, `inputs_embeds` prompts, dict outputs, router logits during generation. Needs
   `self.model_tester.prepare_config_and_inputs_for_common()` and the config's `vocab_size` / `pad_token_id`.
 * `CausalLMModelTester`: a tiny-model tester parameterised by class attributes `config_class`,
@@ -75,6 +75,8 @@ import transformers
 from transformers import DynamicCache, set_seed
 from transformers.models.auto import modeling_auto
 from transformers.testing_utils import torch_device
+
+from modeling_mom.shared_modeling import CACHE_FIELD
 
 SDIST_PACKAGE = "transformers_sdist_tests"
 SDIST_TEST_FILES = ("test_modeling_common.py", "test_configuration_common.py", "test_training_mixin.py")
@@ -271,7 +273,7 @@ class GenerationTesterMixin:
                     for a, b in zip(alone.logits, batched.logits, strict=True):
                         torch.testing.assert_close(b[row], a[0], rtol=0, atol=self.logits_atol)
 
-    def test_generate_continue_from_past_key_values(self):
+    def test_generate_continue_from_returned_cache(self):
         for model_class in self.all_generative_model_classes:
             model = self._generation_model(model_class)
             inputs = self._prompts(model.config)
@@ -281,7 +283,7 @@ class GenerationTesterMixin:
                 "input_ids": first.sequences,
                 "attention_mask": torch.cat([inputs["attention_mask"], new_mask], dim=1),
             }
-            continued = self._generate(model, continued_inputs, past_key_values=first.past_key_values)
+            continued = self._generate(model, continued_inputs, **{CACHE_FIELD: getattr(first, CACHE_FIELD)})
             reference = self._generate(model, inputs, use_cache=False, max_new_tokens=2 * self.max_new_tokens)
             with self.subTest(model_class.__name__):
                 self.assertTrue(torch.equal(continued.sequences, reference.sequences))
@@ -298,7 +300,7 @@ class GenerationTesterMixin:
                 ("DynamicCache()", DynamicCache()),
             ):
                 with self.subTest(model_class.__name__, cache=name):
-                    self._assert_same_generation(reference, self._generate(model, inputs, past_key_values=cache))
+                    self._assert_same_generation(reference, self._generate(model, inputs, **{CACHE_FIELD: cache}))
                     # The last generated token is never fed back, so the cache holds all but one position.
                     self.assertEqual(cache.get_seq_length(), reference.sequences.shape[1] - 1)
 

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification
 from modeling_mom.routing_losses import mutual_information_loss, router_z_loss, switch_load_balancing_loss
+from modeling_mom.shared_modeling import CACHE_FIELD
 from modeling_mom.stickbreaking_attention import stick_breaking_attention
 
 from .remote_contract import assert_remote_code_load_matches
@@ -191,10 +192,10 @@ def test_incremental_decoding_equals_full_forward(attention):
     full = model(ids).logits
     out = model(ids[:, :5], use_cache=True)
     steps = [out.logits]
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_FIELD)
     for t in range(5, 9):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        cache = getattr(out, CACHE_FIELD)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM, MoEUTForSequenceClassification, MoEUTModel
 from modeling_mom.modeling_moeut import MoEUTAttention, MoEUTFeedForward, moeut_aux_loss
 from modeling_mom.routing_losses import sequence_entropy_loss
+from modeling_mom.shared_modeling import CACHE_FIELD
 
 from .remote_contract import assert_remote_code_load_matches
 from .trainer_contract import assert_accumulation_equals_big_batch
@@ -130,7 +131,7 @@ def test_layers_are_shared_and_unrolled():
     out = model(torch.randint(2, VOCAB, (2, 5)), output_hidden_states=True, use_cache=True)
     assert calls == [0, 1, 0, 1, 0, 1]  # A, B, A, B, A, B
     assert len(out.hidden_states) == config.num_hidden_layers + 1
-    assert len(out.past_key_values.layers) == config.num_hidden_layers
+    assert len(getattr(out, CACHE_FIELD).layers) == config.num_hidden_layers
 
 
 # ------------------------------------------------------------------------------------- cached decoding
@@ -143,11 +144,11 @@ def test_incremental_forward_equals_full_forward(variant):
     ids, mask = left_padded_batch()
     full = model(ids, attention_mask=mask).logits
     out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
-    steps, cache = [out.logits], out.past_key_values
+    steps, cache = [out.logits], getattr(out, CACHE_FIELD)
     for t in range(5, ids.shape[1]):
-        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_FIELD)
     real = mask.bool()
     torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], **TOL)
 
@@ -159,11 +160,11 @@ def test_incremental_forward_without_attention_mask():
     ids = torch.randint(2, VOCAB, (2, 8))
     full = model(ids).logits
     out = model(ids[:, :3], use_cache=True)
-    steps, cache = [out.logits], out.past_key_values
+    steps, cache = [out.logits], getattr(out, CACHE_FIELD)
     for t in range(3, 8):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_FIELD)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
 
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from modeling_mom import MoMConfig, MoMForCausalLM, MoMForSequenceClassification, MoMModel
 from modeling_mom.routing_losses import switch_load_balancing_loss
+from modeling_mom.shared_modeling import CACHE_FIELD
 
 from .remote_contract import assert_remote_code_load_matches
 from .trainer_contract import assert_accumulation_equals_big_batch
@@ -87,7 +88,7 @@ def test_num_hidden_layers_is_the_unrolled_depth():
     model = MoMModel(config).eval()
     out = model(torch.randint(1, VOCAB, (2, 5)), output_hidden_states=True, use_cache=True)
     assert len(out.hidden_states) == config.num_hidden_layers + 1
-    assert len(out.past_key_values.layers) == config.num_hidden_layers
+    assert len(getattr(out, CACHE_FIELD).layers) == config.num_hidden_layers
 
 
 # ------------------------------------------------------------------------------------- cached decoding
@@ -101,11 +102,11 @@ def test_incremental_forward_equals_full_forward(routing):
     full = model(ids, attention_mask=mask).logits
     out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
     steps = [out.logits]
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_FIELD)
     for t in range(5, ids.shape[1]):
-        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_FIELD)
     incremental = torch.cat(steps, dim=1)
     real = mask.bool()
     torch.testing.assert_close(incremental[real], full[real], atol=1e-5, rtol=1e-5)

@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 from transformers.utils.output_capturing import OutputRecorder
 
+from modeling_mom.shared_modeling import CACHE_FIELD
+
 from .common import (
     WorkflowError,
     is_local_data,
@@ -228,9 +230,9 @@ def active_parameters(model, input_ids: torch.Tensor, num_tokens: int = 8) -> fl
     counts = []
     for position in range(max(1, seq - num_tokens), seq):
         with torch.no_grad():
-            cache = model(input_ids[:, :position], use_cache=True).past_key_values
+            cache = getattr(model(input_ids[:, :position], use_cache=True), CACHE_FIELD)
         model.zero_grad(set_to_none=True)
-        out = model(input_ids[:, position : position + 1], past_key_values=cache,
+        out = model(input_ids[:, position : position + 1], **{CACHE_FIELD: cache},
                     attention_mask=torch.ones(1, position + 1, dtype=torch.long, device=input_ids.device), **extra)
         outputs = [out.logits, *(getattr(out, "router_logits", None) or ())]
         scalar = sum((o.float() * torch.randn(o.shape, generator=generator).to(o.device)).sum() for o in outputs)
