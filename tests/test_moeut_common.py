@@ -14,12 +14,14 @@ composite models, no TP plan, no RoPE scaling, ...):
   `model_split_percents` tried on an H100 (0.7 to 0.98). Unsharing the layers (G = 2) would make it pass but lose
   the shared-layer coverage of every other common test. The disk-offload tests run and pass on the H100.
 
-* the bfloat16 variants of `test_eager_matches_sdpa_inference_*` and `test_eager_matches_batched_and_grouped_
-  inference_*`. They compare whole-model outputs under a continuous tolerance, but MoEUT's routing is a discrete
-  top-k of sigmoid scores: a bf16 rounding difference between two attention kernels (or between gating before and
+* the half-precision (bf16 and fp16) variants of `test_eager_matches_sdpa_inference_*` and
+  `test_eager_matches_batched_and_grouped_inference_*`. They compare whole-model outputs under a continuous tolerance,
+  but MoEUT's routing is a discrete top-k of sigmoid scores: a half-precision rounding difference between two attention kernels (or between gating before and
   after the down-projection) flips near-tied top-k choices, and a flipped expert changes the output by far more than
   the tolerance. Measured on this tiny config over 20 seeds: every seed without a flip matched eager vs sdpa to
-  <= 0.004 (bf16 rounding); seeds with flips differed by up to 0.19. The fp32 (and fp16) variants run and pass.
+  <= 0.004 (bf16 rounding); seeds with flips differed by up to 0.19. fp16 flips less often but does: one run of the
+  suite (transformers 5.23, whose random inputs depend on the tests run before) had 26% of the outputs of the
+  batched/grouped fp16 comparison off by up to 0.04. The fp32 variants run and pass.
   The experts kernels are compared in bf16 with routing held fixed in tests/test_moeut.py
   (`test_experts_implementations_agree_in_bfloat16`).
 """
@@ -63,10 +65,10 @@ class MoEUTCommonTest(CausalLMModelTest, unittest.TestCase):
 
 
 _ROUTING_FLIP_REASON = (
-    "bf16 rounding flips MoEUT's discrete top-k routing, so whole-model outputs are not within a continuous "
-    "tolerance; see the module docstring (fp32 variants run)."
+    "half-precision rounding flips MoEUT's discrete top-k routing, so whole-model outputs are not within a "
+    "continuous tolerance; see the module docstring (fp32 variants run)."
 )
 _COMPARISONS = ("test_eager_matches_sdpa_inference_", "test_eager_matches_batched_and_grouped_inference_")
 for _name in dir(MoEUTCommonTest):
-    if _name.startswith(_COMPARISONS) and "_bf16" in _name:
+    if _name.startswith(_COMPARISONS) and ("_bf16" in _name or "_fp16" in _name):
         setattr(MoEUTCommonTest, _name, unittest.skip(_ROUTING_FLIP_REASON)(getattr(MoEUTCommonTest, _name)))
