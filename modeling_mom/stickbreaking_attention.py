@@ -1,7 +1,7 @@
 """Stick-breaking attention (ModuleFormer, Shen et al. 2023; Tan et al. 2024, arXiv 2410.17980), in plain PyTorch.
 
-Query i breaks a unit stick over its keys, nearest first: key j takes the fraction ``beta_ij = sigmoid(q_i . k_j /
-sqrt(d))`` of what the nearer keys left over, so
+Query i breaks a unit stick over its keys, nearest first: key j takes the fraction ``beta_ij = sigmoid(l_ij)``,
+``l_ij = q_i . k_j / sqrt(d)``, of what the nearer keys left over, so
 
     A_ij = beta_ij * prod_{j < m <= i} (1 - beta_im),        o_i = sum_j A_ij v_j.
 
@@ -12,14 +12,33 @@ Order comes from the mechanism itself, so no position embedding is needed. Two v
 * Tan et al. 2024 (``attend_current=False, remainder_to_current=True``): keys ``j < i``, and the remainder
   ``1 - sum_j A_ij`` goes to the current token's value.
 
-Computed in log space in fp32 (``log A_ij = log sigmoid(l_ij) + sum_{m > j} log sigmoid(-l_im)``, every term <= 0, so
-``exp`` cannot overflow), in blocks of query rows whose keys stop at the block's causal limit: memory per block is
-O(chunk * keys) and no work is spent on the masked upper triangle. A padding key gets ``beta = 0`` and ``log(1 -
-beta) = 0``: it takes nothing and breaks nothing, so left-padded rows give exactly the outputs of unpadded ones.
+Computed in fp32 log space. With ``log sigmoid(l) = l - softplus(l)`` and ``log(1 - sigmoid(l)) = -softplus(l)``,
+
+    log A_ij = l_ij - sum_{m >= j} softplus(l_im)                  (a reverse cumulative sum over keys)
+
+where every term is exact (no difference of two large sums) and ``log A <= 0``, so ``exp`` cannot overflow. A key
+that may not be attended to (after the query, or padding) gets ``l = -inf``: then ``softplus(l) = 0`` and ``A = 0``, it
+takes nothing and breaks nothing, so left-padded rows give exactly the outputs of unpadded ones.
+
+The kernel works like FlashAttention without a GPU: blocks of query rows, each against the keys up to its causal limit
+(no work on the masked upper triangle, temporaries O(rows * keys) that stay in cache), and a backward pass that
+recomputes each block's weights instead of storing them, so training memory is O(T * D) beyond the inputs. With
+``G = dL/dA * A`` the gradient of the logits is
+
+    dL/dl_ij = G_ij - sigmoid(l_ij) * sum_{j' <= j} G_ij'          (a forward cumulative sum over keys).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+# Query rows of one block are capped so that a block's `[batch * heads, rows, keys]` temporaries hold about this many
+# fp32 elements (16 MB): the backward keeps four of them alive; much larger ones page-fault, much smaller ones make
+# small, inefficient matmuls (measured: 2^20 to 2^22 are equally fast at 2048 tokens, 2^18 is 2x slower).
+BLOCK_ELEMENTS = 1 << 22
+LN2 = math.log(2.0)
 
 
 def stick_breaking_attention(
@@ -36,58 +55,190 @@ def stick_breaking_attention(
 
     Args:
         query: `[B, H, G, T, D]`; the `G` query groups of a head (MoA: one per selected expert) share its keys.
-        key, value: `[B, H, S, D]`.
+        key, value: `[B, H, S, D]`, `S >= T`.
         key_padding_mask: `[B, S]`, true (or 1) for real tokens; `None` means no padding.
         attend_current: let query i attend to key i (official ModuleFormer) or only to earlier keys.
         remainder_to_current: add `(1 - sum_j A_ij) * v_i` (Tan et al. 2024).
-        chunk_size: query rows per block.
+        chunk_size: the most query positions per block (memory O(chunk * keys); fewer when batch * heads is large).
         output_weights: also return the attention weights `A`, materialised as `[B, H * G, T, S]` (fp32; query group
             g of head h at index `h * G + g`).
 
     Returns:
         the output `[B, H, G, T, D]` in `value`'s dtype, and the weights or None.
     """
-    seq_len, key_len = query.shape[-2], key.shape[-2]
+    _check_inputs(query, key, value, key_padding_mask, chunk_size)
+    padding = None if key_padding_mask is None else ~key_padding_mask.bool()
+    if output_weights:
+        return _attention_with_weights(query, key, value, padding, attend_current, remainder_to_current, chunk_size)
+    out = _StickBreakingAttention.apply(query, key, value, padding, attend_current, remainder_to_current, chunk_size)
+    return out, None
+
+
+def _check_inputs(query, key, value, key_padding_mask, chunk_size):
+    if query.dim() != 5 or key.dim() != 4 or key.shape != value.shape:
+        raise ValueError(
+            f"stick_breaking_attention needs query [B, H, G, T, D] and key, value [B, H, S, D]; got query "
+            f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}."
+        )
+    batch, heads, _, seq_len, dim = query.shape
+    key_len = key.shape[2]
+    if key.shape[:2] != (batch, heads) or key.shape[3] != dim or key_len < seq_len:
+        raise ValueError(
+            f"key/value {tuple(key.shape)} do not fit query {tuple(query.shape)}: they need the same batch, heads and "
+            f"head size, and at least as many positions (S >= T, the first S - T being cached history)."
+        )
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, key_len):
+        raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected {(batch, key_len)}.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be a positive number of query rows.")
+
+
+def _blocks(seq_len: int, key_len: int, rows_per_position: int, chunk_size: int):
+    """`(start, end, visible)` per block of query positions; keys at `visible` and later are after every query in it.
+    `rows_per_position` (batch * heads * groups) caps the block at `BLOCK_ELEMENTS` logits."""
     offset = key_len - seq_len
-    scale = query.shape[-1] ** -0.5
-    key = key.unsqueeze(2).float()  # [B, H, 1, S, D]
-    value32 = value.unsqueeze(2).float()
-    if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.bool()[:, None, None, None, :]  # [B, 1, 1, 1, S]
-    positions = torch.arange(key_len, device=query.device)
-    outputs, all_weights = [], []
-    for start in range(0, seq_len, chunk_size):
-        end = min(start + chunk_size, seq_len)
-        visible = offset + end  # keys after the block's last query are never attended to
-        query_pos = positions[offset + start : visible, None]  # [t, 1]
-        key_pos = positions[None, :visible]  # [1, s]
-        allowed = key_pos <= query_pos if attend_current else key_pos < query_pos
-        if key_padding_mask is not None:
-            allowed = allowed & key_padding_mask[..., :visible]
-        logits = (query[..., start:end, :].float() @ key[..., :visible, :].transpose(-1, -2)) * scale
-        log_stay = F.logsigmoid(-logits).masked_fill(~allowed, 0.0)  # log(1 - beta_ij)
-        # sum_{m > j} log(1 - beta_im): reverse inclusive cumsum, shifted left by one key (no cancellation)
-        log_left = F.pad(log_stay.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
-        weights = (F.logsigmoid(logits) + log_left).exp().masked_fill(~allowed, 0.0)  # [B, H, G, t, s]
-        if output_weights:
-            all_weights.append(F.pad(weights, (0, key_len - visible)))
-        else:
-            outputs.append(
-                _combine(
-                    weights, value32[..., :visible, :], value32[..., offset + start : visible, :], remainder_to_current
-                )
-            )
-    if not output_weights:
-        return torch.cat(outputs, dim=-2).to(value.dtype), None
-    # the output is computed from the returned weights, so that gradients reach them (e.g. `retain_grad`)
-    weights = torch.cat(all_weights, dim=-2).flatten(1, 2)  # [B, H * G, T, S]
-    out = _combine(weights.view(*query.shape[:-1], key_len), value32, value32[..., offset:, :], remainder_to_current)
-    return out.to(value.dtype), weights
+    step = max(1, min(chunk_size, BLOCK_ELEMENTS // (rows_per_position * key_len)))
+    for start in range(0, seq_len, step):
+        end = min(start + step, seq_len)
+        yield start, end, offset + end
 
 
-def _combine(weights, values, current_values, remainder_to_current):
-    """`sum_j A_ij v_j`, plus the stick's remainder times the current token's value if asked."""
+class _Inputs:
+    """The operands, flattened for batched matmuls, and the masks, shared by the forward and backward passes.
+
+    Query rows of a block are ordered (group, position): `[B * H, G * t, D]`, all against the same keys. Keys and
+    values are stored in reverse order, nearest first (`[B * H, S, D]`, row `S - 1 - j` holds key j): the keys a
+    block sees are then the rows `S - visible:` and the reverse cumulative sum over keys of the module docstring is a
+    plain `cumsum` (no flips of `[rows, keys]` tensors). The query is pre-scaled by `log2(e) / sqrt(D)`: the logits
+    are in base 2, because `exp2` is fast for every input while `exp` of very negative numbers (far keys' `log A`)
+    takes a slow path on CPU. Computed in fp32 (fp64 inputs stay fp64, e.g. for gradcheck).
+    """
+
+    def __init__(self, query, key, value, padding, attend_current):
+        self.batch, self.heads, self.groups, self.seq_len, self.dim = query.shape
+        self.key_len = key.shape[2]
+        self.offset = self.key_len - self.seq_len
+        self.scale = math.log2(math.e) / math.sqrt(self.dim)
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        self.query = query.to(dtype) * self.scale  # [B, H, G, T, D]
+        self.key = key.to(dtype).flip(2).reshape(-1, self.key_len, self.dim)  # [B * H, S, D], nearest first
+        self.value = value.to(dtype).flip(2).reshape(-1, self.key_len, self.dim)
+        self.padding = None if padding is None else padding.flip(1)[:, None, :]  # [B, 1, S], true for padding
+        self.attend_current = attend_current
+
+    def block_query(self, start, end):
+        return self.query[..., start:end, :].reshape(-1, self.groups * (end - start), self.dim)
+
+    def own_rows(self, start, end):
+        """The rows of the block's own positions in the reversed keys and values (last position first)."""
+        return slice(self.key_len - self.offset - end, self.key_len - self.offset - start)
+
+    def own_values(self, start, end):
+        """The values of the block's own positions, one per query row: `[B * H, G * t, D]`."""
+        own = self.value[:, self.own_rows(start, end)].flip(1)  # [B * H, t, D] in position order
+        return own[:, None].expand(-1, self.groups, -1, -1).reshape(-1, self.groups * (end - start), self.dim)
+
+    def logits(self, query, start, end, visible):
+        """`[B * H, G * t, s]` base-2 logits of a block over its keys, nearest first; keys that may not be attended
+        to are -inf."""
+        logits = torch.bmm(query, self.key[:, self.key_len - visible :].transpose(1, 2))
+        t = end - start
+        # the block's own positions (the first t columns, last position first) are the only place the causal limit
+        # cuts: query i may see own position u = t - 1 - column when u <= i (u < i without attend_current)
+        row = torch.arange(t, device=logits.device)[:, None]
+        own = t - 1 - torch.arange(t, device=logits.device)[None, :]
+        after = own > row if self.attend_current else own >= row
+        logits.view(-1, self.groups, t, visible)[..., :t].masked_fill_(after, float("-inf"))
+        if self.padding is not None:
+            padding = self.padding[..., self.key_len - visible :]
+            logits.view(self.batch, -1, visible).masked_fill_(padding, float("-inf"))
+        return logits
+
+
+def _weights_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """`A = 2^(l - sum_{m >= j} log2(1 + 2^l_m))` for base-2 logits over keys nearest first: the formula of the
+    module docstring in base 2. Plain ops, so that autograd can follow them."""
+    return torch.exp2(logits - F.softplus(logits, beta=LN2).cumsum(-1))
+
+
+def _block_weights(inputs: _Inputs, query, start, end, visible):
+    """The block's base-2 logits (reused by the backward pass) and weights, keys nearest first, in place."""
+    logits = inputs.logits(query, start, end, visible)
+    stick_used = F.softplus(logits, beta=LN2).cumsum_(-1)  # by this key and every nearer one
+    return logits, torch.sub(logits, stick_used, out=stick_used).exp2_()
+
+
+class _StickBreakingAttention(torch.autograd.Function):
+    """Block-wise forward; the backward pass recomputes each block's weights (nothing of size T x S is stored)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, padding, attend_current, remainder_to_current, chunk_size):
+        inputs = _Inputs(query, key, value, padding, attend_current)
+        out = torch.empty_like(inputs.query)  # [B, H, G, T, D]
+        rows = inputs.batch * inputs.heads * inputs.groups
+        for start, end, visible in _blocks(inputs.seq_len, inputs.key_len, rows, chunk_size):
+            _, weights = _block_weights(inputs, inputs.block_query(start, end), start, end, visible)
+            block_out = torch.bmm(weights, inputs.value[:, inputs.key_len - visible :])  # [B * H, G * t, D]
+            if remainder_to_current:
+                remainder = 1.0 - weights.sum(-1, keepdim=True)
+                block_out.addcmul_(remainder, inputs.own_values(start, end))
+            out[..., start:end, :] = block_out.view(*out.shape[:3], end - start, -1)
+        ctx.save_for_backward(query, key, value, padding)
+        ctx.options = (attend_current, remainder_to_current, chunk_size)
+        return out.to(value.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, padding = ctx.saved_tensors
+        attend_current, remainder_to_current, chunk_size = ctx.options
+        inputs = _Inputs(query, key, value, padding, attend_current)
+        grad_out = grad_out.to(inputs.query.dtype)
+        grad_query = torch.empty_like(inputs.query)
+        grad_key = torch.zeros_like(inputs.key)  # [B * H, S, D], reversed like the keys
+        grad_value = torch.zeros_like(inputs.value)
+        rows = inputs.batch * inputs.heads * inputs.groups
+        for start, end, visible in _blocks(inputs.seq_len, inputs.key_len, rows, chunk_size):
+            t, seen = end - start, slice(inputs.key_len - visible, None)
+            block_query = inputs.block_query(start, end)
+            block_grad = grad_out[..., start:end, :].reshape(block_query.shape)  # [B * H, G * t, D]
+            logits, weights = _block_weights(inputs, block_query, start, end, visible)
+            grad_weights = torch.bmm(block_grad, inputs.value[:, seen].transpose(1, 2))  # dL/dA
+            grad_value[:, seen] += torch.bmm(weights.transpose(1, 2), block_grad)
+            if remainder_to_current:  # out += (1 - sum_j A_j) * v_own
+                grad_weights -= (block_grad * inputs.own_values(start, end)).sum(-1, keepdim=True)
+                remainder = 1.0 - weights.sum(-1, keepdim=True)
+                own_grad = (remainder * block_grad).view(-1, inputs.groups, t, inputs.dim).sum(1)
+                grad_value[:, inputs.own_rows(start, end)] += own_grad.flip(1)
+            grad_log_weights = grad_weights.mul_(weights)  # G = dL/dA * A
+            # dL/dl_j = G_j - sigmoid(l_j) * sum of G over key j and every farther key: with keys nearest first,
+            # that sum is the row total minus the inclusive cumsum plus G_j (an error of ~eps * sum |G|, absolute)
+            minus_farther = grad_log_weights.cumsum(-1)
+            minus_farther.sub_(minus_farther[..., -1:]).sub_(grad_log_weights)
+            beta = logits.mul_(LN2).sigmoid_()  # sigmoid of the natural-base logits
+            grad_logits = grad_log_weights.addcmul_(beta, minus_farther)  # natural base
+            block_grad_query = torch.bmm(grad_logits, inputs.key[:, seen]) * inputs.dim**-0.5
+            grad_query[..., start:end, :] = block_grad_query.view(*grad_query.shape[:3], t, -1)
+            grad_key[:, seen] += torch.bmm(grad_logits.transpose(1, 2), block_query)  # log2(e) / sqrt(D) * q
+        grad_key = grad_key.mul_(LN2).view(key.shape).flip(2).to(key.dtype)  # log2(e) taken back out, keys in order
+        grad_value = grad_value.view(value.shape).flip(2).to(value.dtype)
+        return grad_query.to(query.dtype), grad_key, grad_value, None, None, None, None
+
+
+def _attention_with_weights(query, key, value, padding, attend_current, remainder_to_current, chunk_size):
+    """The same attention through plain autograd, with the weights materialised and returned: the output is computed
+    from them, so gradients reach them (e.g. `retain_grad`). For inspection, not speed."""
+    inputs = _Inputs(query, key, value, padding, attend_current)
+    batch, heads, groups, seq_len, dim = query.shape
+    blocks = []
+    for start, end, visible in _blocks(seq_len, inputs.key_len, batch * heads * groups, chunk_size):
+        weights = _weights_from_logits(inputs.logits(inputs.block_query(start, end), start, end, visible))
+        weights = F.pad(weights.flip(-1), (0, inputs.key_len - visible))  # keys in order
+        blocks.append(weights.view(batch, heads, groups, end - start, -1))
+    returned = torch.cat(blocks, dim=-2).flatten(1, 2)  # [B, H * G, T, S]
+    weights = returned.view(batch, heads, groups, seq_len, -1)
+    values = value.to(weights.dtype).unsqueeze(2)  # [B, H, 1, S, D], in order
     out = weights @ values
     if remainder_to_current:
-        out = out + (1.0 - weights.sum(-1, keepdim=True)) * current_values
-    return out
+        out = out + (1.0 - weights.sum(-1, keepdim=True)) * values[..., inputs.offset :, :]
+    return out.to(value.dtype), returned
