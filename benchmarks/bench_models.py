@@ -24,6 +24,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read when torch is importe
 import argparse
 import gc
 import math
+import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -33,11 +35,17 @@ from benchmarks.common import (
     DTYPES,
     FOREIGN_LOAD_WARNING,
     build_parser,
+    count_parameters,
+    greedy_decode,
+    non_embedding_parameters,
+    prefill,
     setup,
     time_interleaved,
     timing_dict,
+    train_step,
     write_report,
 )
+from modeling_mom.shared_modeling import CACHE_FIELD
 
 
 def pairs(args) -> dict[str, tuple]:
@@ -59,7 +67,7 @@ def pairs(args) -> dict[str, tuple]:
         return bench_moduleformer.build_moduleformer(mf_args)
 
     def moduleformer_dense():
-        return bench_moduleformer.build_dense(mf_args, bench_moduleformer.non_embedding_parameters(moduleformer()))
+        return bench_moduleformer.build_dense(mf_args, non_embedding_parameters(moduleformer()))
 
     return {
         "mom": (lambda: bench_mom.build_gpt2(mom_args, args.mom_layers),
@@ -91,7 +99,7 @@ def kv_bytes_per_token(model, prompt) -> float:
     """Bytes the model's KV cache holds per token, after a prefill of `prompt` (batch 1)."""
     model.eval()
     with torch.no_grad():
-        cache = model(input_ids=prompt, use_cache=True).past_key_values
+        cache = getattr(model(input_ids=prompt, use_cache=True), CACHE_FIELD)
     total = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
     return total / prompt.shape[1]
 
@@ -127,17 +135,17 @@ def time_pair(baseline_fn, models, args) -> list[dict]:
     vocab = next(iter(built.values())).config.vocab_size
     train_ids = torch.randint(vocab, (args.batch, args.seq))
     prompt = torch.randint(1, vocab, (1, args.prompt))
-    results = {name: {"parameters": sum(p.numel() for p in m.parameters())} for name, m in built.items()}
+    results = {name: {"parameters": count_parameters(m)} for name, m in built.items()}
     for name, model in built.items():
         results[name]["forward_flops_per_token"] = forward_flops_per_token(model, train_ids)
         results[name]["kv_cache_bytes_per_token"] = kv_bytes_per_token(model, prompt)
         results[name]["activation_bytes"] = activation_bytes(model, train_ids)
         gc.collect()
     measurements = {
-        "train": (lambda m: bench_mom.train_step(m, train_ids), args.batch * args.seq),
+        "train": (lambda m: train_step(m, train_ids), args.batch * args.seq),
         "prefill": (lambda m: prefill(m, prompt), args.prompt),
-        "decode_b1": (lambda m: bench_mom.greedy_decode(m, prompt, args.new_tokens), args.new_tokens),
-        "decode_b8": (lambda m: bench_mom.greedy_decode(m, prompt.expand(8, -1), args.new_tokens),
+        "decode_b1": (lambda m: greedy_decode(m, prompt, args.new_tokens), args.new_tokens),
+        "decode_b8": (lambda m: greedy_decode(m, prompt.expand(8, -1), args.new_tokens),
                       8 * args.new_tokens),
     }  # fmt: skip
     for what, (make, tokens) in measurements.items():
@@ -149,18 +157,27 @@ def time_pair(baseline_fn, models, args) -> list[dict]:
     return [{"model": name, **values} for name, values in results.items()]
 
 
+def profile_training_step(name: str, model, args, rows: int = 10) -> str:
+    """torch.profiler's table of the `rows` operators with the most self CPU time in one training step (after one
+    untimed step), to show where the time goes; with the step's wall time with and without the profiler."""
+    step = train_step(model, torch.randint(model.config.vocab_size, (args.batch, args.seq)))
+    step()
+    start = time.perf_counter()
+    step()
+    plain = time.perf_counter() - start
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        step()
+        profiled = time.perf_counter() - start
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return (
+        f"### {name}: one training step, batch {args.batch} x {args.seq}, {args.dtype}\n\n"
+        f"Step wall time {plain:.2f} s without the profiler, {profiled:.2f} s with it.\n\n```\n{table}```\n"
+    )
+
+
 def fmt_foreign_load(load: float | None) -> str:
     return "n/a" if load is None else f"{load:.2f}" + (" ⚠" if load > FOREIGN_LOAD_WARNING else "")
-
-
-def prefill(model, prompt):
-    model.eval()
-
-    def step():
-        with torch.no_grad():
-            model(input_ids=prompt, use_cache=True)
-
-    return step
 
 
 def main():
@@ -178,12 +195,24 @@ def main():
     parser.add_argument("--mf-hidden", type=int, default=512, help="ModuleFormer width (MoLM: 1024)")
     parser.add_argument("--mf-layers", type=int, default=4, help="ModuleFormer depth (MoLM: 24)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a smoke test")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: print the profiler's top-10 operators of one training step per model",
+    )
     args = parser.parse_args()
     if args.tiny:
         args.batch, args.seq, args.prompt, args.new_tokens = 2, 16, 8, 2
         args.mom_hidden, args.mom_layers, args.mom_modules, args.mf_hidden, args.mf_layers = 64, 3, 2, 64, 2
     setup(args.threads, args.seed)
     all_pairs = pairs(args)
+    if args.profile:
+        report = [profile_training_step(name, fn(), args) for pair in args.pairs
+                  for name, fn in [(f"{pair} baseline", all_pairs[pair][0]), *all_pairs[pair][1]]]  # fmt: skip
+        print("\n".join(report))
+        if args.markdown:
+            Path(args.markdown).write_text("\n".join(report))
+        return
     results, rows = {}, []
     for pair in args.pairs:
         baseline_fn, models = all_pairs[pair]
@@ -199,12 +228,16 @@ def main():
                 f"{r['kv_cache_bytes_per_token'] / 1024:.1f}", fmt_foreign_load(r["train"]["foreign_load"]),
             ])  # fmt: skip
     notes = [
-        f"dtype={args.dtype}; vocabulary {args.vocab}; training batch {args.batch} x {args.seq}; prefill batch 1 x "
-        f"{args.prompt}; decoding {args.new_tokens} new tokens after that prompt, batch 1 and 8. MoM: width "
-        f"{args.mom_hidden}, {args.mom_layers} unrolled layers, {args.mom_modules} modules per pool. ModuleFormer: "
-        f"width {args.mf_hidden}, {args.mf_layers} layers.",
-        "Speed-up columns are baseline time / model time (> 1: the model is faster). Activation memory: bytes saved "
-        "for backward in one training step. FLOPs: forward, per token.",
+        (
+            f"dtype={args.dtype}; vocabulary {args.vocab}; training batch {args.batch} x {args.seq}; prefill batch 1 x "
+            f"{args.prompt}; decoding {args.new_tokens} new tokens after that prompt, batch 1 and 8. MoM: width "
+            f"{args.mom_hidden}, {args.mom_layers} unrolled layers, {args.mom_modules} modules per pool. ModuleFormer: "
+            f"width {args.mf_hidden}, {args.mf_layers} layers."
+        ),
+        (
+            "Speed-up columns are baseline time / model time (> 1: the model is faster). Activation memory: bytes saved "
+            "for backward in one training step. FLOPs: forward, per token."
+        ),
     ]
     header = ["pair", "model", "params", "train tok/s", "train speed-up", "activations MiB", "prefill tok/s",
               "decode b1 tok/s", "decode b1 speed-up", "decode b8 tok/s", "fwd MFLOP/token", "KV KiB/token",

@@ -1,17 +1,16 @@
 """ModuleFormer speed against dense baselines, measured in the same run (issue 4, "Speed").
 
-Cases (ratio = ModuleFormer throughput / baseline throughput, or time ratio for attention; target in brackets):
+Cases (ratio = ModuleFormer throughput / baseline throughput; target in brackets):
 - `train` [>= 2]: forward + backward tokens/s of a MoLM-shaped ModuleFormer (16 attention experts with one head as
   wide as the model and k=2, 32 feed-forward experts of width 2d with k=2, router width 256, keys/values = the
   hidden states, stick-breaking attention) against a dense GPT-2 of the same depth whose width is chosen so that it
   has the same number of non-embedding parameters (the paper compares models of similar total size).
 - `decode` [>= 2]: cached greedy decoding tokens/s at batch 1, the same two models.
-- `attention` [<= 3]: stick-breaking attention forward + backward time at `--attn-seq` tokens against causal
-  `scaled_dot_product_attention` with the same heads and head size.
+Stick-breaking attention against SDPA (issue 4's other target) is `bench_attention`.
 
     python -m benchmarks.bench_moduleformer --json moduleformer.json --markdown moduleformer.md
     OMP_NUM_THREADS=1 python -m benchmarks.bench_moduleformer --threads 1 --hidden 64 --layers 1 --seq 16 \\
-        --new-tokens 4 --attn-seq 64 --repeats 1   # smoke test
+        --new-tokens 4 --repeats 1   # smoke test
 """
 
 import os
@@ -21,14 +20,24 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read when torch is importe
 import gc
 
 import torch
-import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from benchmarks.common import DTYPES, build_parser, fmt_load, fmt_ms, setup, time_interleaved, timing_dict, write_report
+from benchmarks.common import (
+    DTYPES,
+    build_parser,
+    fmt_load,
+    fmt_ms,
+    greedy_decode,
+    non_embedding_parameters,
+    setup,
+    time_interleaved,
+    timing_dict,
+    train_step,
+    write_report,
+)
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
-from modeling_mom.stickbreaking_attention import stick_breaking_attention
 
-TARGETS = {"train": 2.0, "decode": 2.0, "attention": 3.0}
+TARGETS = {"train": 2.0, "decode": 2.0}
 
 
 def build_moduleformer(args) -> ModuleFormerForCausalLM:
@@ -48,12 +57,6 @@ def build_moduleformer(args) -> ModuleFormerForCausalLM:
     return ModuleFormerForCausalLM(config).to(DTYPES[args.dtype])
 
 
-def non_embedding_parameters(model) -> int:
-    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    embeddings |= {id(model.get_output_embeddings().weight)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
-
-
 def build_dense(args, target_parameters: int) -> GPT2LMHeadModel:
     """A GPT-2 of `args.layers` layers whose width (a multiple of 64) best matches `target_parameters`."""
     width = max(64, round((target_parameters / (12 * args.layers)) ** 0.5 / 64) * 64)
@@ -71,54 +74,7 @@ def build_dense(args, target_parameters: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).to(DTYPES[args.dtype])
 
 
-def train_step(model, input_ids):
-    model.train()
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-
-    return step
-
-
-def greedy_decode(model, prompt, new_tokens):
-    model.eval()
-
-    def decode():
-        out = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            pad_token_id=0,
-        )
-        if out.shape[1] != prompt.shape[1] + new_tokens:
-            raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens instead of {new_tokens}")
-
-    return decode
-
-
-def attention_step(kind, args):
-    shape = (1, args.attn_heads, args.attn_seq, args.attn_head_dim)
-    q, k, v = (torch.randn(shape, dtype=DTYPES[args.dtype], requires_grad=True) for _ in range(3))
-
-    def step():
-        if kind == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out, _ = stick_breaking_attention(q.unsqueeze(2), k, v)
-        out.backward(torch.ones_like(out))
-
-    return step
-
-
 def run_case(case, args):
-    if case == "attention":
-        fns = {"sdpa": attention_step("sdpa", args), "moduleformer": attention_step("sb", args)}
-        timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
-        ratio = timings["moduleformer"].median_s / timings["sdpa"].median_s
-        return {"case": case, "timings": timings, "ratio": ratio, "met": ratio <= TARGETS[case], "baseline": "sdpa"}
     moduleformer = build_moduleformer(args)
     dense = build_dense(args, non_embedding_parameters(moduleformer))
     params = {name: non_embedding_parameters(m) for name, m in (("moduleformer", moduleformer), ("dense", dense))}
@@ -157,12 +113,9 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--attn-seq", type=int, default=1024)
-    parser.add_argument("--attn-heads", type=int, default=8)
-    parser.add_argument("--attn-head-dim", type=int, default=64)
     parser.add_argument("--cases", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     args = parser.parse_args()
-    for name in ("hidden", "layers", "batch", "seq", "prompt", "new_tokens", "attn_seq", "attn_heads"):
+    for name in ("hidden", "layers", "batch", "seq", "prompt", "new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
     setup(args.threads, args.seed)
@@ -172,22 +125,15 @@ def main():
     for r in results:
         for name, timing in r["timings"].items():
             is_ours = name == "moduleformer"
-            if r["case"] == "attention":
-                label = "stick-breaking" if is_ours else "SDPA (causal softmax)"
-                ratio = f"{r['ratio']:.2f}x time (target <= {TARGETS['attention']})" if is_ours else ""
-            else:
-                label = f"{name}, {r['non_embedding_parameters'][name] / 1e6:.1f}M non-embedding params"
-                rate = r["tokens_per_call"] / timing.median_s
-                ratio = f"{rate:.0f} tok/s" + (
-                    f"; {r['ratio']:.2f}x (target >= {TARGETS[r['case']]})" if is_ours else ""
-                )
+            label = f"{name}, {r['non_embedding_parameters'][name] / 1e6:.1f}M non-embedding params"
+            rate = r["tokens_per_call"] / timing.median_s
+            ratio = f"{rate:.0f} tok/s" + (f"; {r['ratio']:.2f}x (target >= {TARGETS[r['case']]})" if is_ours else "")
             rows.append([r["case"], label, fmt_ms(timing), fmt_load(timing), ratio, "yes" if r["met"] else "no"])
     notes = [
         (
             f"ModuleFormer: d={args.hidden}, {args.layers} layers, 16 attention experts (k=2), 32 FFN experts "
             f"(width {2 * args.hidden}, k=2), dtype={args.dtype}. Training batch {args.batch} x {args.seq}; decoding "
-            f"batch 1, prompt {args.prompt}, {args.new_tokens} new tokens; attention: {args.attn_heads} heads x "
-            f"{args.attn_head_dim}, {args.attn_seq} tokens."
+            f"batch 1, prompt {args.prompt}, {args.new_tokens} new tokens."
         )
     ]
     header = ["case", "model", "median (min) ms per call", "foreign load", "throughput / ratio", "met"]

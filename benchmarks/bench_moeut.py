@@ -21,19 +21,31 @@ import os
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read when torch is imported: set it first
 
-import dataclasses
 import gc
 
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from benchmarks.common import DTYPES, build_parser, fmt_load, fmt_ms, setup, time_interleaved, timing_dict, write_report
+from benchmarks.common import (
+    DTYPES,
+    build_parser,
+    count_parameters,
+    fmt_load,
+    fmt_ms,
+    greedy_decode,
+    per_token,
+    setup,
+    time_interleaved,
+    timing_dict,
+    train_step,
+    write_report,
+)
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
 
 TARGETS = {"sigma_moe": 1.5, "train": None, "decode": None}
-SIGMA_MOE_SHAPE = dict(hidden_size=1024, num_experts=387, num_experts_per_tok=16, moe_intermediate_size=128)
-TINY_SIGMA_MOE_SHAPE = dict(hidden_size=64, num_experts=24, num_experts_per_tok=4, moe_intermediate_size=16)
+SIGMA_MOE_SHAPE = {"hidden_size": 1024, "num_experts": 387, "num_experts_per_tok": 16, "moe_intermediate_size": 128}
+TINY_SIGMA_MOE_SHAPE = {"hidden_size": 64, "num_experts": 24, "num_experts_per_tok": 4, "moe_intermediate_size": 16}
 
 
 def moeut_config(args) -> MoEUTConfig:
@@ -42,10 +54,6 @@ def moeut_config(args) -> MoEUTConfig:
                            head_dim=32, num_attention_experts=4, num_experts=16, num_experts_per_tok=4,
                            moe_intermediate_size=16, output_router_logits=True)  # fmt: skip
     return MoEUTConfig.from_preset("moeut-44m", vocab_size=args.vocab)
-
-
-def count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def matched_gpt2(moeut: MoEUTForCausalLM, heads: int) -> GPT2LMHeadModel:
@@ -58,11 +66,11 @@ def matched_gpt2(moeut: MoEUTForCausalLM, heads: int) -> GPT2LMHeadModel:
                             n_inner=inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             attn_implementation="sdpa")  # fmt: skip
         with torch.device("meta"):
-            return config, count(GPT2LMHeadModel(config))
+            return config, count_parameters(GPT2LMHeadModel(config))
 
     _, params = build(4 * d)
     per_unit = layers * (2 * d + 1)  # one more MLP unit per layer: a column of c_fc (+ its bias), a row of c_proj
-    config, _ = build(max(1, 4 * d + round((count(moeut) - params) / per_unit)))
+    config, _ = build(max(1, 4 * d + round((count_parameters(moeut) - params) / per_unit)))
     return GPT2LMHeadModel(config)
 
 
@@ -76,28 +84,6 @@ def paper_macs_ratio(config: MoEUTConfig, baseline_ff: int, baseline_heads: int,
     base_dh = d // baseline_heads
     base = 2 * baseline_heads * base_dh * seq**2 + 4 * d * baseline_heads * base_dh * seq + 2 * d * baseline_ff * seq
     return (att + ff) / base
-
-
-def train_step(model, input_ids):
-    model.train()
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-
-    return step
-
-
-def greedy_decode(model, prompt, new_tokens):
-    model.eval()
-
-    def decode():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True)  # fmt: skip
-        if out.shape[1] != prompt.shape[1] + new_tokens:
-            raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens instead of {new_tokens}")
-
-    return decode
 
 
 def sigma_moe_case(args):
@@ -132,7 +118,7 @@ def run_case(case: str, args) -> dict:
         moeut = MoEUTForCausalLM(moeut_config(args)).to(DTYPES[args.dtype])
         gpt2 = matched_gpt2(moeut, args.baseline_heads).to(DTYPES[args.dtype])
         baseline = f"GPT-2 pre-LN, {gpt2.config.n_layer} x d={gpt2.config.n_embd}, d_ff={gpt2.config.n_inner}"
-        extra = {"moeut_parameters": count(moeut), "baseline_parameters": count(gpt2)}
+        extra = {"moeut_parameters": count_parameters(moeut), "baseline_parameters": count_parameters(gpt2)}
         extra["paper_macs_ratio"] = paper_macs_ratio(moeut.config, gpt2.config.n_inner, args.baseline_heads, args.seq)
         if case == "train":
             input_ids = torch.randint(moeut.config.vocab_size, (args.batch, args.seq))
@@ -142,10 +128,7 @@ def run_case(case: str, args) -> dict:
             fns = {name: greedy_decode(m, prompt, args.new_tokens) for name, m in (("dense", gpt2), ("moeut", moeut))}
     timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
     if case == "decode":
-        timings = {
-            name: dataclasses.replace(t, median_s=t.median_s / args.new_tokens, min_s=t.min_s / args.new_tokens)
-            for name, t in timings.items()
-        }
+        timings = {name: per_token(t, args.new_tokens) for name, t in timings.items()}
     del fns
     gc.collect()
     base, moe = timings["dense"], timings["moeut"]
@@ -194,9 +177,11 @@ def main():
         rows.append([f"{r['case']} ({unit})", "MoEUT", fmt_ms(moe), fmt_load(moe), ratio, macs, target, met])
     counts = [r for r in results if "moeut_parameters" in r]
     notes = [
-        f"sigma_moe shape: {TINY_SIGMA_MOE_SHAPE if args.tiny else SIGMA_MOE_SHAPE}, {args.tokens} tokens; "
-        f"dtype={args.dtype}; training batch {args.batch} x {args.seq}; decoding batch 1, prompt {args.prompt}, "
-        f"{args.new_tokens} new tokens.",
+        (
+            f"sigma_moe shape: {TINY_SIGMA_MOE_SHAPE if args.tiny else SIGMA_MOE_SHAPE}, {args.tokens} tokens; "
+            f"dtype={args.dtype}; training batch {args.batch} x {args.seq}; decoding batch 1, prompt {args.prompt}, "
+            f"{args.new_tokens} new tokens."
+        ),
     ]
     if counts:
         notes.append(

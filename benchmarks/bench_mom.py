@@ -25,7 +25,6 @@ import os
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read when torch is imported: set it first
 
-import dataclasses
 import gc
 
 import torch
@@ -33,13 +32,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.common import (
     DTYPES,
-    Timing,
     build_parser,
     fmt_load,
     fmt_ms,
+    greedy_decode,
+    per_token,
     setup,
     time_interleaved,
     timing_dict,
+    train_step,
     write_report,
 )
 from modeling_mom import MoMConfig, MoMForCausalLM
@@ -94,40 +95,6 @@ def build_mom(args, routing_mode: str) -> MoMForCausalLM:
         **mom_structure(args.layers, args.modules),
     )
     return MoMForCausalLM(config).to(DTYPES[args.dtype])
-
-
-def train_step(model, input_ids):
-    model.train()
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-
-    return step
-
-
-def greedy_decode(model, prompt, new_tokens):
-    model.eval()
-    attention_mask = torch.ones_like(prompt)
-
-    def decode():
-        out = model.generate(
-            prompt,
-            attention_mask=attention_mask,
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            use_cache=True,
-            pad_token_id=model.config.eos_token_id,
-        )
-        if out.shape[1] != prompt.shape[1] + new_tokens:
-            raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens instead of {new_tokens}")
-
-    return decode
-
-
-def per_token(timing: Timing, tokens: int) -> Timing:
-    return dataclasses.replace(timing, median_s=timing.median_s / tokens, min_s=timing.min_s / tokens)
 
 
 def run_case(case: str, args) -> dict:

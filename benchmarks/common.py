@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -177,3 +177,55 @@ def write_report(
 
 def timing_dict(timing: Timing) -> dict:
     return {**asdict(timing), "disturbed": timing.disturbed}
+
+
+def per_token(timing: Timing, tokens: int) -> Timing:
+    """The same timing divided by the number of tokens a call processed."""
+    return replace(timing, median_s=timing.median_s / tokens, min_s=timing.min_s / tokens)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def non_embedding_parameters(model) -> int:
+    """Parameters outside the input and output embeddings (the part that matching a baseline is about)."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    embeddings |= {id(model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def train_step(model, input_ids) -> Callable[[], None]:
+    """One forward + backward of the causal-LM loss on `input_ids` (gradients reset first)."""
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+
+    return step
+
+
+def prefill(model, prompt) -> Callable[[], None]:
+    """One cached forward of `prompt`, as generation's first step does."""
+    model.eval()
+
+    def step():
+        with torch.no_grad():
+            model(input_ids=prompt, use_cache=True)
+
+    return step
+
+
+def greedy_decode(model, prompt, new_tokens: int) -> Callable[[], None]:
+    """Cached greedy generation of exactly `new_tokens` tokens after `prompt` (a shorter output is an error)."""
+    model.eval()
+    attention_mask = torch.ones_like(prompt)
+
+    def decode():
+        out = model.generate(prompt, attention_mask=attention_mask, do_sample=False, pad_token_id=0, use_cache=True,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)  # fmt: skip
+        if out.shape[1] != prompt.shape[1] + new_tokens:
+            raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens instead of {new_tokens}")
+
+    return decode
