@@ -5,7 +5,9 @@
 
 Each section runs as its own process (a fresh allocator and no state carried between measurements) and writes its
 Markdown and JSON into `--out`; the suite joins them into `--markdown` and `--json` (default `--out/SUITE.md` and
-`--out/suite.json`), with the command that made them. Sections (`--sections` runs some, e.g. one per locked run):
+`--out/suite.json`), with the command that made them. bf16 runs only where the CPU has native bf16 instructions
+(elsewhere torch emulates them, many times slower), unless `--dtypes` says otherwise. Sections (`--sections` runs
+some, e.g. one per locked run):
 - `models`: every architecture against its dense baseline (`bench_models`): training, prefill and decoding speed,
   activation memory, FLOPs and KV-cache bytes per token;
 - `dispatch`: the expert dispatch against the dense matmul and transformers' kernels, and the number of experts at
@@ -31,6 +33,16 @@ TINY = {"bench_models": ["--tiny", "--repeats", "1"], "bench_dispatch": ["--tiny
         "bench_attention": ["--tiny", "--repeats", "1"]}  # fmt: skip
 
 
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it torch emulates bf16 matmuls, many
+    times slower than fp32, and the bf16 sections would take most of an hour while measuring the emulation."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: let the user decide with --dtypes
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def run_section(module: str, extra: list[str], out: Path, index: int, args) -> dict:
     stem = f"{index:02d}-{module}"
     extra = [*extra, *TINY[module]] if args.tiny else extra
@@ -51,17 +63,24 @@ def main(argv=None):
     parser.add_argument("--json", help="the joined JSON report (default: --out/suite.json)")
     parser.add_argument("--markdown", help="the joined Markdown report (default: --out/SUITE.md)")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"],
+                        help="default: fp32, and bf16 where the CPU has native bf16 instructions")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a smoke test")
     args = parser.parse_args(argv)
+    dtypes = args.dtypes or (["fp32", "bf16"] if native_bf16() else ["fp32"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started, runs = time.perf_counter(), []
     for section in args.sections:
         for module, extra in SECTIONS[section]:
+            if "--dtype" in extra and extra[extra.index("--dtype") + 1] not in dtypes:
+                continue
             runs.append({"section": section, **run_section(module, extra, out, len(runs), args)})
     total = time.perf_counter() - started
     command = "python -m benchmarks.run_suite " + " ".join(sys.argv[1:] if argv is None else argv)
-    parts = [f"# Benchmark suite\n\nCommand: `{command.strip()}` ({total / 60:.1f} minutes)\n"]
+    parts = [f"# Benchmark suite\n\nCommand: `{command.strip()}` ({total / 60:.1f} minutes; {', '.join(dtypes)})\n"]
+    if "bf16" not in dtypes and not args.dtypes:
+        parts.append("bf16 left out: this CPU has no native bf16 instructions (AVX512-BF16 or AMX).\n")
     for run in runs:
         parts.append(f"<!-- section {run['section']}: {run['seconds']:.0f} s -->\n")
         if run["returncode"] != 0:
@@ -72,9 +91,9 @@ def main(argv=None):
             parts.append((out / f"{run['stem']}.md").read_text())
     markdown, json_path = Path(args.markdown or out / "SUITE.md"), Path(args.json or out / "suite.json")
     markdown.write_text("\n".join(parts))
-    payload = {"command": command, "seconds": total,
-               "runs": [{**run, "result": json.loads((out / f"{run['stem']}.json").read_text()) if run["returncode"] == 0
-                        else None} for run in runs]}  # fmt: skip
+    results = [None if run["returncode"] else json.loads((out / f"{run['stem']}.json").read_text()) for run in runs]
+    payload = {"command": command, "seconds": total, "dtypes": dtypes,
+               "runs": [{**run, "result": result} for run, result in zip(runs, results)]}  # fmt: skip
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"suite finished in {total / 60:.1f} minutes: {markdown}, {json_path}")
 
