@@ -1,4 +1,5 @@
-"""ModuleFormer: kernels against naive references, cached generation, losses, config, save/load, modularity APIs.
+"""ModuleFormer: layers against naive references (the attention kernel itself: test_stickbreaking.py), cached
+generation, losses, config, save/load, modularity APIs.
 
 Tolerances: fp32 kernels are compared with float64 references at 1e-5 (accumulated fp32 rounding over a few dozen
 terms is ~1e-6); two fp32 computations of the same function in different orders (cached vs full, padded vs
@@ -16,9 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification
 from modeling_mom.routing_losses import mutual_information_loss, router_z_loss, switch_load_balancing_loss
 from modeling_mom.shared_modeling import CACHE_FIELD
-from modeling_mom.stickbreaking_attention import stick_breaking_attention
 
 from .remote_contract import assert_remote_code_load_matches
+from .test_stickbreaking import naive_stick_breaking
 from .trainer_contract import assert_accumulation_equals_big_batch
 
 ATOL = 1e-5
@@ -56,71 +57,6 @@ def tiny_model(seed=0, **overrides) -> ModuleFormerForCausalLM:
             for pool in (layer.self_attn, layer.mlp):
                 pool.router.out.weight.normal_(0.0, 1.0)
     return model
-
-
-def naive_stick_breaking(q, k, v, real=None, attend_current=True, remainder_to_current=False):
-    """The stick-breaking process itself, key by key from the nearest, in float64. q `[B,H,G,T,D]`, k/v `[B,H,S,D]`."""
-    q, k, v = q.double(), k.double(), v.double()
-    batch, heads, groups, seq, dim = q.shape
-    key_len = k.shape[2]
-    real = torch.ones(batch, key_len, dtype=torch.bool) if real is None else real.bool()
-    beta = torch.sigmoid(torch.einsum("bhgtd,bhsd->bhgts", q, k) / math.sqrt(dim))
-    out = torch.zeros_like(q)
-    for t in range(seq):
-        pos = key_len - seq + t
-        stick = torch.ones(batch, heads, groups, 1, dtype=torch.float64)
-        first = pos if attend_current else pos - 1
-        for j in range(first, -1, -1):
-            b = beta[:, :, :, t, j, None] * real[:, j, None, None, None]
-            out[:, :, :, t] += stick * b * v[:, :, None, j]
-            stick = stick * (1 - b)
-        if remainder_to_current:
-            out[:, :, :, t] += stick * v[:, :, None, pos]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------- kernels
-
-
-@pytest.mark.parametrize("variant", [(True, False), (False, True)], ids=["official", "tan2024"])
-@pytest.mark.parametrize("past", [0, 4], ids=["no_cache", "with_cache"])
-def test_stick_breaking_matches_naive_process(variant, past):
-    attend_current, remainder = variant
-    torch.manual_seed(0)
-    batch, heads, groups, seq, dim = 2, 2, 3, 7, 4
-    q = torch.randn(batch, heads, groups, seq, dim, requires_grad=True)
-    k = torch.randn(batch, heads, past + seq, dim, requires_grad=True)
-    v = torch.randn(batch, heads, past + seq, dim, requires_grad=True)
-    real = torch.ones(batch, past + seq, dtype=torch.bool)
-    real[1, :3] = False  # left padding
-    real[0, 5] = False  # a hole
-    out, weights = stick_breaking_attention(q, k, v, real, attend_current, remainder, chunk_size=3, output_weights=True)
-    ref = naive_stick_breaking(q, k, v, real, attend_current, remainder)
-    torch.testing.assert_close(out.double(), ref, atol=ATOL, rtol=0)
-    # the returned weights are those of the output (remainder aside), and the stick is never over-spent
-    assert weights.sum(-1).max() <= 1 + 1e-6
-    if not remainder:
-        torch.testing.assert_close(weights.view(2, 2, 3, seq, -1) @ v.unsqueeze(2), out, atol=ATOL, rtol=0)
-    # gradients too (float64 reference through the same autograd graph of the naive process)
-    grad_out = torch.randn_like(out)
-    fast = torch.autograd.grad(out, (q, k, v), grad_out)
-    slow = torch.autograd.grad(ref, (q, k, v), grad_out.double())
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b.float(), atol=ATOL, rtol=0)
-
-
-def test_stick_breaking_chunking_and_padding_are_transparent():
-    torch.manual_seed(1)
-    q, k, v = torch.randn(1, 2, 2, 9, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
-    full, _ = stick_breaking_attention(q, k, v, chunk_size=128)
-    torch.testing.assert_close(stick_breaking_attention(q, k, v, chunk_size=2)[0], full, atol=ATOL, rtol=0)
-
-    def pad(x, dim):  # three padding positions in front, arbitrary values: they change nothing for the real rows
-        return torch.cat([torch.randn_like(x.narrow(dim, 0, 3)) * 100, x], dim)
-
-    real = torch.tensor([[False] * 3 + [True] * 9])
-    padded, _ = stick_breaking_attention(pad(q, 3), pad(k, 2), pad(v, 2), real, chunk_size=4)
-    torch.testing.assert_close(padded[..., 3:, :], full, atol=ATOL, rtol=0)
 
 
 def naive_router(router, x):
