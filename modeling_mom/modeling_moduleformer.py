@@ -392,7 +392,8 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
                 output_attentions=output_attentions,
                 **kwargs,
             )
-        return with_cache(MoeModelOutputWithPast, cache if use_cache else None, last_hidden_state=self.norm(hidden_states))
+        last_hidden_state = self.norm(hidden_states)
+        return with_cache(MoeModelOutputWithPast, cache if use_cache else None, last_hidden_state=last_hidden_state)
 
 
 def moduleformer_router_losses(

@@ -437,7 +437,8 @@ class MoEUTModel(MoEUTPreTrainedModel):
                 cache_idx=step,
                 **kwargs,
             )
-        return with_cache(MoeModelOutputWithPast, cache if use_cache else None, last_hidden_state=self.norm(hidden_states))
+        last_hidden_state = self.norm(hidden_states)
+        return with_cache(MoeModelOutputWithPast, cache if use_cache else None, last_hidden_state=last_hidden_state)
 
 
 def moeut_aux_loss(config: MoEUTConfig, router_logits, batch_size: int, attention_mask) -> torch.Tensor | None:

@@ -413,7 +413,8 @@ class MoMModel(MoMPreTrainedModel):
                 cache_idx=cache_idx,
                 **kwargs,
             )
-        return with_cache(MoeModelOutputWithPast, cache if use_cache else None, last_hidden_state=self.norm(hidden_states))
+        last_hidden_state = self.norm(hidden_states)
+        return with_cache(MoeModelOutputWithPast, cache if use_cache else None, last_hidden_state=last_hidden_state)
 
 
 class MoMForCausalLM(CausalLMWithRouterLosses, MoMPreTrainedModel, GenerationMixin):

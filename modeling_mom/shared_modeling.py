@@ -1,10 +1,11 @@
-"""Pieces every architecture of this package uses the same way: remote-code saving, positions from the attention
-mask, last-token pooling, and the two task heads (causal LM and sequence classifier) with router losses.
+"""Pieces every architecture of this package uses the same way: remote-code saving, the cache's name across
+transformers versions, positions from the attention mask, last-token pooling, and the two task heads (causal LM and
+sequence classifier) with router losses.
 
 The heads only differ by which router losses an architecture has: each `...ForCausalLM` /
 `...ForSequenceClassification` sets `self.model` (returning `MoeModelOutputWithPast`) and its output layer, and
-defines `router_losses` (see `RouterLossesMixin`). They come first among the bases, so that their `forward` is used, as with
-transformers' `GenericForSequenceClassification`:
+defines `router_losses` (see `RouterLossesMixin`). They come first among the bases, so that their `forward` is used,
+as with transformers' `GenericForSequenceClassification`:
 
     class MoMForCausalLM(CausalLMWithRouterLosses, MoMPreTrainedModel, GenerationMixin): ...
 """

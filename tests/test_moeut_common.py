@@ -15,13 +15,14 @@ composite models, no TP plan, no RoPE scaling, ...):
   the shared-layer coverage of every other common test. The disk-offload tests run and pass on the H100.
 
 * the half-precision (bf16 and fp16) variants of `test_eager_matches_sdpa_inference_*` and
-  `test_eager_matches_batched_and_grouped_inference_*`. They compare whole-model outputs under a continuous tolerance,
-  but MoEUT's routing is a discrete top-k of sigmoid scores: a half-precision rounding difference between two attention kernels (or between gating before and
-  after the down-projection) flips near-tied top-k choices, and a flipped expert changes the output by far more than
-  the tolerance. Measured on this tiny config over 20 seeds: every seed without a flip matched eager vs sdpa to
-  <= 0.004 (bf16 rounding); seeds with flips differed by up to 0.19. fp16 flips less often but does: one run of the
-  suite (transformers 5.23, whose random inputs depend on the tests run before) had 26% of the outputs of the
-  batched/grouped fp16 comparison off by up to 0.04. The fp32 variants run and pass.
+  `test_eager_matches_batched_and_grouped_inference_*`. They compare whole-model outputs under a continuous
+  tolerance, but MoEUT's routing is a discrete top-k of sigmoid scores: a half-precision rounding difference between
+  two attention kernels (or between gating before and after the down-projection) flips near-tied top-k choices, and a
+  flipped expert changes the output by far more than the tolerance. Measured on this tiny config over 20 seeds:
+  every seed without a flip matched eager vs sdpa to <= 0.004 (bf16 rounding); seeds with flips differed by up to
+  0.19. fp16 flips less often but does: one run of the suite (transformers 5.23, whose random inputs depend on the
+  tests run before) had 26% of the outputs of the batched/grouped fp16 comparison off by up to 0.04. The fp32
+  variants run and pass.
   The experts kernels are compared in bf16 with routing held fixed in tests/test_moeut.py
   (`test_experts_implementations_agree_in_bfloat16`).
 """
