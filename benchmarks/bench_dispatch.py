@@ -96,8 +96,8 @@ def ffn_functions(shape, dtype, backward: bool):
     def loop():
         return loop_forward(experts.up_proj.unbind(0), experts.down_proj.unbind(0), experts.act_fn, x, index, gates)
 
-    forwards = {"dense": lambda: dense(x), "ours": implementation("eager"), "hf_grouped_mm": implementation("grouped_mm"),
-                "loop": loop}  # fmt: skip
+    forwards = {"dense": lambda: dense(x), "ours": implementation("eager"),
+                "hf_grouped_mm": implementation("grouped_mm"), "loop": loop}  # fmt: skip
     return forwards, [experts, dense], x, 4 * tokens * k * d * width
 
 

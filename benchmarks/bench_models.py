@@ -15,6 +15,12 @@ step, the part of training memory that grows with the batch), prefill tokens/s (
 tokens/s at batch 1 and 8, forward FLOPs per token (counted by `torch.utils.flop_counter` on a training-length
 forward: matmuls, the dispatch's grouped matmuls and attention, so shared layers count once per application) and
 KV-cache bytes per token (measured on the model's own cache after a prefill).
+
+`--scaling` measures instead how the training step's time per token grows with the sequence length (256 to 2048
+tokens, the batch shrinking so that each step has about the same number of tokens): the attention's share grows
+with the length, and stick-breaking (ModuleFormer) is a different kernel from the baselines' SDPA.
+
+    python -m benchmarks.bench_models --scaling --json scaling.json --markdown scaling.md
 """
 
 import os
@@ -51,9 +57,10 @@ from modeling_mom.shared_modeling import CACHE_FIELD
 def pairs(args) -> dict[str, tuple]:
     """name -> (baseline builder, [(model name, builder), ...]); builders are deferred so one pair is in memory."""
     dtype = DTYPES[args.dtype]
+    positions = max(1024, *args.scaling_seqs) if args.scaling else 1024  # learned position tables
     mom_args = argparse.Namespace(vocab=args.vocab, hidden=args.mom_hidden, heads=args.mom_hidden // 64,
                                   layers=args.mom_layers, modules=args.mom_modules, enable_skip=False,
-                                  dtype=args.dtype)  # fmt: skip
+                                  dtype=args.dtype, positions=positions)  # fmt: skip
     moeut_args = argparse.Namespace(vocab=args.vocab, tiny=args.tiny)
     mf_args = argparse.Namespace(vocab=args.vocab, hidden=args.mf_hidden, layers=args.mf_layers, dtype=args.dtype)
 
@@ -61,7 +68,7 @@ def pairs(args) -> dict[str, tuple]:
         return bench_moeut.MoEUTForCausalLM(bench_moeut.moeut_config(moeut_args)).to(dtype)
 
     def moeut_dense():
-        return bench_moeut.matched_gpt2(moeut(), heads=4).to(dtype)
+        return bench_moeut.matched_gpt2(moeut(), heads=4, positions=positions).to(dtype)
 
     def moduleformer():
         return bench_moduleformer.build_moduleformer(mf_args)
@@ -157,6 +164,43 @@ def time_pair(baseline_fn, models, args) -> list[dict]:
     return [{"model": name, **values} for name, values in results.items()]
 
 
+def scaling(pair: str, baseline_fn, models, args) -> list[dict]:
+    """Training step time per token of the baseline and its models at each of `args.scaling_seqs`, alternately."""
+    built = {"baseline": baseline_fn(), **{name: fn() for name, fn in models}}
+    vocab = next(iter(built.values())).config.vocab_size
+    results = []
+    for seq in args.scaling_seqs:
+        batch = max(1, args.scaling_tokens // seq)
+        input_ids = torch.randint(vocab, (batch, seq))
+        steps = {name: train_step(model, input_ids) for name, model in built.items()}
+        for name, timing in time_interleaved(steps, warmup=args.warmup, repeats=args.repeats).items():
+            results.append({"pair": pair, "model": name, "seq": seq, "batch": batch, **timing_dict(timing),
+                            "us_per_token": timing.median_s / input_ids.numel() * 1e6})  # fmt: skip
+    del built, steps
+    gc.collect()
+    return results
+
+
+def scaling_report(results: list[dict], args) -> None:
+    per_token = {(r["pair"], r["model"], r["seq"]): r["us_per_token"] for r in results}
+    first = args.scaling_seqs[0]
+    rows = [
+        [r["pair"], r["model"], r["seq"], r["batch"], f"{r['us_per_token']:.0f}",
+         f"{r['us_per_token'] / per_token[(r['pair'], 'baseline', r['seq'])]:.2f}",
+         f"{r['us_per_token'] / per_token[(r['pair'], r['model'], first)]:.2f}", fmt_foreign_load(r["foreign_load"])]
+        for r in results
+    ]  # fmt: skip
+    notes = [
+        f"dtype={args.dtype}; training step (forward + backward) at each length T with batch max(1, "
+        f"{args.scaling_tokens} // T); the models of the main table.",
+        f"vs baseline: the model's time per token / its baseline's at the same T (< 1: faster); growth: the model's "
+        f"time per token / its own at T={first}.",
+    ]
+    header = ["pair", "model", "T", "batch", "µs/token", "vs baseline", f"growth vs T={first}", "foreign load"]
+    write_report("Training time per token against sequence length", header, rows,
+                 {"args": vars(args), "results": results}, args, notes)  # fmt: skip
+
+
 def profile_training_step(name: str, model, args, rows: int = 10) -> str:
     """torch.profiler's table of the `rows` operators with the most self CPU time in one training step (after one
     untimed step), to show where the time goes; with the step's wall time with and without the profiler."""
@@ -200,8 +244,15 @@ def main():
         action="store_true",
         help="instead of timing: print the profiler's top-10 operators of one training step per model",
     )
+    parser.add_argument("--scaling", action="store_true",
+                        help="instead of the main table: training time per token against the sequence length")
+    parser.add_argument("--scaling-seqs", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--scaling-tokens", type=int, default=1024, help="tokens per training step with --scaling")
     args = parser.parse_args()
+    if min(args.scaling_seqs) < 1 or args.scaling_tokens < 1:
+        parser.error(f"--scaling-seqs {args.scaling_seqs} and --scaling-tokens {args.scaling_tokens} must be >= 1.")
     if args.tiny:
+        args.scaling_seqs, args.scaling_tokens = [16, 32], 32
         args.batch, args.seq, args.prompt, args.new_tokens = 2, 16, 8, 2
         args.mom_hidden, args.mom_layers, args.mom_modules, args.mf_hidden, args.mf_layers = 64, 3, 2, 64, 2
     setup(args.threads, args.seed)
@@ -213,6 +264,9 @@ def main():
         if args.markdown:
             Path(args.markdown).write_text("\n".join(report))
         return
+    if args.scaling:
+        scaling_report([r for pair in args.pairs for r in scaling(pair, *all_pairs[pair], args)], args)
+        return
     results, rows = {}, []
     for pair in args.pairs:
         baseline_fn, models = all_pairs[pair]
@@ -223,7 +277,8 @@ def main():
             rows.append([
                 pair, "baseline" if r is base else r["model"], f"{r['parameters'] / 1e6:.1f}M",
                 f"{r['train']['tokens_per_s']:.0f}", f"{ratio['train']:.2f}", f"{r['activation_bytes'] / 2**20:.0f}",
-                f"{r['prefill']['tokens_per_s']:.0f}", f"{r['decode_b1']['tokens_per_s']:.1f}", f"{ratio['decode_b1']:.2f}",
+                f"{r['prefill']['tokens_per_s']:.0f}", f"{r['decode_b1']['tokens_per_s']:.1f}",
+                f"{ratio['decode_b1']:.2f}",
                 f"{r['decode_b8']['tokens_per_s']:.1f}", f"{r['forward_flops_per_token'] / 1e6:.1f}",
                 f"{r['kv_cache_bytes_per_token'] / 1024:.1f}", fmt_foreign_load(r["train"]["foreign_load"]),
             ])  # fmt: skip
@@ -235,8 +290,8 @@ def main():
             f"width {args.mf_hidden}, {args.mf_layers} layers."
         ),
         (
-            "Speed-up columns are baseline time / model time (> 1: the model is faster). Activation memory: bytes saved "
-            "for backward in one training step. FLOPs: forward, per token."
+            "Speed-up columns are baseline time / model time (> 1: the model is faster). Activation memory: bytes "
+            "saved for backward in one training step. FLOPs: forward, per token."
         ),
     ]
     header = ["pair", "model", "params", "train tok/s", "train speed-up", "activations MiB", "prefill tok/s",

@@ -56,13 +56,14 @@ def moeut_config(args) -> MoEUTConfig:
     return MoEUTConfig.from_preset("moeut-44m", vocab_size=args.vocab)
 
 
-def matched_gpt2(moeut: MoEUTForCausalLM, heads: int) -> GPT2LMHeadModel:
-    """A pre-LN GPT-2 of MoEUT's depth and width whose MLP width makes its parameter count match MoEUT's."""
+def matched_gpt2(moeut: MoEUTForCausalLM, heads: int, positions: int = 1024) -> GPT2LMHeadModel:
+    """A pre-LN GPT-2 of MoEUT's depth and width, with `positions` learned positions, whose MLP width makes its
+    parameter count match MoEUT's."""
     c = moeut.config
     d, layers = c.hidden_size, c.num_hidden_layers
 
     def build(inner):
-        config = GPT2Config(vocab_size=c.vocab_size, n_positions=1024, n_embd=d, n_layer=layers, n_head=heads,
+        config = GPT2Config(vocab_size=c.vocab_size, n_positions=positions, n_embd=d, n_layer=layers, n_head=heads,
                             n_inner=inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             attn_implementation="sdpa")  # fmt: skip
         with torch.device("meta"):

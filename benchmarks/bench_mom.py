@@ -69,7 +69,7 @@ def mom_structure(layers: int, modules: int) -> dict:
 def build_gpt2(args, layers: int) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=args.vocab,
-        n_positions=1024,
+        n_positions=args.positions,
         n_embd=args.hidden,
         n_layer=layers,
         n_head=args.heads,
@@ -84,7 +84,7 @@ def build_gpt2(args, layers: int) -> GPT2LMHeadModel:
 def build_mom(args, routing_mode: str) -> MoMForCausalLM:
     config = MoMConfig(
         vocab_size=args.vocab,
-        max_position_embeddings=1024,
+        max_position_embeddings=args.positions,
         hidden_size=args.hidden,
         num_attention_heads=args.heads,
         routing_mode=routing_mode,
@@ -136,6 +136,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--positions", type=int, default=1024, help="learned position table size (default 1024)")
     parser.add_argument("--batch", type=int, default=4, help="training batch size (default 4)")
     parser.add_argument("--seq", type=int, default=256, help="training sequence length (default 256)")
     parser.add_argument("--prompt", type=int, default=32, help="decoding prompt length (default 32)")

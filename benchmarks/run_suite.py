@@ -13,7 +13,9 @@ some, e.g. one per locked run):
 - `dispatch`: the expert dispatch against the dense matmul and transformers' kernels, and the number of experts at
   fixed active compute (`bench_dispatch`);
 - `attention`: stick-breaking attention against `scaled_dot_product_attention` from 256 to 2048 tokens
-  (`bench_attention`), time and peak memory.
+  (`bench_attention`), time and peak memory;
+- `scaling`: every architecture's and baseline's training time per token from 256 to 2048 tokens
+  (`bench_models --scaling`).
 """
 
 import argparse
@@ -28,6 +30,7 @@ SECTIONS = {  # name -> [(module, extra arguments), ...]
                                                                          "moduleformer"])],
     "dispatch": [("bench_dispatch", ["--dtype", "fp32"]), ("bench_dispatch", ["--dtype", "bf16"])],
     "attention": [("bench_attention", [])],
+    "scaling": [("bench_models", ["--dtype", "fp32", "--scaling", "--scaling-tokens", "512", "--repeats", "2"])],
 }  # fmt: skip
 TINY = {"bench_models": ["--tiny", "--repeats", "1"], "bench_dispatch": ["--tiny", "--repeats", "1"],
         "bench_attention": ["--tiny", "--repeats", "1"]}  # fmt: skip
