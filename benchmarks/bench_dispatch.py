@@ -21,7 +21,6 @@ of experts at fixed active compute (k x e = 2048: e = 128, 64, 32 with k = 16, 3
 """
 
 import os
-from dataclasses import replace
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read when torch is imported: set it first
 
@@ -30,8 +29,7 @@ from torch import nn
 
 from benchmarks.common import DTYPES, build_parser, fmt_load, fmt_ms, setup, time_interleaved, timing_dict, write_report
 from modeling_mom import MoEUTConfig
-from modeling_mom.modeling_moeut import MoEUTExperts
-from modeling_mom.moe_dispatch import gather_rows, grouped_linear, plan_dispatch, scatter_rows, sorted_gates
+from modeling_mom.modeling_moeut import MoEUTAttention, MoEUTExperts
 
 SHAPES = {  # name: (tokens, d, experts, expert width, k, activation)
     "moeut-244m-ffn": (1024, 1024, 387, 128, 16, "relu"),
@@ -102,66 +100,59 @@ def ffn_functions(shape, dtype, backward: bool):
 
 
 def switchhead_functions(shape, dtype, backward: bool):
-    """SwitchHead's value and output experts (`MoEUTAttention._values` / `_output` with fixed routing): per head,
-    the gated sum of k value experts `d -> dh`, then per head the gated sum of k output experts `dh -> d`, summed
-    over heads. Expert `h * E_head + e` serves head h; the attention itself is left out."""
+    """SwitchHead's value and output experts: the model's own `MoEUTAttention._values` and `_output` (routers
+    included, reading the same input), per head the gated sum of k value experts `d -> dh`, then the gated sum over
+    heads of their k output experts `dh -> d`. The attention itself is left out; `loop` follows the same routing."""
     tokens, d, num_experts, head_dim, k, _ = shape
     heads = SWITCHHEAD_HEADS
-    per_head = num_experts // heads
-    v_experts = nn.Parameter(torch.randn(num_experts, d, head_dim, dtype=dtype) * d**-0.5)
-    o_experts = nn.Parameter(torch.randn(num_experts, head_dim, d, dtype=dtype) * head_dim**-0.5)
+    config = MoEUTConfig(hidden_size=d, num_attention_heads=heads, head_dim=head_dim, vocab_size=8,
+                         num_attention_experts=num_experts // heads, num_attention_experts_per_tok=k)  # fmt: skip
+    attention = MoEUTAttention(config).to(dtype)
+    with torch.no_grad():
+        attention.v_experts.normal_(0, d**-0.5)
+        attention.o_experts.normal_(0, head_dim**-0.5)
+        for router in (attention.v_router, attention.o_router):
+            router.weight.normal_(0, d**-0.5)
     x = torch.randn(tokens, d, dtype=dtype, requires_grad=backward)
-    offsets = torch.arange(heads)[:, None] * per_head
-    routes = []
-    for _ in range(2):  # the value and the output routers choose independently
-        index = (torch.rand(tokens, heads, per_head).topk(k, dim=-1).indices + offsets).flatten(1)  # [T, H k]
-        routes.append((index, torch.rand(tokens, heads * k, dtype=dtype)))
-    (v_index, v_gates), (o_index, o_gates) = routes
+    with torch.no_grad():
+        (_, v_gates, v_index), (_, o_gates, o_index) = attention.v_router(x), attention.o_router(x)
 
     def ours():
-        plan = plan_dispatch(v_index, num_experts)
-        head_rows = plan.flat_index // k  # row (token, head) of each sorted pair
-        values = grouped_linear(gather_rows(x, plan), v_experts, plan)
-        values = scatter_rows(values, replace(plan, token_index=head_rows), tokens * heads, v_gates)  # [T H, dh]
-        plan = plan_dispatch(o_index, num_experts)
-        rows = values.index_select(0, plan.flat_index // k) * sorted_gates(o_gates, plan)
-        return scatter_rows(grouped_linear(rows, o_experts, plan), plan, tokens)
+        return attention._output(attention._values(x, x), x)
 
     def loop():
-        v_up, o_down = v_experts.unbind(0), o_experts.unbind(0)
+        v_up, o_down = attention.v_experts.unbind(0), attention.o_experts.unbind(0)
         values = torch.zeros(tokens * heads, head_dim, dtype=dtype)
         flat_v, flat_o = v_index.reshape(-1), o_index.reshape(-1)
         for e in flat_v.unique().tolist():
             pairs = (flat_v == e).nonzero().squeeze(1)
             rows = x.index_select(0, pairs // (heads * k)) @ v_up[e] * v_gates.reshape(-1, 1).index_select(0, pairs)
-            values.index_add_(0, pairs // k, rows)
+            values.index_add_(0, pairs // k, rows.to(dtype))
         out = torch.zeros(tokens, d, dtype=dtype)
         for e in flat_o.unique().tolist():
             pairs = (flat_o == e).nonzero().squeeze(1)
-            rows = values.index_select(0, pairs // k) * o_gates.reshape(-1, 1).index_select(0, pairs)
+            rows = values.index_select(0, pairs // k) * o_gates.reshape(-1, 1).index_select(0, pairs).to(dtype)
             out.index_add_(0, pairs // (heads * k), rows @ o_down[e])
         return out
 
     dense_v = nn.Linear(d, heads * k * head_dim, bias=False).to(dtype)
     dense_o = nn.Linear(heads * k * head_dim, d, bias=False).to(dtype)
     forwards = {"dense": lambda: dense_o(dense_v(x)), "ours": ours, "loop": loop}
-    return forwards, [v_experts, o_experts, dense_v, dense_o], x, 4 * tokens * heads * k * d * head_dim
+    return forwards, [attention, dense_v, dense_o], x, 4 * tokens * heads * k * d * head_dim
 
 
 def case_functions(name: str, shape, dtype, backward: bool):
     """`{implementation: step}` (one forward, or forward + backward) and the useful FLOPs of one step."""
     build = switchhead_functions if "switchhead" in name else ffn_functions
-    forwards, parameters, x, flops = build(shape, dtype, backward)
+    forwards, modules, x, flops = build(shape, dtype, backward)
     grad = torch.randn(x.shape, dtype=dtype)
 
     def step(forward):
         def run():
             if backward:
                 x.grad = None
-                for module in parameters:
-                    module.grad = None
-                    if isinstance(module, nn.Module):
-                        module.zero_grad(set_to_none=True)
+                for module in modules:
+                    module.zero_grad(set_to_none=True)
                 forward().backward(grad)
             else:
                 with torch.no_grad():
