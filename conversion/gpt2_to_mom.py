@@ -18,8 +18,9 @@ as are the dropout rates, the LayerNorm epsilon and the vocabulary, BOS and EOS 
 With ``--routing-mode sequential`` and ``num_rounds = num_attention_modules = num_ffn_modules``, round h of every
 chunk runs module h with weight 1: the converted model computes GPT-2's function (equal logits within fp32
 rounding). ``--exact`` (``convert(..., exact=True)``) selects that form; with no chunk structure given it puts all
-GPT-2 layers into one chunk (no bottom, top or anchor layers), the simplest structure that fits any GPT-2. With learned routing (the default) the routers are newly initialised (``--seed``) and must be trained;
-the saved config then has ``output_router_logits=True``, so the Trainer's loss includes the load-balancing term.
+GPT-2 layers into one chunk (no bottom, top or anchor layers), the simplest structure that fits any GPT-2. With
+learned routing (the default) the routers are newly initialised (``--seed``) and must be trained; the saved config
+then has ``output_router_logits=True``, so the Trainer's loss includes the load-balancing term.
 
 The checkpoint is written in float32, to a temporary directory next to DIR that is renamed into place only once
 complete. It loads with ``AutoModelForCausalLM`` after ``import modeling_mom``, or with ``trust_remote_code=True``

@@ -12,20 +12,24 @@ Order comes from the mechanism itself, so no position embedding is needed. Two v
 * Tan et al. 2024 (``attend_current=False, remainder_to_current=True``): keys ``j < i``, and the remainder
   ``1 - sum_j A_ij`` goes to the current token's value.
 
-Computed in fp32 log space. With ``log sigmoid(l) = l - softplus(l)`` and ``log(1 - sigmoid(l)) = -softplus(l)``,
+Computed in fp32 as a cumulative product over keys, nearest first: with ``beta_ij = sigmoid(l_ij)``,
 
-    log A_ij = l_ij - sum_{m >= j} softplus(l_im)                  (a reverse cumulative sum over keys)
+    A_ij = beta_ij * L_ij,        L_ij = prod_{j < m <= i} (1 - beta_im)      (an exclusive cumulative product)
 
-where every term is exact (no difference of two large sums) and ``log A <= 0``, so ``exp`` cannot overflow. A key
-that may not be attended to (after the query, or padding) gets ``l = -inf``: then ``softplus(l) = 0`` and ``A = 0``, it
-takes nothing and breaks nothing, so left-padded rows give exactly the outputs of unpadded ones.
+where ``L_ij`` is the stick the nearer keys left over. Every factor lies in [0, 1], so nothing can overflow; a weight
+below fp32's smallest number (1e-38) becomes 0, as ``exp`` of the log-space form ``log A_ij = log beta_ij + sum log(1 -
+beta_im)`` would give too, at a third of the elementwise passes (no ``log``, whose CPU kernels are slow, and one ``exp``
+inside ``sigmoid``). ``1 - beta`` carries fp32's absolute rounding (~6e-8), so the weights are exact to ~1e-7
+absolute. A key that may not be attended to (after the query, or padding) gets ``l = -inf``: then ``beta = 0`` and
+``1 - beta = 1`` exactly, it takes nothing and breaks nothing, so left-padded rows give exactly the outputs of unpadded
+ones.
 
 The kernel works like FlashAttention without a GPU: blocks of query rows, each against the keys up to its causal limit
 (no work on the masked upper triangle, temporaries O(rows * keys) that stay in cache), and a backward pass that
 recomputes each block's weights instead of storing them, so training memory is O(T * D) beyond the inputs. With
 ``G = dL/dA * A`` the gradient of the logits is
 
-    dL/dl_ij = G_ij - sigmoid(l_ij) * sum_{j' <= j} G_ij'          (a forward cumulative sum over keys).
+    dL/dl_ij = G_ij - beta_ij * sum_{j' <= j} G_ij'          (a forward cumulative sum over keys).
 """
 
 import math
@@ -38,7 +42,6 @@ from torch.autograd.function import once_differentiable
 # fp32 elements (16 MB): the backward keeps four of them alive; much larger ones page-fault, much smaller ones make
 # small, inefficient matmuls (measured: 2^20 to 2^22 are equally fast at 2048 tokens, 2^18 is 2x slower).
 BLOCK_ELEMENTS = 1 << 22
-LN2 = math.log(2.0)
 
 
 def stick_breaking_attention(
@@ -93,38 +96,46 @@ def _check_inputs(query, key, value, key_padding_mask, chunk_size):
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of query rows.")
 
 
-def _blocks(seq_len: int, key_len: int, rows_per_position: int, chunk_size: int):
-    """`(start, end, visible)` per block of query positions; keys at `visible` and later are after every query in it.
-    `rows_per_position` (batch * heads * groups) caps the block at `BLOCK_ELEMENTS` logits."""
-    offset = key_len - seq_len
-    step = max(1, min(chunk_size, BLOCK_ELEMENTS // (rows_per_position * key_len)))
-    for start in range(0, seq_len, step):
-        end = min(start + step, seq_len)
-        yield start, end, offset + end
-
-
 class _Inputs:
     """The operands, flattened for batched matmuls, and the masks, shared by the forward and backward passes.
 
     Query rows of a block are ordered (group, position): `[B * H, G * t, D]`, all against the same keys. Keys and
     values are stored in reverse order, nearest first (`[B * H, S, D]`, row `S - 1 - j` holds key j): the keys a
-    block sees are then the rows `S - visible:` and the reverse cumulative sum over keys of the module docstring is a
-    plain `cumsum` (no flips of `[rows, keys]` tensors). The query is pre-scaled by `log2(e) / sqrt(D)`: the logits
-    are in base 2, because `exp2` is fast for every input while `exp` of very negative numbers (far keys' `log A`)
-    takes a slow path on CPU. Computed in fp32 (fp64 inputs stay fp64, e.g. for gradcheck).
+    block sees are then the rows `S - visible:` and the products over nearer keys of the module docstring are plain
+    `cumprod`s (no flips of `[rows, keys]` tensors). The query is pre-scaled by `1 / sqrt(D)`. Computed in fp32
+    (fp64 inputs stay fp64, e.g. for gradcheck).
+
+    A block's `[B * H, G * t, keys]` temporaries are views of scratch buffers sized for the largest block, so that
+    their memory is allocated (and its pages faulted in) once per call, not once per block.
     """
 
-    def __init__(self, query, key, value, padding, attend_current):
+    def __init__(self, query, key, value, padding, attend_current, chunk_size):
         self.batch, self.heads, self.groups, self.seq_len, self.dim = query.shape
         self.key_len = key.shape[2]
         self.offset = self.key_len - self.seq_len
-        self.scale = math.log2(math.e) / math.sqrt(self.dim)
         dtype = torch.promote_types(query.dtype, torch.float32)
-        self.query = query.to(dtype) * self.scale  # [B, H, G, T, D]
+        self.query = query.to(dtype) * self.dim**-0.5  # [B, H, G, T, D]
         self.key = key.to(dtype).flip(2).reshape(-1, self.key_len, self.dim)  # [B * H, S, D], nearest first
         self.value = value.to(dtype).flip(2).reshape(-1, self.key_len, self.dim)
         self.padding = None if padding is None else padding.flip(1)[:, None, :]  # [B, 1, S], true for padding
         self.attend_current = attend_current
+        rows_per_position = self.batch * self.heads * self.groups  # a block holds at most BLOCK_ELEMENTS logits
+        self.step = max(1, min(chunk_size, BLOCK_ELEMENTS // (rows_per_position * self.key_len)))
+        self._scratch = {}
+
+    def blocks(self):
+        """`(start, end, visible)` per block of query positions; keys at `visible` and later are after every query in
+        the block."""
+        for start in range(0, self.seq_len, self.step):
+            end = min(start + self.step, self.seq_len)
+            yield start, end, self.offset + end
+
+    def scratch(self, name, *shape):
+        """A `shape` view of scratch buffer `name`; each name holds one block's temporary at a time."""
+        if name not in self._scratch:
+            most = self.batch * self.heads * self.groups * self.step * (self.key_len + 1)
+            self._scratch[name] = self.query.new_empty(most)
+        return self._scratch[name][: math.prod(shape)].view(shape)
 
     def block_query(self, start, end):
         return self.query[..., start:end, :].reshape(-1, self.groups * (end - start), self.dim)
@@ -138,10 +149,10 @@ class _Inputs:
         own = self.value[:, self.own_rows(start, end)].flip(1)  # [B * H, t, D] in position order
         return own[:, None].expand(-1, self.groups, -1, -1).reshape(-1, self.groups * (end - start), self.dim)
 
-    def logits(self, query, start, end, visible):
-        """`[B * H, G * t, s]` base-2 logits of a block over its keys, nearest first; keys that may not be attended
-        to are -inf."""
-        logits = torch.bmm(query, self.key[:, self.key_len - visible :].transpose(1, 2))
+    def logits(self, query, start, end, visible, out=None):
+        """`[B * H, G * t, s]` logits of a block over its keys, nearest first, into `out` if given; keys that may not
+        be attended to are -inf."""
+        logits = torch.bmm(query, self.key[:, self.key_len - visible :].transpose(1, 2), out=out)
         t = end - start
         # the block's own positions (the first t columns, last position first) are the only place the causal limit
         # cuts: query i may see own position u = t - 1 - column when u <= i (u < i without attend_current)
@@ -156,16 +167,20 @@ class _Inputs:
 
 
 def _weights_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """`A = 2^(l - sum_{m >= j} log2(1 + 2^l_m))` for base-2 logits over keys nearest first: the formula of the
-    module docstring in base 2. Plain ops, so that autograd can follow them."""
-    return torch.exp2(logits - F.softplus(logits, beta=LN2).cumsum(-1))
+    """`A_j = beta_j * prod_{m < j} (1 - beta_m)` for logits over keys nearest first: the formula of the module
+    docstring. Plain ops, so that autograd can follow them."""
+    beta = torch.sigmoid(logits)
+    return beta * F.pad((1.0 - beta[..., :-1]).cumprod(-1), (1, 0), value=1.0)
 
 
 def _block_weights(inputs: _Inputs, query, start, end, visible):
-    """The block's base-2 logits (reused by the backward pass) and weights, keys nearest first, in place."""
-    logits = inputs.logits(query, start, end, visible)
-    stick_used = F.softplus(logits, beta=LN2).cumsum_(-1)  # by this key and every nearer one
-    return logits, torch.sub(logits, stick_used, out=stick_used).exp2_()
+    """The block's fractions `beta` (reused by the backward pass) and weights `A`, keys nearest first, in scratch."""
+    rows = query.shape[:2]
+    beta = inputs.logits(query, start, end, visible, out=inputs.scratch("beta", *rows, visible)).sigmoid_()
+    left = inputs.scratch("weights", *rows, visible + 1)  # column j + 1: the stick left after key j
+    left[..., 0] = 1.0
+    torch.sub(beta.new_ones(()), beta, out=left[..., 1:]).cumprod_(-1)
+    return beta, left[..., :visible].mul_(beta)
 
 
 class _StickBreakingAttention(torch.autograd.Function):
@@ -173,10 +188,9 @@ class _StickBreakingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, padding, attend_current, remainder_to_current, chunk_size):
-        inputs = _Inputs(query, key, value, padding, attend_current)
+        inputs = _Inputs(query, key, value, padding, attend_current, chunk_size)
         out = torch.empty_like(inputs.query)  # [B, H, G, T, D]
-        rows = inputs.batch * inputs.heads * inputs.groups
-        for start, end, visible in _blocks(inputs.seq_len, inputs.key_len, rows, chunk_size):
+        for start, end, visible in inputs.blocks():
             _, weights = _block_weights(inputs, inputs.block_query(start, end), start, end, visible)
             block_out = torch.bmm(weights, inputs.value[:, inputs.key_len - visible :])  # [B * H, G * t, D]
             if remainder_to_current:
@@ -192,18 +206,18 @@ class _StickBreakingAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, padding = ctx.saved_tensors
         attend_current, remainder_to_current, chunk_size = ctx.options
-        inputs = _Inputs(query, key, value, padding, attend_current)
+        inputs = _Inputs(query, key, value, padding, attend_current, chunk_size)
         grad_out = grad_out.to(inputs.query.dtype)
         grad_query = torch.empty_like(inputs.query)
         grad_key = torch.zeros_like(inputs.key)  # [B * H, S, D], reversed like the keys
         grad_value = torch.zeros_like(inputs.value)
-        rows = inputs.batch * inputs.heads * inputs.groups
-        for start, end, visible in _blocks(inputs.seq_len, inputs.key_len, rows, chunk_size):
+        for start, end, visible in inputs.blocks():
             t, seen = end - start, slice(inputs.key_len - visible, None)
             block_query = inputs.block_query(start, end)
             block_grad = grad_out[..., start:end, :].reshape(block_query.shape)  # [B * H, G * t, D]
-            logits, weights = _block_weights(inputs, block_query, start, end, visible)
-            grad_weights = torch.bmm(block_grad, inputs.value[:, seen].transpose(1, 2))  # dL/dA
+            beta, weights = _block_weights(inputs, block_query, start, end, visible)
+            grad_weights = inputs.scratch("grad_weights", *beta.shape)
+            torch.bmm(block_grad, inputs.value[:, seen].transpose(1, 2), out=grad_weights)  # dL/dA
             grad_value[:, seen] += torch.bmm(weights.transpose(1, 2), block_grad)
             if remainder_to_current:  # out += (1 - sum_j A_j) * v_own
                 grad_weights -= (block_grad * inputs.own_values(start, end)).sum(-1, keepdim=True)
@@ -211,16 +225,15 @@ class _StickBreakingAttention(torch.autograd.Function):
                 own_grad = (remainder * block_grad).view(-1, inputs.groups, t, inputs.dim).sum(1)
                 grad_value[:, inputs.own_rows(start, end)] += own_grad.flip(1)
             grad_log_weights = grad_weights.mul_(weights)  # G = dL/dA * A
-            # dL/dl_j = G_j - sigmoid(l_j) * sum of G over key j and every farther key: with keys nearest first,
+            # dL/dl_j = G_j - beta_j * sum of G over key j and every farther key: with keys nearest first,
             # that sum is the row total minus the inclusive cumsum plus G_j (an error of ~eps * sum |G|, absolute)
-            minus_farther = grad_log_weights.cumsum(-1)
+            minus_farther = torch.cumsum(grad_log_weights, -1, out=inputs.scratch("cumsum", *beta.shape))
             minus_farther.sub_(minus_farther[..., -1:]).sub_(grad_log_weights)
-            beta = logits.mul_(LN2).sigmoid_()  # sigmoid of the natural-base logits
-            grad_logits = grad_log_weights.addcmul_(beta, minus_farther)  # natural base
+            grad_logits = grad_log_weights.addcmul_(beta, minus_farther)
             block_grad_query = torch.bmm(grad_logits, inputs.key[:, seen]) * inputs.dim**-0.5
             grad_query[..., start:end, :] = block_grad_query.view(*grad_query.shape[:3], t, -1)
-            grad_key[:, seen] += torch.bmm(grad_logits.transpose(1, 2), block_query)  # log2(e) / sqrt(D) * q
-        grad_key = grad_key.mul_(LN2).view(key.shape).flip(2).to(key.dtype)  # log2(e) taken back out, keys in order
+            grad_key[:, seen] += torch.bmm(grad_logits.transpose(1, 2), block_query)  # q / sqrt(D)
+        grad_key = grad_key.view(key.shape).flip(2).to(key.dtype)  # keys in order
         grad_value = grad_value.view(value.shape).flip(2).to(value.dtype)
         return grad_query.to(query.dtype), grad_key, grad_value, None, None, None, None
 
@@ -228,10 +241,10 @@ class _StickBreakingAttention(torch.autograd.Function):
 def _attention_with_weights(query, key, value, padding, attend_current, remainder_to_current, chunk_size):
     """The same attention through plain autograd, with the weights materialised and returned: the output is computed
     from them, so gradients reach them (e.g. `retain_grad`). For inspection, not speed."""
-    inputs = _Inputs(query, key, value, padding, attend_current)
+    inputs = _Inputs(query, key, value, padding, attend_current, chunk_size)
     batch, heads, groups, seq_len, dim = query.shape
     blocks = []
-    for start, end, visible in _blocks(seq_len, inputs.key_len, batch * heads * groups, chunk_size):
+    for start, end, visible in inputs.blocks():
         weights = _weights_from_logits(inputs.logits(inputs.block_query(start, end), start, end, visible))
         weights = F.pad(weights.flip(-1), (0, inputs.key_len - visible))  # keys in order
         blocks.append(weights.view(batch, heads, groups, end - start, -1))

@@ -167,7 +167,9 @@ def test_switch_loss_by_hand():
     torch.testing.assert_close(switch_load_balancing_loss([torch.zeros(6, 3)], 1), torch.tensor(1.0), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("weighting, gets_gradient", [("straight_through", True), ("probability", True), ("renormalize", False)])
+@pytest.mark.parametrize(
+    "weighting, gets_gradient", [("straight_through", True), ("probability", True), ("renormalize", False)]
+)
 def test_k1_router_gradient_from_lm_loss(weighting, gets_gradient):
     """With K=1 the renormalised weight is p/p = 1 (no LM gradient); straight-through and probability train it."""
     torch.manual_seed(0)

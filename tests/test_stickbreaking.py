@@ -107,7 +107,8 @@ def test_blocking_is_transparent(monkeypatch):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     monkeypatch.setattr(sb, "BLOCK_ELEMENTS", 2 * 3 * 2 * 14 * 2)  # two positions per block whatever chunk_size
-    assert [end - start for start, end, _ in sb._blocks(11, 14, 2 * 2 * 3, 128)] == [2] * 5 + [1]
+    inputs = sb._Inputs(q, k, v, None, attend_current=True, chunk_size=128)
+    assert [end - start for start, end, _ in inputs.blocks()] == [2] * 5 + [1]
     for a, b in zip(run(128), expected):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 

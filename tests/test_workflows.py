@@ -467,7 +467,8 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
     (tmp_path / "malformed.jsonl").write_text('{"text": "the cat ."}\n{"text": broken\n')
     (tmp_path / "no_config").mkdir()
     gpt2, corpus = str(workspace / "gpt2"), str(workspace / "corpus.jsonl")
-    sst2 = ["--train-file", str(workspace / "sst2_train.jsonl"), "--validation-file", str(workspace / "sst2_eval.jsonl")]
+    sst2 = ["--train-file", str(workspace / "sst2_train.jsonl")]
+    sst2 += ["--validation-file", str(workspace / "sst2_eval.jsonl")]
     out = tmp_path / "out"
     cases = {
         "does not exist": ["pretrain", "--model", gpt2, "--dataset", str(tmp_path / "missing.jsonl")],

@@ -83,7 +83,8 @@ def summarization_task(num_examples: int, seed: int = 0) -> list[dict]:
 
 def vocabulary() -> list[str]:
     """Every word the generators can produce, plus the summarization separator."""
-    pools = [SUBJECTS, VERBS, OBJECTS, PLACES, POSITIVE, NEGATIVE, THINGS, ["was not . i did like liked it", SUMMARY_SEPARATOR]]
+    extra = ["was not . i did like liked it", SUMMARY_SEPARATOR]
+    pools = [SUBJECTS, VERBS, OBJECTS, PLACES, POSITIVE, NEGATIVE, THINGS, extra]
     return sorted({word for pool in pools for phrase in pool for word in phrase.split()})
 
 

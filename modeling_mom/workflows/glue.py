@@ -101,7 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--train-file", help=f"local training file (default: {HUB_DATASET} from the Hub)")
     data.add_argument("--validation-file", help="local validation file (MNLI: the matched one)")
     data.add_argument("--validation-mismatched-file", help="MNLI only: local mismatched validation file")
-    data.add_argument("--max-length", type=int, help="tokens per example, truncated beyond (default: min(128, model max))")
+    data.add_argument(
+        "--max-length", type=int, help="tokens per example, truncated beyond (default: min(128, model max))"
+    )
     data.add_argument("--max-train-samples", type=int, help="train on the first N examples only")
     data.add_argument("--max-eval-samples", type=int, help="evaluate on the first N examples of each split only")
     add_training_arguments(parser, steps=-1, epochs=3, lr=2e-5, batch_size=32, warmup=0, weight_decay=0.0)
@@ -145,7 +147,9 @@ def check_labels(task: GlueTask, data, split: str) -> None:
     allowed = set(range(task.num_labels))
     bad = sorted({float(x) for x in labels if x not in allowed})
     if bad:
-        raise WorkflowError(f"{task.title} {split}: labels {bad[:5]} are not class indices; allowed: {sorted(allowed)}.")
+        raise WorkflowError(
+            f"{task.title} {split}: labels {bad[:5]} are not class indices; allowed: {sorted(allowed)}."
+        )
 
 
 def encode(task: GlueTask, tokenizer, max_length: int):

@@ -99,7 +99,9 @@ def route_text(model, tokenizer, text: str) -> tuple[list[str], list[str], torch
     return tokens, labels, torch.stack(choices) if choices else torch.empty(0, len(tokens)), sizes
 
 
-def usage_over_texts(model, tokenizer, texts: list[str], batch_size: int = 8) -> tuple[list[str], list[Counter], list[int]]:
+def usage_over_texts(
+    model, tokenizer, texts: list[str], batch_size: int = 8
+) -> tuple[list[str], list[Counter], list[int]]:
     """(call labels, top-1 choice counts per call over the real tokens of all texts, choices per call)."""
     counts, labels, sizes = None, None, None
     for start in tqdm(range(0, len(texts), batch_size), desc="routing texts", unit="batch"):
