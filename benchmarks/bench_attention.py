@@ -1,7 +1,7 @@
 """Stick-breaking attention against causal `scaled_dot_product_attention` (issues 4 and 6): time and peak memory.
 
 For each sequence length: SDPA (`is_causal=True`, PyTorch's fused CPU kernel), our blocked stick-breaking kernel
-(`modeling_mom.stickbreaking_attention`, fp32 log space whatever the input dtype) and, at short lengths, the naive
+(`modeling_mom.stickbreaking_attention`, fp32 whatever the input dtype) and, at short lengths, the naive
 full-matrix log-space formula through plain autograd (moduleformer.md's reference: O(T x S) tensors, several of them
 kept for backward). Forward alone (no autograd) and forward + backward; ratio = time / SDPA's time in the same run,
 medians. Peak memory is measured after the timings, once per figure: the growth of the process's peak resident
