@@ -12,17 +12,14 @@ Order comes from the mechanism itself, so no position embedding is needed. Two v
 * Tan et al. 2024 (``attend_current=False, remainder_to_current=True``): keys ``j < i``, and the remainder
   ``1 - sum_j A_ij`` goes to the current token's value.
 
-Computed in fp32 as a cumulative product over keys, nearest first: with ``beta_ij = sigmoid(l_ij)``,
-
-    A_ij = beta_ij * L_ij,        L_ij = prod_{j < m <= i} (1 - beta_im)      (an exclusive cumulative product)
-
-where ``L_ij`` is the stick the nearer keys left over. Every factor lies in [0, 1], so nothing can overflow; a weight
-below fp32's smallest number (1e-38) becomes 0, as ``exp`` of the log-space form ``log A_ij = log beta_ij + sum log(1 -
-beta_im)`` would give too, at a third of the elementwise passes (no ``log``, whose CPU kernels are slow, and one ``exp``
-inside ``sigmoid``). ``1 - beta`` carries fp32's absolute rounding (~6e-8), so the weights are exact to ~1e-7
-absolute. A key that may not be attended to (after the query, or padding) gets ``l = -inf``: then ``beta = 0`` and
-``1 - beta = 1`` exactly, it takes nothing and breaks nothing, so left-padded rows give exactly the outputs of unpadded
-ones.
+Computed in fp32 as ``A_ij = beta_ij * L_ij``, with ``L_ij = prod_{j < m <= i} (1 - beta_im)`` (the stick the nearer
+keys left over) an exclusive cumulative product over keys, nearest first. Every factor lies in [0, 1], so nothing can
+overflow; a weight below fp32's smallest number (1e-38) becomes 0, as ``exp`` of the log-space form ``log A_ij =
+log beta_ij + sum log(1 - beta_im)`` would give too, at a third of the elementwise passes (no ``log``, whose CPU
+kernels are slow, and one ``exp``, inside ``sigmoid``). ``1 - beta`` carries fp32's absolute rounding (~6e-8), so the
+weights are exact to ~1e-7 absolute. A key that may not be attended to (after the query, or padding) gets
+``l = -inf``: then ``beta = 0`` and ``1 - beta = 1`` exactly, it takes nothing and breaks nothing, so left-padded rows
+give exactly the outputs of unpadded ones.
 
 The kernel works like FlashAttention without a GPU: blocks of query rows, each against the keys up to its causal limit
 (no work on the masked upper triangle, temporaries O(rows * keys) that stay in cache), and a backward pass that
