@@ -7,6 +7,9 @@ Pairs (the baseline first; ratios are model / baseline, times measured alternate
 - MoM with sequential and with learned (K=1) routing vs HF `GPT2LMHeadModel` of the same shape and unrolled depth;
 - MoEUT-44M (`MoEUTConfig.from_preset("moeut-44m")`) vs a dense pre-LN GPT-2 of its depth and width, MLP widened
   to match its parameters (`bench_moeut.matched_gpt2`);
+- a MoEUT-244M-shaped layer stack (the preset's two shared layers applied `--stack-layers` times instead of 18) vs
+  as many layers of the dense GPT-2 matched to the full 244M preset (d=1024, MLP ~4096 wide): per layer
+  application, the two models' costs are the full models';
 - a MoLM-shaped ModuleFormer (16 attention experts, k=2; 32 FFN experts, k=2; fewer, narrower layers) vs a dense
   GPT-2 of equal total parameters (`bench_moduleformer.build_dense`).
 
@@ -68,7 +71,14 @@ def pairs(args) -> dict[str, tuple]:
         return bench_moeut.MoEUTForCausalLM(bench_moeut.moeut_config(moeut_args)).to(dtype)
 
     def moeut_dense():
-        return bench_moeut.matched_gpt2(moeut(), heads=4, positions=positions).to(dtype)
+        return bench_moeut.matched_gpt2(bench_moeut.moeut_config(moeut_args), heads=4, positions=positions).to(dtype)
+
+    def moeut_244m():
+        return bench_moeut.MoEUTForCausalLM(bench_moeut.stack_244m_config(moeut_args, args.stack_layers)).to(dtype)
+
+    def moeut_244m_dense():
+        full = bench_moeut.stack_244m_config(moeut_args, 4 if args.tiny else 18)
+        return bench_moeut.matched_gpt2(full, heads=4, positions=positions, layers=args.stack_layers).to(dtype)
 
     def moduleformer():
         return bench_moduleformer.build_moduleformer(mf_args)
@@ -81,6 +91,7 @@ def pairs(args) -> dict[str, tuple]:
                 [("mom-sequential", lambda: bench_mom.build_mom(mom_args, "sequential")),
                  ("mom-learned", lambda: bench_mom.build_mom(mom_args, "learned"))]),
         "moeut": (moeut_dense, [("moeut-44m", moeut)]),
+        "moeut-244m": (moeut_244m_dense, [(f"moeut-244m-{args.stack_layers}-layers", moeut_244m)]),
         "moduleformer": (moduleformer_dense, [("moduleformer", moduleformer)]),
     }  # fmt: skip
 
@@ -226,8 +237,8 @@ def fmt_foreign_load(load: float | None) -> str:
 
 def main():
     parser = build_parser(__doc__.splitlines()[0], repeats=3)
-    parser.add_argument("--pairs", nargs="+", choices=["mom", "moeut", "moduleformer"],
-                        default=["mom", "moeut", "moduleformer"])  # fmt: skip
+    parser.add_argument("--pairs", nargs="+", choices=["mom", "moeut", "moeut-244m", "moduleformer"],
+                        help="default: all but moeut-244m with --scaling, all otherwise")  # fmt: skip
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of every model (default 8000)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
@@ -238,6 +249,8 @@ def main():
     parser.add_argument("--mom-modules", type=int, default=4)
     parser.add_argument("--mf-hidden", type=int, default=512, help="ModuleFormer width (MoLM: 1024)")
     parser.add_argument("--mf-layers", type=int, default=4, help="ModuleFormer depth (MoLM: 24)")
+    parser.add_argument("--stack-layers", type=int, default=4,
+                        help="layer applications of the MoEUT-244M-shaped stack (default 4: each shared layer twice)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a smoke test")
     parser.add_argument(
         "--profile",
@@ -249,6 +262,10 @@ def main():
     parser.add_argument("--scaling-seqs", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--scaling-tokens", type=int, default=1024, help="tokens per training step with --scaling")
     args = parser.parse_args()
+    if args.pairs is None:
+        args.pairs = ["mom", "moeut", "moduleformer"] + ([] if args.scaling else ["moeut-244m"])
+    if args.stack_layers < 2 or args.stack_layers % 2:
+        parser.error(f"--stack-layers={args.stack_layers}: must be a positive multiple of 2 (the shared layers).")
     if min(args.scaling_seqs) < 1 or args.scaling_tokens < 1:
         parser.error(f"--scaling-seqs {args.scaling_seqs} and --scaling-tokens {args.scaling_tokens} must be >= 1.")
     if args.tiny:

@@ -48,31 +48,41 @@ SIGMA_MOE_SHAPE = {"hidden_size": 1024, "num_experts": 387, "num_experts_per_tok
 TINY_SIGMA_MOE_SHAPE = {"hidden_size": 64, "num_experts": 24, "num_experts_per_tok": 4, "moe_intermediate_size": 16}
 
 
-def moeut_config(args) -> MoEUTConfig:
+def moeut_config(args, layers: int = 4) -> MoEUTConfig:
     if args.tiny:
-        return MoEUTConfig(vocab_size=args.vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+        return MoEUTConfig(vocab_size=args.vocab, hidden_size=64, num_hidden_layers=layers, num_attention_heads=2,
                            head_dim=32, num_attention_experts=4, num_experts=16, num_experts_per_tok=4,
                            moe_intermediate_size=16, output_router_logits=True)  # fmt: skip
     return MoEUTConfig.from_preset("moeut-44m", vocab_size=args.vocab)
 
 
-def matched_gpt2(moeut: MoEUTForCausalLM, heads: int, positions: int = 1024) -> GPT2LMHeadModel:
-    """A pre-LN GPT-2 of MoEUT's depth and width, with `positions` learned positions, whose MLP width makes its
-    parameter count match MoEUT's."""
-    c = moeut.config
-    d, layers = c.hidden_size, c.num_hidden_layers
+def matched_gpt2(c: MoEUTConfig, heads: int, positions: int = 1024, layers: int | None = None) -> GPT2LMHeadModel:
+    """A pre-LN GPT-2 of the MoEUT's depth and width, with `positions` learned positions, whose MLP width makes its
+    parameter count match the MoEUT's. With `layers`, only that many layers of that matched model are built (the
+    baseline of a MoEUT layer stack with fewer repeats: its layers are the full-depth matched model's)."""
+    d = c.hidden_size
 
-    def build(inner):
-        config = GPT2Config(vocab_size=c.vocab_size, n_positions=positions, n_embd=d, n_layer=layers, n_head=heads,
+    def build(inner, depth=c.num_hidden_layers):
+        config = GPT2Config(vocab_size=c.vocab_size, n_positions=positions, n_embd=d, n_layer=depth, n_head=heads,
                             n_inner=inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             attn_implementation="sdpa")  # fmt: skip
         with torch.device("meta"):
             return config, count_parameters(GPT2LMHeadModel(config))
 
+    with torch.device("meta"):
+        target = count_parameters(MoEUTForCausalLM(c))
     _, params = build(4 * d)
-    per_unit = layers * (2 * d + 1)  # one more MLP unit per layer: a column of c_fc (+ its bias), a row of c_proj
-    config, _ = build(max(1, 4 * d + round((count_parameters(moeut) - params) / per_unit)))
+    per_unit = c.num_hidden_layers * (2 * d + 1)  # one more MLP unit per layer: a column of c_fc (+ bias), a c_proj row
+    config, _ = build(max(1, 4 * d + round((target - params) / per_unit)), layers or c.num_hidden_layers)
     return GPT2LMHeadModel(config)
+
+
+def stack_244m_config(args, layers: int) -> MoEUTConfig:
+    """The 244M preset (its 2 shared layers, widths, experts) applied `layers` times in all instead of 18: issue 6's
+    "MoEUT-244M-shaped layer stack, fewer repeats if CPU time demands" (with `args.tiny`, the tiny config)."""
+    if args.tiny:
+        return moeut_config(args, layers)
+    return MoEUTConfig.from_preset("moeut-244m", vocab_size=args.vocab, num_hidden_layers=layers)
 
 
 def paper_macs_ratio(config: MoEUTConfig, baseline_ff: int, baseline_heads: int, seq: int) -> float:
@@ -117,7 +127,7 @@ def run_case(case: str, args) -> dict:
         fns, baseline = sigma_moe_case(args)
     else:
         moeut = MoEUTForCausalLM(moeut_config(args)).to(DTYPES[args.dtype])
-        gpt2 = matched_gpt2(moeut, args.baseline_heads).to(DTYPES[args.dtype])
+        gpt2 = matched_gpt2(moeut.config, args.baseline_heads).to(DTYPES[args.dtype])
         baseline = f"GPT-2 pre-LN, {gpt2.config.n_layer} x d={gpt2.config.n_embd}, d_ff={gpt2.config.n_inner}"
         extra = {"moeut_parameters": count_parameters(moeut), "baseline_parameters": count_parameters(gpt2)}
         extra["paper_macs_ratio"] = paper_macs_ratio(moeut.config, gpt2.config.n_inner, args.baseline_heads, args.seq)
