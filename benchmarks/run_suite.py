@@ -14,7 +14,7 @@ some, e.g. one per locked run):
   fixed active compute (`bench_dispatch`);
 - `attention`: stick-breaking attention against `scaled_dot_product_attention` from 256 to 2048 tokens
   (`bench_attention`), time and peak memory;
-- `scaling`: every architecture's and baseline's training time per token from 256 to 2048 tokens
+- `scaling`: every architecture's and baseline's training time per token at 256, 1024 and 2048 tokens
   (`bench_models --scaling`).
 """
 
@@ -30,7 +30,8 @@ SECTIONS = {  # name -> [(module, extra arguments), ...]
                                                                          "moduleformer"])],
     "dispatch": [("bench_dispatch", ["--dtype", "fp32"]), ("bench_dispatch", ["--dtype", "bf16"])],
     "attention": [("bench_attention", [])],
-    "scaling": [("bench_models", ["--dtype", "fp32", "--scaling", "--scaling-tokens", "512", "--repeats", "2"])],
+    "scaling": [("bench_models", ["--dtype", "fp32", "--scaling", "--scaling-seqs", "256", "1024", "2048",
+                                  "--scaling-tokens", "512", "--repeats", "2"])],
 }  # fmt: skip
 TINY = {"bench_models": ["--tiny", "--repeats", "1"], "bench_dispatch": ["--tiny", "--repeats", "1"],
         "bench_attention": ["--tiny", "--repeats", "1"]}  # fmt: skip
