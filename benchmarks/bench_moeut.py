@@ -48,11 +48,13 @@ SIGMA_MOE_SHAPE = {"hidden_size": 1024, "num_experts": 387, "num_experts_per_tok
 TINY_SIGMA_MOE_SHAPE = {"hidden_size": 64, "num_experts": 24, "num_experts_per_tok": 4, "moe_intermediate_size": 16}
 
 
-def moeut_config(args, layers: int = 4) -> MoEUTConfig:
+TINY_MODEL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, head_dim=32, num_attention_experts=4,
+                  num_experts=16, num_experts_per_tok=4, moe_intermediate_size=16, output_router_logits=True)
+
+
+def moeut_config(args) -> MoEUTConfig:
     if args.tiny:
-        return MoEUTConfig(vocab_size=args.vocab, hidden_size=64, num_hidden_layers=layers, num_attention_heads=2,
-                           head_dim=32, num_attention_experts=4, num_experts=16, num_experts_per_tok=4,
-                           moe_intermediate_size=16, output_router_logits=True)  # fmt: skip
+        return MoEUTConfig(vocab_size=args.vocab, **TINY_MODEL)
     return MoEUTConfig.from_preset("moeut-44m", vocab_size=args.vocab)
 
 
@@ -81,7 +83,7 @@ def stack_244m_config(args, layers: int) -> MoEUTConfig:
     """The 244M preset (its 2 shared layers, widths, experts) applied `layers` times in all instead of 18: issue 6's
     "MoEUT-244M-shaped layer stack, fewer repeats if CPU time demands" (with `args.tiny`, the tiny config)."""
     if args.tiny:
-        return moeut_config(args, layers)
+        return MoEUTConfig(vocab_size=args.vocab, **{**TINY_MODEL, "num_hidden_layers": layers})
     return MoEUTConfig.from_preset("moeut-244m", vocab_size=args.vocab, num_hidden_layers=layers)
 
 
