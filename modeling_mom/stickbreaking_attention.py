@@ -117,7 +117,7 @@ class _Inputs:
         self.padding = None if padding is None else padding.flip(1)[:, None, :]  # [B, 1, S], true for padding
         self.attend_current = attend_current
         rows_per_position = self.batch * self.heads * self.groups  # a block holds at most BLOCK_ELEMENTS logits
-        self.step = max(1, min(chunk_size, BLOCK_ELEMENTS // (rows_per_position * self.key_len)))
+        self.step = max(1, min(chunk_size, self.seq_len, BLOCK_ELEMENTS // (rows_per_position * self.key_len)))
         self._scratch = {}
 
     def blocks(self):
