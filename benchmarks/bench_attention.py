@@ -103,7 +103,7 @@ def main():
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
     if min(args.seqs) < 1:
         parser.error(f"--seqs {args.seqs}: lengths must be >= 1.")
-    setup(args.threads, args.seed)
+    setup(args.threads, args.seed, args.malloc)
     dtype = DTYPES[args.dtype]
 
     results = []

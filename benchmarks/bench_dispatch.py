@@ -192,7 +192,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a smoke test")
     parser.add_argument("--cases", nargs="+", choices=[*SHAPES, "decode"], default=[*SHAPES, "decode"])
     args = parser.parse_args()
-    setup(args.threads, args.seed)
+    setup(args.threads, args.seed, args.malloc)
     dtype = DTYPES[args.dtype]
     shapes = {name: (TINY_SWITCHHEAD if "switchhead" in name else TINY) if args.tiny else shape
               for name, shape in SHAPES.items()}  # fmt: skip

@@ -272,7 +272,7 @@ def main():
         args.scaling_seqs, args.scaling_tokens = [16, 32], 32
         args.batch, args.seq, args.prompt, args.new_tokens = 2, 16, 8, 2
         args.mom_hidden, args.mom_layers, args.mom_modules, args.mf_hidden, args.mf_layers = 64, 3, 2, 64, 2
-    setup(args.threads, args.seed)
+    setup(args.threads, args.seed, args.malloc)
     all_pairs = pairs(args)
     if args.profile:
         report = [profile_training_step(name, fn(), args) for pair in args.pairs

@@ -153,7 +153,7 @@ def main():
         structure = mom_structure(args.layers, args.modules)
     except ValueError as error:
         parser.error(str(error))
-    setup(args.threads, args.seed)
+    setup(args.threads, args.seed, args.malloc)
 
     results = [run_case(case, args) for case in args.cases]
     rows = []

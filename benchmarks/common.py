@@ -2,10 +2,11 @@
 
 An entry point sets `THP_MEM_ALLOC_ENABLE=1` before it imports torch (PyTorch's CPU allocator then asks for
 transparent huge pages; without it, large fresh tensors page-fault their way in at ~4x the cost of the copy on the
-reference machine), then:
+reference machine), then (`setup` also makes glibc keep freed memory for reuse unless `--malloc default`:
+see `modeling_mom.workflows.cpu_memory`):
 
     args = build_parser("what it measures").parse_args()
-    setup(args.threads)
+    setup(args.threads, args.seed, args.malloc)
     timings = time_interleaved({"gpt2": step_a, "mom": step_b}, warmup=args.warmup, repeats=args.repeats)
     write_report(title, header, rows, payload, args)
 
@@ -28,7 +29,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from modeling_mom.workflows.cpu_memory import keep_freed_memory
+
 FOREIGN_LOAD_WARNING = 0.3
+_ENVIRONMENT = {"malloc": "default"}  # what `setup` changed
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -94,13 +98,22 @@ def build_parser(description: str, repeats: int = 5) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results as JSON to this path")
     parser.add_argument("--markdown", help="write the results as a Markdown table to this path")
+    parser.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="keep: glibc keeps freed memory for reuse (the setting the `mom` command trains with; see "
+        "modeling_mom.workflows.cpu_memory); default: glibc's defaults, which unmap every freed block over 32 MB",
+    )
     return parser
 
 
-def setup(threads: int, seed: int = 0) -> None:
-    """Fix the thread count (results depend on it) and the random seed."""
+def setup(threads: int, seed: int = 0, malloc: str = "keep") -> None:
+    """Fix the thread count (results depend on it), the random seed and how freed memory is handled."""
     if threads < 1:
         raise ValueError(f"--threads={threads} must be >= 1.")
+    if malloc == "keep":
+        _ENVIRONMENT["malloc"] = "keep" if keep_freed_memory() else "default (not glibc)"
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
 
@@ -114,6 +127,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        **_ENVIRONMENT,
         "python": platform.python_version(),
     }
 

@@ -18,6 +18,7 @@ import os
 import sys
 
 from .common import WorkflowError
+from .cpu_memory import keep_freed_memory
 
 COMMANDS = {
     "demo": "demo",
@@ -39,6 +40,7 @@ def main(argv=None) -> None:
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages for big CPU temporaries: fewer page faults
+    keep_freed_memory()  # and no page faults at all for the ones a training step allocates again every step
     command, rest = argv[0], argv[1:]
     module = importlib.import_module(f"{__package__}.{COMMANDS[command]}")
     try:
