@@ -127,6 +127,11 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[-1] * b_shape[-1]
 
 
+def _embedding_bag_flops(weight_shape, indices_shape, *args, out_shape=None, **kwargs) -> int:
+    """The dispatch's decoding path, a weighted `embedding_bag`: a multiply and an add per gathered feature."""
+    return 2 * math.prod(indices_shape) * weight_shape[-1]
+
+
 def _cpu_sdpa_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     """Scores and mixing, `4 B H T S D`, counted over the full square as torch counts its other SDPA kernels."""
     return 4 * math.prod(q_shape[:-1]) * k_shape[-2] * q_shape[-1]
@@ -134,6 +139,8 @@ def _cpu_sdpa_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
 
 FLOP_FORMULAS = {
     torch.ops.aten._grouped_mm: _grouped_mm_flops,
+    torch.ops.aten._embedding_bag_forward_only: _embedding_bag_flops,
+    torch.ops.aten._embedding_bag: _embedding_bag_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
 }
 

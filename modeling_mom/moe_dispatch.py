@@ -125,19 +125,23 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _few_experts_used(plan: DispatchPlan) -> bool:
-    """At most a quarter of the experts received rows (decoding a few tokens, or a tiny batch)."""
-    return 4 * sum(1 for count in plan.counts if count) <= plan.num_experts
+def _few_rows_per_expert(plan: DispatchPlan) -> bool:
+    """At most 8 rows per expert on average (decoding, short prompts). Measured on CPU (fp32, 2 threads) at the MoEUT,
+    SwitchHead and MoLM shapes, `_bag_linear` is 1.3-6x faster than a grouped matmul up to 5 rows per expert and
+    they break even at 8 (MoLM's 2048-wide experts) to 16 (128-wide experts)."""
+    return plan.token_index.shape[0] <= 8 * plan.num_experts
 
 
-def _used_experts_linear(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Without autograd: one matmul per expert that received rows, on a view of its weight. A grouped matmul (or the
-    split loop) visits every expert, which costs more than the work when only k of hundreds are used."""
-    used = [(expert, count) for expert, count in enumerate(plan.counts) if count]
-    rows = x.split([count for _, count in used])
-    if not used:  # every selection was SKIP
-        return x.new_zeros(0, weight.shape[-1])
-    return torch.cat([xe @ weight[expert] for xe, (expert, _) in zip(rows, used)])
+def _bag_linear(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Without autograd: every sorted row times its expert's weight, `x[s] @ weight[expert_index[s]]`, as one
+    `embedding_bag`. The bank is viewed as `E * in` rows of `out` features; row s's bag is its expert's `in` rows,
+    weighted by `x[s]` and summed. One fused kernel that reads only the chosen experts' weights: no per-expert
+    matmul (whose fixed cost dominates at a few rows) and no copy of the chosen weights."""
+    num_experts, in_features, out_features = weight.shape
+    arange = torch.arange(in_features, device=x.device)
+    bags = (plan.expert_index * in_features).unsqueeze(-1) + arange  # [S, in] rows of the flattened bank
+    bank = weight.reshape(num_experts * in_features, out_features)
+    return F.embedding_bag(bags, bank, per_sample_weights=x, mode="sum")
 
 
 def grouped_linear(
@@ -151,16 +155,15 @@ def grouped_linear(
 
     `use_grouped_mm=None` picks `grouped_mm` when supported (see :func:`grouped_mm_supported`); `False` forces the
     per-expert `split`/`unbind` loop, which is also the reference the fast path is tested against. Without autograd
-    and with few experts used (decoding), only the used experts are multiplied (`weight[e]` is safe there: indexing
-    is slow only in backward).
+    and with a few rows per expert (decoding), one `embedding_bag` over the chosen experts' weights replaces both.
     """
     if torch.is_autocast_enabled(x.device.type):  # `grouped_mm` has no autocast rule: cast as a matmul would be
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x, weight)
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and _few_experts_used(plan):
-        out = _used_experts_linear(x, weight, plan)
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and _few_rows_per_expert(plan):
+        out = _bag_linear(x, weight, plan)
     elif use_grouped_mm:
         out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))
     else:

@@ -1,5 +1,6 @@
 """The analytic side of the benchmarks: FLOP counts checked against counts derived by hand (no timing here)."""
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -19,9 +20,11 @@ def test_gpt2_forward_flops_per_token_match_the_hand_count():
     assert forward_flops_per_token(model, torch.randint(vocab, (1, seq))) == expected
 
 
-def test_expert_dispatch_flops_are_the_useful_flops():
-    """The grouped matmuls of one expert FFN cost 2 x 2 x d x e per chosen expert: 4 T k d e in all."""
-    tokens, d, num_experts, width, k = 8, 32, 6, 16, 2
+@pytest.mark.parametrize("tokens", [8, 128], ids=["embedding_bag", "grouped_mm"])
+def test_expert_dispatch_flops_are_the_useful_flops(tokens):
+    """One expert FFN costs 2 x 2 x d x e per chosen expert, 4 T k d e in all, whichever path computes it: one
+    weighted `embedding_bag` (up to 8 rows per expert, as in decoding) or the grouped matmuls (more rows)."""
+    d, num_experts, width, k = 32, 6, 16, 2
     experts = build_layer(d, num_experts, width, k, "relu", torch.float32)
     index = torch.rand(tokens, num_experts).topk(k, dim=-1).indices
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:

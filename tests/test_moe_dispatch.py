@@ -212,10 +212,16 @@ def test_expert_ffn_with_gate_on_hidden(use_grouped_mm, dtype):
         torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol, msg=name)
 
 
+PREFILL = torch.arange(320).remainder(16).view(160, 2)  # 20 rows per expert: the grouped path
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("selected", [[[3, 9], [9, 16]], [[16, 17]]], ids=["decode", "all_skip"])
-def test_inference_with_few_experts_used_matches_naive_loop(selected, dtype):
-    """Without autograd, when at most a quarter of the experts get rows (decoding), only those are multiplied."""
+@pytest.mark.parametrize(
+    "selected", [[[3, 9], [9, 16]], [[16, 17]], PREFILL.tolist()], ids=["decode", "all_skip", "prefill"]
+)
+def test_inference_matches_naive_loop(selected, dtype):
+    """Without autograd: with at most 8 rows per expert (decoding) one `embedding_bag` computes every row, with more
+    (a prompt) the grouped matmul does; both equal the loop."""
     num_experts, selected = 16, torch.tensor(selected)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(selected.shape[0], IN_FEATURES, generator=generator).to(dtype)
