@@ -4,8 +4,8 @@ PyTorch's CPU allocator is the C library's `malloc`. glibc serves every block ab
 unmaps it on `free`, so a training step that allocates large tensors gets them from the kernel again every step:
 zeroed page by page, and with transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`) sometimes after seconds of page
 compaction. Expert banks make this the dominant cost: at MoEUT's 244M shape one sigma-MoE layer writes 400 MB of
-fresh weight gradients per step, and on a 2-core machine its forward + backward took 0.47-2.0 s per step with
-glibc's defaults against a steady 0.34 s with freed memory kept (peak resident memory +20%).
+fresh weight gradients per step, and on a 2-core machine its forward + backward took 0.4-2.0 s per step with
+glibc's defaults against a steady 0.32-0.37 s with freed memory kept (peak resident memory +20%).
 
 This is a process-wide setting, for applications (the `mom` command, the benchmarks), never done by the modeling
 code. The environment variables `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`, or preloading jemalloc or
