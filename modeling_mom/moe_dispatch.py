@@ -125,11 +125,14 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _few_rows_per_expert(plan: DispatchPlan) -> bool:
-    """At most 8 rows per expert on average (decoding, short prompts). Measured on CPU (fp32, 2 threads) at the MoEUT,
-    SwitchHead and MoLM shapes, `_bag_linear` is 1.3-6x faster than a grouped matmul up to 5 rows per expert and
-    they break even at 8 (MoLM's 2048-wide experts) to 16 (128-wide experts)."""
-    return plan.token_index.shape[0] <= 8 * plan.num_experts
+def _few_rows_per_expert(plan: DispatchPlan, weight: torch.Tensor) -> bool:
+    """Few enough rows per expert (decoding, short prompts) for `_bag_linear` to beat a grouped matmul: at most 8 on
+    average for experts of up to 2^18 weights (MoEUT's 128-wide experts and SwitchHead's heads), 4 for larger ones
+    (MoLM's, MoM's modules). The bag reads an expert's weights once per row where the matmul reads them once; measured
+    on CPU (fp32, 2 threads) the bag is 1.1-6x faster below these limits (but 0.7-0.9x, some 0.05 ms, for a single
+    row through one large module), and the two break even at 10-20 rows per small expert and 4-8 per large one."""
+    limit = 8 if weight.shape[-2] * weight.shape[-1] <= 2**18 else 4
+    return plan.token_index.shape[0] <= limit * plan.num_experts
 
 
 def _bag_linear(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -162,7 +165,8 @@ def grouped_linear(
         x, weight = x.to(dtype), weight.to(dtype)
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x, weight)
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and _few_rows_per_expert(plan):
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if not needs_grad and _few_rows_per_expert(plan, weight):
         out = _bag_linear(x, weight, plan)
     elif use_grouped_mm:
         out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))
