@@ -13,7 +13,8 @@ Selections equal to or above ``num_experts`` (MoM's SKIP) are dropped from the p
 The grouped matmul uses ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` on older torch) where the
 device and dtype support it, and otherwise one matmul per expert over ``split`` / ``unbind`` views. Indexing
 ``weight[e]`` inside an autograd loop is never used: its backward materialises a full-size zero gradient per
-expert (quadratic in the number of experts).
+expert (quadratic in the number of experts). Without autograd and with a few rows per expert (decoding), one
+weighted ``embedding_bag`` over the chosen experts' weights computes every row instead.
 
 The single host-device synchronisation is in :func:`plan_dispatch` (the per-expert counts are read once, to
 drop SKIP selections and to split rows for the fallback path).
