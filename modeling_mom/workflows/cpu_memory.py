@@ -18,7 +18,7 @@ import platform
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4
-_TRIM_NEVER = 2**31 - 1  # the largest threshold mallopt takes (an int): never give the heap's top back
+_TRIM_NEVER = 2**31 - 1  # the largest threshold mallopt takes (an int): return the heap top only past 2 GB free
 
 
 def keep_freed_memory() -> bool:
