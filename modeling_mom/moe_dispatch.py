@@ -13,8 +13,8 @@ Selections equal to or above ``num_experts`` (MoM's SKIP) are dropped from the p
 The grouped matmul uses ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` on older torch) where the
 device and dtype support it, and otherwise one matmul per expert over ``split`` / ``unbind`` views. Indexing
 ``weight[e]`` inside an autograd loop is never used: its backward materialises a full-size zero gradient per
-expert (quadratic in the number of experts). Without autograd and with a few rows per expert (decoding), one
-weighted ``embedding_bag`` over the chosen experts' weights computes every row instead.
+expert (quadratic in the number of experts). Without autograd and with a few rows per small expert (decoding),
+one weighted ``embedding_bag`` over the chosen experts' weights computes every row instead.
 
 The single host-device synchronisation is in :func:`plan_dispatch` (the per-expert counts are read once, to
 drop SKIP selections and to split rows for the fallback path).
@@ -126,14 +126,13 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _few_rows_per_expert(plan: DispatchPlan, weight: torch.Tensor) -> bool:
-    """Few enough rows per expert (decoding, short prompts) for `_bag_linear` to beat a grouped matmul: at most 8 on
-    average for experts of up to 2^18 weights (MoEUT's 128-wide experts and SwitchHead's heads), 4 for larger ones
-    (MoLM's, MoM's modules). The bag reads an expert's weights once per row where the matmul reads them once; measured
-    on CPU (fp32, 2 threads) the bag is 1.1-6x faster below these limits (but 0.7-0.9x, some 0.05 ms, for a single
-    row through one large module), and the two break even at 10-20 rows per small expert and 4-8 per large one."""
-    limit = 8 if weight.shape[-2] * weight.shape[-1] <= 2**18 else 4
-    return plan.token_index.shape[0] <= limit * plan.num_experts
+def _bag_wins(plan: DispatchPlan, weight: torch.Tensor) -> bool:
+    """Whether `_bag_linear` beats a grouped matmul: for experts of at most 2^18 weights (MoEUT's 128-wide experts,
+    SwitchHead's heads) with at most 6 rows each on average (decoding, short prompts). Measured on CPU (fp32, 2
+    threads; `benchmarks/bench_decode_path.py`) the bag is 1.2-3.4x faster there; they break even at 8-16 rows per
+    expert. With larger experts (MoLM's, MoM's modules) the two are within 0.75-1.4x of each other at any row count
+    (the bag spreads rows, not features, over threads), so those keep the grouped matmul."""
+    return weight.shape[-2] * weight.shape[-1] <= 2**18 and plan.token_index.shape[0] <= 6 * plan.num_experts
 
 
 def _bag_linear(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -159,7 +158,8 @@ def grouped_linear(
 
     `use_grouped_mm=None` picks `grouped_mm` when supported (see :func:`grouped_mm_supported`); `False` forces the
     per-expert `split`/`unbind` loop, which is also the reference the fast path is tested against. Without autograd
-    and with a few rows per expert (decoding), one `embedding_bag` over the chosen experts' weights replaces both.
+    and with a few rows per small expert (decoding), one `embedding_bag` over the chosen experts' weights replaces
+    both (see :func:`_bag_wins`).
     """
     if torch.is_autocast_enabled(x.device.type):  # `grouped_mm` has no autocast rule: cast as a matmul would be
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -167,7 +167,7 @@ def grouped_linear(
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x, weight)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if not needs_grad and _few_rows_per_expert(plan, weight):
+    if not needs_grad and _bag_wins(plan, weight):
         out = _bag_linear(x, weight, plan)
     elif use_grouped_mm:
         out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))

@@ -220,8 +220,8 @@ PREFILL = torch.arange(320).remainder(16).view(160, 2)  # 20 rows per expert: th
     "selected", [[[3, 9], [9, 16]], [[16, 17]], PREFILL.tolist()], ids=["decode", "all_skip", "prefill"]
 )
 def test_inference_matches_naive_loop(selected, dtype):
-    """Without autograd: with at most 8 rows per expert (decoding) one `embedding_bag` computes every row, with more
-    (a prompt) the grouped matmul does; both equal the loop."""
+    """Without autograd: with at most 6 rows per (small) expert, as in decoding, one `embedding_bag` computes every
+    row, with more (a prompt) the grouped matmul does; both equal the loop."""
     num_experts, selected = 16, torch.tensor(selected)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(selected.shape[0], IN_FEATURES, generator=generator).to(dtype)
