@@ -129,7 +129,7 @@ class _ContiguousGrad(torch.autograd.Function):
 def _bag_wins(plan: DispatchPlan, weight: torch.Tensor) -> bool:
     """Whether `_bag_linear` beats a grouped matmul: for experts of at most 2^18 weights (MoEUT's 128-wide experts,
     SwitchHead's heads) with at most 6 rows each on average (decoding, short prompts). Measured on CPU (fp32, 2
-    threads; `benchmarks/bench_decode_path.py`) the bag is 1.2-3.4x faster there; they break even at 8-16 rows per
+    threads; `benchmarks/bench_decode_path.py`) the bag is 1.1-3.4x faster there; they break even at 8-16 rows per
     expert. With larger experts (MoLM's, MoM's modules) the two are within 0.75-1.4x of each other at any row count
     (the bag spreads rows, not features, over threads), so those keep the grouped matmul."""
     return weight.shape[-2] * weight.shape[-1] <= 2**18 and plan.token_index.shape[0] <= 6 * plan.num_experts
