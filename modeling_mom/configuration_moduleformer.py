@@ -65,7 +65,8 @@ class ModuleFormerConfig(PreTrainedConfig):
     """
 
     model_type = "moduleformer"
-    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache field before and since transformers 5.24
+    # not predictions: the cache (its field before and since transformers 5.24) and the router outputs
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "aux_loss", "router_logits"]
     _auto_class = "AutoConfig"
     attribute_map = {
         "n_embd": "hidden_size",

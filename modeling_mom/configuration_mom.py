@@ -55,7 +55,8 @@ class MoMConfig(PreTrainedConfig):
     """
 
     model_type = "mom"
-    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache field before and since transformers 5.24
+    # not predictions: the cache (its field before and since transformers 5.24) and the router outputs
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "aux_loss", "router_logits"]
     _auto_class = "AutoConfig"
 
     vocab_size: int = 50257

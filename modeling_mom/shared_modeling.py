@@ -155,15 +155,48 @@ class RouterLossesMixin:
         outputs = self.model(output_router_logits=output_router_logits or unasked, **model_kwargs)
         return outputs, output_router_logits
 
-    def _add_router_losses(self, loss, outputs, attention_mask) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`(loss + the router loss term, aux_loss)`; nothing is added without labels or router logits."""
+    def _add_router_losses(
+        self, loss, outputs, attention_mask, micro_batch_share: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(loss + the router loss term, aux_loss)`; nothing is added without labels or router logits.
+
+        `micro_batch_share` (this micro-batch's share of the accumulated batch's label tokens, when the Trainer
+        passes `num_items_in_batch`) weights the term, so that the terms of the accumulated micro-batches sum to one
+        router loss, as the next-token loss does, instead of growing with the number of accumulation steps.
+        """
         if not outputs.router_logits:
             return loss, None
         batch_size = outputs.last_hidden_state.shape[0]
         aux_loss, loss_term = self.router_losses(outputs.router_logits, batch_size, attention_mask)
         if loss is not None and loss_term is not None:
+            _check_router_losses_get_gradients(self, loss, loss_term)
+            if micro_batch_share is not None:
+                loss_term = loss_term * micro_batch_share.to(loss_term.device)
             loss = loss + loss_term.to(loss.device)
         return loss, aux_loss
+
+
+def _check_router_losses_get_gradients(model, loss: torch.Tensor, loss_term: torch.Tensor) -> None:
+    """Raise if the router losses would silently train nothing: reentrant activation checkpointing runs each layer
+    without autograd on its first pass, so router logits recorded there are constants."""
+    if not loss.requires_grad or loss_term.requires_grad:
+        return
+    for module in model.modules():
+        checkpoint_function = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and checkpoint_function is not None:
+            if getattr(checkpoint_function, "keywords", {}).get("use_reentrant", False):
+                raise ValueError(
+                    "The router losses get no gradient under activation checkpointing with use_reentrant=True (the "
+                    "router logits are recorded in a pass without autograd). Enable it with "
+                    "activation_checkpointing_kwargs={'use_reentrant': False} (transformers' default), or turn the "
+                    "router losses off (their coefficients set to 0)."
+                )
+
+
+def _label_share(labels: torch.Tensor, num_items_in_batch, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """This micro-batch's next-token targets (not `-100`) over the accumulated batch's, `num_items_in_batch`."""
+    targets = shift_labels if shift_labels is not None else labels[..., 1:]
+    return (targets != -100).sum() / num_items_in_batch
 
 
 class CausalLMWithRouterLosses(RouterLossesMixin):
@@ -206,7 +239,10 @@ class CausalLMWithRouterLosses(RouterLossesMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        loss, aux_loss = self._add_router_losses(loss, outputs, attention_mask)
+        share = None
+        if labels is not None and kwargs.get("num_items_in_batch") is not None:
+            share = _label_share(labels, kwargs["num_items_in_batch"], kwargs.get("shift_labels"))
+        loss, aux_loss = self._add_router_losses(loss, outputs, attention_mask, share)
         return with_cache(
             MoeCausalLMOutputWithPast,
             getattr(outputs, CACHE_FIELD),
@@ -221,7 +257,13 @@ class CausalLMWithRouterLosses(RouterLossesMixin):
 
 class SequenceClassifierWithRouterLosses(RouterLossesMixin):
     """`self.model` -> `self.score` on the last real token (left or right padding); the loss of the task type
-    (single-label, regression for `num_labels=1`, multi-label) plus the router losses."""
+    (single-label, regression for `num_labels=1`, multi-label) plus the router losses.
+
+    The loss is a mean over the batch's examples, so the Trainer is told to divide it by the accumulation steps itself
+    (`accepts_loss_kwargs = False`); `forward` takes `**kwargs` for attention options only.
+    """
+
+    accepts_loss_kwargs = False
 
     @accepts_past_key_values
     @can_return_tuple

@@ -360,7 +360,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_trainer_gradient_accumulation_equals_big_batch(tmp_path):
-    """Regulariser off: it is a per-micro-batch term, as for every transformers MoE."""
+    """Regulariser off (random rows); with it on, see test_trainer_contract."""
     torch.manual_seed(0)
     ids = torch.randint(2, VOCAB, (8, 10))
     assert_accumulation_equals_big_batch(lambda: MoEUTForCausalLM(tiny_config()), ids, tmp_path)

@@ -1,0 +1,84 @@
+"""Gradient accumulation under the HF Trainer, with the parts a plain next-token test leaves out: the router losses
+(added once per micro-batch, so weighted by each micro-batch's share of the accumulated batch's label tokens) and
+the sequence classifier (a per-batch mean, which the Trainer must divide by the accumulation steps itself).
+Each case trains one SGD step as 2 x 4 accumulated rows and as 1 x 8 and compares the weights (fp32, 1e-6).
+"""
+
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from modeling_mom import (
+    ModuleFormerForCausalLM,
+    ModuleFormerForSequenceClassification,
+    MoEUTForCausalLM,
+    MoEUTForSequenceClassification,
+    MoMForCausalLM,
+    MoMForSequenceClassification,
+)
+
+from . import test_moduleformer, test_moeut, test_mom
+from .trainer_contract import assert_accumulation_equals_big_batch
+
+ROUTER_LOSSES_ON = {
+    "mom": (test_mom.tiny_config, dict(num_modules_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)),
+    "moeut": (test_moeut.tiny_config, dict(output_router_logits=True, router_aux_loss_coef=0.5)),
+    "moduleformer": (test_moduleformer.tiny_config, dict(router_aux_loss_coef=0.5)),
+}
+CLASSES = {
+    "mom": (MoMForCausalLM, MoMForSequenceClassification),
+    "moeut": (MoEUTForCausalLM, MoEUTForSequenceClassification),
+    "moduleformer": (ModuleFormerForCausalLM, ModuleFormerForSequenceClassification),
+}
+
+
+def factory(model_class, config):
+    def make_model():
+        torch.manual_seed(0)
+        return model_class(config)
+
+    return make_model
+
+
+@pytest.mark.parametrize("arch", CLASSES)
+def test_router_losses_do_not_grow_with_accumulation(arch, tmp_path):
+    make_config, router_losses = ROUTER_LOSSES_ON[arch]
+    config = make_config(**router_losses)
+    row = torch.randint(3, 50, (10,))
+    assert_accumulation_equals_big_batch(factory(CLASSES[arch][0], config), row.repeat(8, 1), tmp_path)
+
+
+@pytest.mark.parametrize("arch", CLASSES)
+def test_classifier_accumulation_equals_big_batch(arch, tmp_path):
+    make_config, _ = ROUTER_LOSSES_ON[arch]
+    config = make_config(num_labels=3)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 50, (8, 10))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2, 1])
+    assert_accumulation_equals_big_batch(factory(CLASSES[arch][1], config), ids, tmp_path, labels=labels)
+
+
+@pytest.mark.parametrize("arch", CLASSES)
+def test_evaluation_predictions_are_the_logits(arch, tmp_path):
+    """The router outputs (`aux_loss`, `router_logits`) are not predictions: `compute_metrics` gets the logits alone."""
+    make_config, router_losses = ROUTER_LOSSES_ON[arch]
+    model = factory(CLASSES[arch][0], make_config(**router_losses))()
+    ids = torch.randint(3, 50, (4, 10))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True)
+    predictions = Trainer(model=model, args=args).predict(data).predictions
+    assert isinstance(predictions, np.ndarray) and predictions.shape == (4, 10, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("arch", CLASSES)
+def test_reentrant_checkpointing_with_router_losses_is_refused(arch):
+    """Reentrant checkpointing records the router logits without autograd: a clear error, not untrained routers."""
+    make_config, router_losses = ROUTER_LOSSES_ON[arch]
+    model = factory(CLASSES[arch][0], make_config(**router_losses))().train()
+    ids = torch.randint(3, 50, (2, 10))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model(ids, labels=ids).loss.backward()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        model(ids, labels=ids)
