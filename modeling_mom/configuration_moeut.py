@@ -69,8 +69,9 @@ class MoEUTConfig(PreTrainedConfig):
             rounded down to even. 0 disables positions entirely.
         router_aux_loss_coef, attention_router_aux_loss_coef: weights (gamma, delta) of the entropy regulariser of
             the FFN routers and of the attention V/O routers.
-        output_router_logits: return the router logits and the weighted regulariser (``aux_loss``), which the heads
-            add to their loss. Enable it for training (the presets do).
+        output_router_logits: return the router logits and the weighted regulariser (``aux_loss``). Training with
+            labels adds the regulariser to the loss whenever a coefficient is positive, asked or not (as the official
+            code does); evaluation losses never include it.
         position_embedding_type: "rope" (the paper; partial RoPE only) or "learned_absolute" (adds GPT-2-style learned
             positions to the embeddings, for function-preserving GPT-2 seeding; set ``partial_rotary_factor=0`` to
             drop RoPE).
@@ -136,11 +137,10 @@ class MoEUTConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MoEUTConfig":
-        """The paper's configuration `name` (see :meth:`preset_names`) with the paper's regulariser switched on;
-        keyword arguments override any field."""
+        """The paper's configuration `name` (see :meth:`preset_names`); keyword arguments override any field."""
         if name not in PRESETS:
             raise ValueError(f"Unknown MoEUT preset {name!r}; allowed: {cls.preset_names()}.")
-        return cls(**{"output_router_logits": True, **PRESETS[name], **overrides})
+        return cls(**{**PRESETS[name], **overrides})
 
     @property
     def num_rotary_dims(self) -> int:

@@ -317,6 +317,12 @@ class MoEUTPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
         """The default experts implementation is "eager", i.e. `MoEUTExperts.forward`: the shared dispatch."""
         return super().get_correct_experts_implementation(requested_experts or "eager")
 
+    @property
+    def router_losses_with_labels(self) -> bool:
+        """In training with labels, the regulariser joins the loss unasked when it has a positive weight (the
+        official model always adds it in training)."""
+        return self.config.router_aux_loss_coef > 0 or self.config.attention_router_aux_loss_coef > 0
+
     def router_losses(self, router_logits, batch_size, attention_mask):
         """The entropy regulariser (`moeut_aux_loss`), already weighted by its two coefficients: it is returned as
         `aux_loss` and added to the loss as it is (the official `loss + reg_loss`)."""

@@ -143,15 +143,19 @@ class RouterLossesMixin:
     returning `(aux_loss, loss_term)`: the auxiliary loss returned to the user, and what is added to a training loss
     (`aux_loss` times its coefficient(s)), or `(None, None)`.
 
-    Router logits (and so the router losses) are computed when `output_router_logits` asks for them (argument, else
-    config), as in Mixtral. A model whose training loss includes its router losses unasked (ModuleFormer, like the
-    official code) sets the class attribute `router_losses_with_labels = True`: then labels suffice.
+    Router logits (and so `aux_loss`) are computed when `output_router_logits` asks for them (argument, else
+    config), as in Mixtral. A model whose training loss includes its router losses unasked (MoEUT and ModuleFormer,
+    like the official code) defines `router_losses_with_labels` (True when a router loss has a positive weight):
+    then labels suffice in training.
+
+    The router loss term joins the loss in training mode only: they are regularisers, and an evaluation loss is the
+    task's loss (MoEUT's entropy regulariser is negative, and would make exp(eval loss) understate the perplexity).
     """
 
     def _run_base_model(self, labels, output_router_logits, **model_kwargs) -> tuple[MoeModelOutputWithPast, bool]:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        unasked = labels is not None and getattr(self, "router_losses_with_labels", False)
+        unasked = labels is not None and self.training and getattr(self, "router_losses_with_labels", False)
         outputs = self.model(output_router_logits=output_router_logits or unasked, **model_kwargs)
         return outputs, output_router_logits
 
@@ -167,8 +171,10 @@ class RouterLossesMixin:
         if not outputs.router_logits:
             return loss, None
         batch_size = outputs.last_hidden_state.shape[0]
+        if attention_mask is not None and attention_mask.dim() != 2:  # a custom 4-D mask marks no padding
+            attention_mask = None
         aux_loss, loss_term = self.router_losses(outputs.router_logits, batch_size, attention_mask)
-        if loss is not None and loss_term is not None:
+        if loss is not None and loss_term is not None and self.training:
             _check_router_losses_get_gradients(self, loss, loss_term)
             if micro_batch_share is not None:
                 loss_term = loss_term * micro_batch_share.to(loss_term.device)

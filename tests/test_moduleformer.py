@@ -191,8 +191,11 @@ def test_sequence_classifier_left_padding_and_loss():
     out = model(ids, attention_mask=mask, labels=torch.tensor([0, 2]))
     torch.testing.assert_close(out.logits[1], model(short).logits[0], atol=ATOL, rtol=0)
     ce = F.cross_entropy(out.logits, torch.tensor([0, 2]))
-    assert out.loss.item() != pytest.approx(ce.item())  # the weighted router loss is added
-    out.loss.backward()
+    torch.testing.assert_close(out.loss, ce)  # evaluation: the task loss alone
+    trained = model.train()(ids, attention_mask=mask, labels=torch.tensor([0, 2]))
+    ce = F.cross_entropy(trained.logits, torch.tensor([0, 2]))
+    assert trained.loss.item() != pytest.approx(ce.item())  # training: the weighted router loss is added
+    trained.loss.backward()
     assert model.model.layers[0].mlp.router.fc.weight.grad.abs().sum() > 0
 
 
@@ -220,8 +223,10 @@ def test_model_aux_losses_sum_over_routers():
     assert [r.shape[-1] for r in out.router_logits] == [4, 6, 4, 6]
     expected = sum(mutual_information_loss(r, mask) for r in out.router_logits)
     torch.testing.assert_close(out.aux_loss, expected)
-    lm_only = model(ids, attention_mask=mask, labels=ids).loss - 0.5 * expected
-    torch.testing.assert_close(lm_only, model.loss_function(out.logits, ids, model.config.vocab_size))
+    torch.testing.assert_close(out.loss, model.loss_function(out.logits, ids, model.config.vocab_size))  # eval
+    trained = model.train()(ids, attention_mask=mask, labels=ids)  # training: the router loss joins unasked
+    lm_only = trained.loss - 0.5 * trained.aux_loss
+    torch.testing.assert_close(lm_only, model.loss_function(trained.logits, ids, model.config.vocab_size))
     assert model(ids).router_logits is None  # not requested, not returned
 
     model.config.aux_loss_type = "switch"
@@ -235,7 +240,7 @@ def test_model_aux_losses_sum_over_routers():
 
 
 def test_concentration_loss_is_added_with_its_weight():
-    model = tiny_model(concentration_loss_coef=0.25)
+    model = tiny_model(concentration_loss_coef=0.25).train()  # the router losses join the loss in training
     ids, mask, _ = left_padded_batch()
     out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
     by_hand = 0.0

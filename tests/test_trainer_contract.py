@@ -82,3 +82,16 @@ def test_reentrant_checkpointing_with_router_losses_is_refused(arch):
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="use_reentrant=True"):
         model(ids, labels=ids)
+
+
+@pytest.mark.parametrize("arch", ["mom", "moeut"])
+def test_router_losses_with_a_4d_attention_mask(arch):
+    """A custom 4-D mask (no padding, causal) gives the same loss and router losses as no mask (it has no padding
+    columns to leave out); the router losses used to slice it as a 2-D padding mask and fail."""
+    make_config, router_losses = ROUTER_LOSSES_ON[arch]
+    model = factory(CLASSES[arch][0], make_config(**router_losses))().train()
+    ids = torch.randint(3, 50, (2, 6))
+    causal = torch.tril(torch.ones(6, 6, dtype=torch.bool)).expand(2, 1, 6, 6)
+    with_mask, without = model(ids, attention_mask=causal, labels=ids), model(ids, labels=ids)
+    torch.testing.assert_close(with_mask.aux_loss, without.aux_loss)
+    torch.testing.assert_close(with_mask.loss, without.loss)
