@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_mom import MoMConfig, MoMForCausalLM, MoMForSequenceClassification, MoMModel
+from modeling_mom.modeling_mom import MoMModulePool
 from modeling_mom.routing_losses import switch_load_balancing_loss
 from modeling_mom.shared_modeling import CACHE_FIELD
 
@@ -217,6 +218,33 @@ def test_trainer_gradient_accumulation_equals_big_batch(tmp_path):
     torch.manual_seed(0)
     ids = torch.randint(1, VOCAB, (8, 10))
     assert_accumulation_equals_big_batch(lambda: MoMForCausalLM(tiny_config(routing_mode="sequential")), ids, tmp_path)
+
+
+def ops_on_parameters(tensor: torch.Tensor) -> list[str]:
+    """The backward nodes of `tensor`'s graph that read a parameter directly (each node once), by name."""
+    seen, stack, names = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if any(type(next_node).__name__ == "AccumulateGrad" for next_node, _ in node.next_functions):
+            names.append(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_sequential_rounds_unbind_each_pool_once():
+    """Round r of a sequential chunk runs module r: the pools are unbound once per forward (one backward node per
+    pool tensor, summing every round's gradient at once), never indexed per round (whose backward would build a
+    pool-sized gradient each round: quadratic in the pool size)."""
+    model = MoMForCausalLM(tiny_config(routing_mode="sequential", num_chunks=2)).train()
+    ids = torch.randint(1, VOCAB, (2, 6))
+    names = ops_on_parameters(model(ids, labels=ids).loss)
+    pool_tensors = sum(len(list(pool.parameters(recurse=False))) for pool in model.modules()
+                       if isinstance(pool, MoMModulePool))  # fmt: skip
+    assert names.count("UnbindBackward0") == pool_tensors
+    assert "SelectBackward0" not in names
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
