@@ -3,6 +3,8 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .config_checks import check_choices, check_common, check_dropouts, check_non_negative, check_positive, require
+
 ATTENTION_FUNCTIONS = ("stickbreaking", "stickbreaking_2024", "softmax")
 POSITION_EMBEDDING_TYPES = ("none", "learned")
 ROUTER_TYPES = ("mlp", "linear")
@@ -140,7 +142,7 @@ class ModuleFormerConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)  # applies the official-name aliases first
         if self.attention_hidden_size is None:
             self.attention_hidden_size = self.hidden_size
-        self._check()
+        self.validate_architecture()  # a ValueError here; `@strict` runs the check again, wrapped in its own error
 
     @property
     def head_dim(self) -> int:
@@ -164,48 +166,32 @@ class ModuleFormerConfig(PreTrainedConfig):
             pick(self.pruned_mlp_experts_per_layer, 0),
         )
 
-    def _check(self):
-        def require(ok, message):
-            if not ok:
-                raise ValueError(message)
-
+    def validate_architecture(self):
+        """Every field's allowed values (see `config_checks`)."""
         require(
             not getattr(self, "sample_topk", 0),
             f"sample_topk={getattr(self, 'sample_topk', 0)}: stochastic top-k routing is not implemented; allowed: 0.",
         )
 
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "attention_hidden_size",
-            "intermediate_size",
-            "num_attention_experts",
-            "num_attention_experts_per_tok",
-            "num_experts",
-            "num_experts_per_tok",
-            "router_hidden_size",
-            "max_position_embeddings",
-            "stick_breaking_chunk_size",
-        ):
-            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be a positive integer.")
+        check_positive(
+            self,
+            ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "attention_hidden_size",
+             "intermediate_size", "num_attention_experts", "num_attention_experts_per_tok", "num_experts",
+             "num_experts_per_tok", "router_hidden_size", "max_position_embeddings", "stick_breaking_chunk_size"),
+        )  # fmt: skip
+        check_non_negative(self, ("router_aux_loss_coef", "router_z_loss_coef", "concentration_loss_coef"))
+        check_dropouts(self, ("embd_dropout", "resid_dropout", "attention_dropout", "router_dropout"))
+        check_choices(
+            self,
+            {"attention_function": ATTENTION_FUNCTIONS, "position_embedding_type": POSITION_EMBEDDING_TYPES,
+             "router_type": ROUTER_TYPES, "aux_loss_type": AUX_LOSS_TYPES},
+        )  # fmt: skip
+        check_common(self, epsilon="layer_norm_epsilon")
         require(
             self.attention_hidden_size % self.num_attention_heads == 0,
             f"attention_hidden_size={self.attention_hidden_size} (att_hidden) must be divisible by "
             f"num_attention_heads={self.num_attention_heads} (n_head).",
         )
-        for name, allowed in (
-            ("attention_function", ATTENTION_FUNCTIONS),
-            ("position_embedding_type", POSITION_EMBEDDING_TYPES),
-            ("router_type", ROUTER_TYPES),
-            ("aux_loss_type", AUX_LOSS_TYPES),
-        ):
-            require(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}; allowed: {allowed}.")
-        for name in ("embd_dropout", "resid_dropout", "attention_dropout", "router_dropout"):
-            require(0 <= getattr(self, name) < 1, f"{name}={getattr(self, name)} must be in [0, 1).")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "concentration_loss_coef"):
-            require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0.")
         for name in (
             "attention_experts_per_layer",
             "mlp_experts_per_layer",

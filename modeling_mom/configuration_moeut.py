@@ -4,6 +4,8 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .config_checks import check_choices, check_common, check_dropouts, check_non_negative, check_positive, require
+
 NORM_SCHEMES = ("peri", "pre", "post")
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute")
 
@@ -125,7 +127,7 @@ class MoEUTConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        self._check_structure()
+        self.validate_architecture()  # a ValueError here; `@strict` runs the check again, wrapped in its own error
         if self.initializer_range is None:
             self.initializer_range = (2 / self.num_hidden_layers) ** 0.5
         super().__post_init__(**kwargs)
@@ -148,17 +150,18 @@ class MoEUTConfig(PreTrainedConfig):
         rotary = int(self.partial_rotary_factor * self.head_dim)
         return rotary - rotary % 2
 
-    def _check_structure(self):
-        def require(ok, message):
-            if not ok:
-                raise ValueError(message)
-
-        for name in (
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_unique_layers", "num_attention_heads", "head_dim",
-            "num_attention_experts", "num_attention_experts_per_tok", "num_experts", "num_experts_per_tok",
-            "moe_intermediate_size", "max_position_embeddings",
-        ):
-            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be a positive integer.")
+    def validate_architecture(self):
+        """Every field's allowed values (see `config_checks`)."""
+        check_positive(
+            self,
+            ("vocab_size", "hidden_size", "num_hidden_layers", "num_unique_layers", "num_attention_heads", "head_dim",
+             "num_attention_experts", "num_attention_experts_per_tok", "num_experts", "num_experts_per_tok",
+             "moe_intermediate_size", "max_position_embeddings"),
+        )  # fmt: skip
+        check_non_negative(self, ("router_aux_loss_coef", "attention_router_aux_loss_coef"))
+        check_dropouts(self, ("expert_dropout", "attention_expert_dropout", "attention_output_dropout"))
+        check_choices(self, {"norm_scheme": NORM_SCHEMES, "position_embedding_type": POSITION_EMBEDDING_TYPES})
+        check_common(self, epsilon="layer_norm_eps")
         require(
             self.num_hidden_layers % self.num_unique_layers == 0,
             f"num_hidden_layers={self.num_hidden_layers} must be a multiple of num_unique_layers="
@@ -173,22 +176,16 @@ class MoEUTConfig(PreTrainedConfig):
             f"num_attention_experts_per_tok={self.num_attention_experts_per_tok}; allowed: "
             f"1..num_attention_experts={self.num_attention_experts}.",
         )
-        require(self.norm_scheme in NORM_SCHEMES, f"norm_scheme={self.norm_scheme!r}; allowed: {NORM_SCHEMES}.")
-        require(
-            self.position_embedding_type in POSITION_EMBEDDING_TYPES,
-            f"position_embedding_type={self.position_embedding_type!r}; allowed: {POSITION_EMBEDDING_TYPES}.",
-        )
         require(
             0 <= self.partial_rotary_factor <= 1,
             f"partial_rotary_factor={self.partial_rotary_factor}; allowed: 0..1.",
         )
-        require(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0.")
-        for name in ("expert_dropout", "attention_expert_dropout", "attention_output_dropout"):
-            require(0 <= getattr(self, name) < 1, f"{name}={getattr(self, name)}; allowed: [0, 1).")
         require(
-            self.initializer_range is None or self.initializer_range >= 0,
-            f"initializer_range={self.initializer_range} must be >= 0 (or None for sqrt(2 / num_hidden_layers)).",
+            self.partial_rotary_factor == 0 or self.num_rotary_dims > 0,
+            f"partial_rotary_factor={self.partial_rotary_factor} rotates no dims of a head of head_dim={self.head_dim} "
+            f"(the rotated width is rounded down to even); allowed: 0 (no RoPE) or at least {2 / self.head_dim:g}.",
         )
+        require(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0.")
 
 
 __all__ = ["MoEUTConfig"]

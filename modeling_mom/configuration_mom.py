@@ -3,6 +3,8 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .config_checks import check_choices, check_common, check_dropouts, check_non_negative, check_positive, require
+
 ROUTER_TYPES = ("mlp", "gru")
 ROUTER_WEIGHTINGS = ("renormalize", "probability", "straight_through")
 ROUTING_MODES = ("learned", "sequential")
@@ -98,16 +100,9 @@ class MoMConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
-        self._check_structure()
-        depth = self.unrolled_depth
         if self.num_hidden_layers is None:
-            self.num_hidden_layers = depth
-        elif self.num_hidden_layers != depth:
-            raise ValueError(
-                f"num_hidden_layers={self.num_hidden_layers} does not match the structure, whose unrolled depth is "
-                f"num_bottom_layers + num_top_layers + num_chunks * (num_rounds + use_anchor_layers) = {depth}; "
-                "leave num_hidden_layers unset to derive it."
-            )
+            self.num_hidden_layers = self.unrolled_depth
+        self.validate_architecture()  # a ValueError here; `@strict` runs the check again, wrapped in its own error
         super().__post_init__(**kwargs)
 
     @property
@@ -116,27 +111,24 @@ class MoMConfig(PreTrainedConfig):
         per_chunk = self.num_rounds + int(self.use_anchor_layers)
         return self.num_bottom_layers + self.num_top_layers + self.num_chunks * per_chunk
 
-    def _check_structure(self):
-        def require(ok, message):
-            if not ok:
-                raise ValueError(message)
-
-        for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "router_hidden_size"):
-            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be a positive integer.")
+    def validate_architecture(self):
+        """Every field's allowed values (see `config_checks`)."""
+        check_positive(
+            self,
+            ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "router_hidden_size",
+             "max_position_embeddings", "num_attention_modules", "num_ffn_modules", "num_rounds",
+             "num_modules_per_tok"),
+        )  # fmt: skip
+        check_non_negative(self, ("num_bottom_layers", "num_top_layers", "num_chunks", "router_aux_loss_coef"))
+        check_dropouts(self, ("embd_dropout", "resid_dropout", "attention_dropout"))
+        check_choices(
+            self, {"router_type": ROUTER_TYPES, "router_weighting": ROUTER_WEIGHTINGS, "routing_mode": ROUTING_MODES}
+        )
+        check_common(self, epsilon="layer_norm_epsilon")
         require(
             self.hidden_size % self.num_attention_heads == 0,
             f"hidden_size={self.hidden_size} must be divisible by num_attention_heads={self.num_attention_heads}.",
         )
-        for name in ("num_bottom_layers", "num_top_layers", "num_chunks"):
-            require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0.")
-        for name in ("num_attention_modules", "num_ffn_modules", "num_rounds", "num_modules_per_tok"):
-            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1.")
-        require(self.router_type in ROUTER_TYPES, f"router_type={self.router_type!r}; allowed: {ROUTER_TYPES}.")
-        require(
-            self.router_weighting in ROUTER_WEIGHTINGS,
-            f"router_weighting={self.router_weighting!r}; allowed: {ROUTER_WEIGHTINGS}.",
-        )
-        require(self.routing_mode in ROUTING_MODES, f"routing_mode={self.routing_mode!r}; allowed: {ROUTING_MODES}.")
         require(self.router_temperature > 0, f"router_temperature={self.router_temperature} must be > 0.")
         smallest_pool = min(self.num_attention_modules, self.num_ffn_modules)
         require(
@@ -151,6 +143,13 @@ class MoMConfig(PreTrainedConfig):
             f"smaller module pool ({smallest_pool}).",
         )
         require(self.unrolled_depth >= 1, "the structure has no layers: add bottom, top or chunk layers.")
+        require(
+            self.num_hidden_layers == self.unrolled_depth,
+            f"num_hidden_layers={self.num_hidden_layers} does not match the structure, whose unrolled depth is "
+            f"num_bottom_layers + num_top_layers + num_chunks * (num_rounds + use_anchor_layers) = "
+            f"{self.unrolled_depth}; leave num_hidden_layers unset to derive it (when changing the structure of a "
+            f"saved config, pass num_hidden_layers={self.unrolled_depth} too).",
+        )
 
 
 __all__ = ["MoMConfig"]

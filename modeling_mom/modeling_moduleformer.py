@@ -40,6 +40,7 @@ from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispat
 from .routing_losses import concentration_loss, mutual_information_loss, router_z_loss, switch_load_balancing_loss
 from .shared_modeling import (
     CausalLMWithRouterLosses,
+    CheckedConfigMixin,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
     accepts_past_key_values,
@@ -272,7 +273,7 @@ class ModuleFormerDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
 
 
-class ModuleFormerPreTrainedModel(RemoteCodeMixin, ModuleFormerModularityMixin, PreTrainedModel):
+class ModuleFormerPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, ModuleFormerModularityMixin, PreTrainedModel):
     config_class = ModuleFormerConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

@@ -47,6 +47,7 @@ from .routing_losses import sequence_entropy_loss
 from .shared_modeling import (
     CACHE_FIELD,
     CausalLMWithRouterLosses,
+    CheckedConfigMixin,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
     accepts_past_key_values,
@@ -294,7 +295,7 @@ class MoEUTDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(expert_input, normed)
 
 
-class MoEUTPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
+class MoEUTPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel):
     config_class = MoEUTConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

@@ -42,6 +42,7 @@ from .routing_losses import switch_load_balancing_loss
 from .shared_modeling import (
     CACHE_FIELD,
     CausalLMWithRouterLosses,
+    CheckedConfigMixin,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
     accepts_past_key_values,
@@ -323,7 +324,7 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, attention_router_state, mlp_router_state
 
 
-class MoMPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
+class MoMPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel):
     config_class = MoMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

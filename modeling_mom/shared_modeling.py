@@ -50,6 +50,16 @@ def with_cache(output_class, cache: Cache | None, **fields):
     return output_class(**fields, **{CACHE_FIELD: cache})
 
 
+class CheckedConfigMixin:
+    """Checks the configuration (`validate_architecture`) before any layer is built: a field set after the
+    configuration was constructed, such as an override of `from_pretrained(path, field=value)`, is caught here with
+    a clear error instead of failing somewhere inside the model."""
+
+    def __init__(self, config, *inputs, **kwargs):
+        config.validate_architecture()
+        super().__init__(config, *inputs, **kwargs)
+
+
 class RemoteCodeMixin:
     """Saves checkpoints that load through all four Auto classes with `trust_remote_code=True`.
 
