@@ -68,10 +68,11 @@ def stick_breaking_attention(
     """
     _check_inputs(query, key, value, key_padding_mask, chunk_size)
     padding = None if key_padding_mask is None else ~key_padding_mask.bool()
-    if output_weights:
-        return _attention_with_weights(query, key, value, padding, attend_current, remainder_to_current, chunk_size)
-    out = _StickBreakingAttention.apply(query, key, value, padding, attend_current, remainder_to_current, chunk_size)
-    return out, None
+    with torch.autocast(query.device.type, enabled=False):  # fp32 under autocast too, as the backward computes
+        args = (query, key, value, padding, attend_current, remainder_to_current, chunk_size)
+        if output_weights:
+            return _attention_with_weights(*args)
+        return _StickBreakingAttention.apply(*args), None
 
 
 def _check_inputs(query, key, value, key_padding_mask, chunk_size):
@@ -201,6 +202,11 @@ class _StickBreakingAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):  # backward() may be called under autocast
+            return _StickBreakingAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         query, key, value, padding = ctx.saved_tensors
         attend_current, remainder_to_current, chunk_size = ctx.options
         inputs = _Inputs(query, key, value, padding, attend_current, chunk_size)

@@ -159,6 +159,27 @@ def test_bf16_inputs_are_computed_in_fp32():
         torch.testing.assert_close(g.float(), x, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("output_weights", [False, True])
+def test_autocast_does_not_lower_the_precision(output_weights):
+    """Under bf16 autocast (the Trainer's `bf16=True`) the kernel still computes in fp32, forward and backward, so
+    its gradients are those of the output it returned (the forward's matmuls used to run in bf16). The kernel's own
+    backward also stays fp32 if called under autocast; the inspection path (`output_weights`) is plain autograd,
+    whose backward follows the caller's autocast state, so it is differentiated outside, as autocast recommends."""
+    (q, k, v), real = random_inputs()
+    expected, _ = stick_breaking_attention(q, k, v, real, chunk_size=3, output_weights=output_weights)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), torch.ones_like(expected))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = stick_breaking_attention(q, k, v, real, chunk_size=3, output_weights=output_weights)
+        if not output_weights:
+            grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    if output_weights:
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    for g, x in zip(grads, expected_grads):
+        torch.testing.assert_close(g, x, atol=1e-6, rtol=0)
+
+
 def test_backward_stores_only_the_inputs():
     """Memory: autograd keeps the inputs (O(T * D)) and nothing of size T x S; the backward pass recomputes."""
     (q, k, v), real = random_inputs(seq=64, past=0)
