@@ -289,6 +289,27 @@ class ModuleFormerPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, ModuleFor
         "AutoModelForSequenceClassification": "ModuleFormerForSequenceClassification",
     }
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
+        """transformers' `from_pretrained`, refusing an official ModuleFormer / MoLM checkpoint (IBM's layout).
+
+        Official configs carry the same model type, so without this check they would load with none of their
+        weights (the names differ): a randomly initialised model and a logged warning. They are converted once
+        instead (`conversion/molm_to_moduleformer.py`), or run with IBM's own code (`trust_remote_code=True`).
+        """
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        official = [key for key in info["unexpected_keys"] if key.startswith("transformer.h.")]
+        if official:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is an official ModuleFormer/MoLM checkpoint: its weights are named "
+                f"in IBM's layout ({official[0]!r}, ...), which this package does not load directly. Convert it "
+                "once: python -m conversion.molm_to_moduleformer --src DIR --out OUT (DIR: a local copy of the "
+                "checkpoint), or load it with trust_remote_code=True to run IBM's own code."
+            )
+        return (model, info) if output_loading_info else model
+
     @property
     def router_losses_with_labels(self) -> bool:
         """With labels, the router losses join the loss unasked when one has a positive weight (as the official

@@ -496,6 +496,18 @@ def official_forward(state, config, ids):
     return layer_norm(h, "transformer.ln_f") @ sd["lm_head.weight"].T
 
 
+def test_official_checkpoint_loaded_directly_is_refused_with_the_conversion_command(tmp_path):
+    """The official config has our model type: loading it directly would give a random model and a warning."""
+    official = {**MOLM_700M_8B, "vocab_size": 50, "n_embd": 16, "n_layer": 2, "ffd_hidden": 12, "gating_size": 6,
+                "n_att_experts": 4, "n_mlp_experts": 5, "n_head": 2, "att_hidden": 8}  # fmt: skip
+    src = tmp_path / "molm"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(official))
+    torch.save(official_checkpoint(official), src / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"official ModuleFormer/MoLM checkpoint.*conversion.molm_to_moduleformer"):
+        AutoModelForCausalLM.from_pretrained(src)
+
+
 @pytest.mark.parametrize("shape", [{"n_head": 1, "att_hidden": 16}, {"n_head": 2, "att_hidden": 8}], ids=["molm", "kv"])
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_official_checkpoint_converts_to_the_official_function(shape, fmt, tmp_path):
