@@ -30,7 +30,6 @@ without the package (the modeling code is copied next to the weights). Tokenizer
 import argparse
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 from modeling_mom import MoMConfig, MoMForCausalLM
 from modeling_mom.configuration_mom import ROUTER_TYPES, ROUTER_WEIGHTINGS, ROUTING_MODES
 from modeling_mom.modeling_mom import layer_schedule
+from modeling_mom.workflows.common import move_into_place, sibling_dir
 
 # MoMConfig fields `convert` accepts; the rest (widths, vocabulary, activation, ...) are GPT-2's.
 STRUCTURE_FIELDS = (
@@ -293,38 +293,15 @@ def save_converted(
     """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling_dir(out, "partial")
+    staging = sibling_dir(out, "partial")
     try:
         model.save_pretrained(staging)
         copied = _copy_tokenizer(tokenizer_source, staging) if tokenizer_source is not None else []
-        _move_into_place(staging, out)
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return copied
-
-
-def _sibling_dir(out: Path, kind: str) -> Path:
-    """A new hidden directory next to `out` (same filesystem, so renames are atomic; created with the umask's mode)."""
-    path = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.{kind}"
-    path.mkdir()
-    return path
-
-
-def _move_into_place(staging: Path, out: Path):
-    """Rename `staging` to `out`; an existing `out` is moved aside first and deleted only after the rename."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    old = _sibling_dir(out, "old")
-    os.replace(out, old / out.name)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(old / out.name, out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def summary(model: MoMForCausalLM) -> str:

@@ -342,6 +342,8 @@ def test_summary_examples_have_loss_on_the_summary_only():
     assert labels[cut:] == ids[cut:] == tokenizer("the cat likes a")["input_ids"] + [tokenizer.eos_token_id]
     prompt = fmt.prompts([document])[0]
     assert prompt[-1] == separator and len(prompt) + 5 <= 16
+    with pytest.raises(summarize.WorkflowError, match="--max-summary-tokens 20 .*allowed: --max-summary-tokens up to"):
+        summarize.SummaryFormat(tokenizer, "TL;DR:", max_length=16, max_summary_tokens=20, max_new_tokens=5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

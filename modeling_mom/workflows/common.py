@@ -6,6 +6,8 @@ what is allowed; the `mom` command prints it and exits with status 2.
 
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
@@ -130,3 +132,26 @@ def read_history(model: str) -> list[dict]:
     """How a checkpoint was made: one record per `mom` step (convert, pretrain, glue, summarize), oldest first."""
     path = Path(model) / HISTORY_FILE
     return json.loads(path.read_text()) if path.is_file() else []
+
+
+def sibling_dir(out: Path, kind: str) -> Path:
+    """A new hidden directory next to `out` (same filesystem, so renames are atomic; created with the umask's mode)."""
+    path = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.{kind}"
+    path.mkdir()
+    return path
+
+
+def move_into_place(staging: Path, out: Path):
+    """Rename `staging` to `out`; an existing `out` is moved aside first and deleted only after the rename."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = sibling_dir(out, "old")
+    os.replace(out, old / out.name)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(old / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

@@ -54,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--summary-column", default="summary")
     data.add_argument("--separator", default="TL;DR:", help="text between document and summary")
     data.add_argument("--max-length", type=int, help="tokens per example (default: min(1024, model max))")
-    data.add_argument("--max-summary-tokens", type=int, default=64, help="reference summaries truncated to this")
+    data.add_argument(
+        "--max-summary-tokens", type=int, help="reference summaries cut to this (default: min(64, max-length / 2))"
+    )
     data.add_argument("--max-train-samples", type=int)
     data.add_argument("--max-eval-samples", type=int, default=500, help="validation examples to generate for")
     decoding = parser.add_argument_group("decoding")
@@ -79,6 +81,12 @@ class SummaryFormat:
             raise WorkflowError(
                 f"--max-length {max_length} leaves no room for a document after the separator "
                 f"({len(self.separator_ids)} tokens) and --max-new-tokens {max_new_tokens}."
+            )
+        if max_length - len(self.separator_ids) - (max_summary_tokens + 1) < 1:  # + 1: the EOS after the summary
+            raise WorkflowError(
+                f"--max-length {max_length} leaves no room for a training document after the separator "
+                f"({len(self.separator_ids)} tokens) and a summary of --max-summary-tokens {max_summary_tokens} "
+                f"(+ EOS); allowed: --max-summary-tokens up to {max_length - len(self.separator_ids) - 2}."
             )
 
     def _ids(self, texts: list[str], prefix: str = "") -> list[list[int]]:
@@ -160,10 +168,11 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 def run(args) -> dict:
     check_training_arguments(args)
     for name in ("num_beams", "max_new_tokens", "eval_batch_size", "max_summary_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise WorkflowError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1.")
     config = load_model_config(args.model)
     args.max_length = args.max_length or min(1024, model_context_length(config) or 1024)
+    args.max_summary_tokens = args.max_summary_tokens or min(64, args.max_length // 2)
     check_context_length(args.max_length, config, "--max-length")
     tokenizer = load_tokenizer(args.model, args.tokenizer, needs_padding=True, pad_token=args.pad_token)
     if tokenizer.eos_token_id is None:

@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import nested_gather
 
-from .common import HISTORY_FILE, WorkflowError, read_history, write_json
+from .common import HISTORY_FILE, WorkflowError, move_into_place, read_history, write_json
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"  # the Trainer writes it last in a checkpoint
@@ -204,9 +204,7 @@ def save_final(trainer: Trainer, out: str, source_model: str, record: dict) -> s
     trainer.save_model(str(staging))  # every process takes part (FSDP gathers the weights); rank 0 writes
     if trainer.is_world_process_zero():
         write_json(staging / HISTORY_FILE, read_history(source_model) + [record])
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        move_into_place(staging, final)  # an earlier final/ is replaced only once the new one is complete
     trainer.accelerator.wait_for_everyone()
     return str(final)
 
