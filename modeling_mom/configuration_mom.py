@@ -35,7 +35,8 @@ class MoMConfig(PreTrainedConfig):
         num_chunks: number of routed chunks.
         num_attention_modules, num_ffn_modules: pool sizes of every chunk.
         num_rounds: assembly rounds per chunk (H); each round is one attention and one FFN application.
-        num_modules_per_tok: modules each token picks per pool and round (K), among the modules and SKIP.
+        num_modules_per_tok: modules each token picks per pool and round (K), among the modules and SKIP; a pool
+            with fewer choices picks all of them (top-min(K, choices), as the authors' code does).
         use_anchor_layers: put a plain block after every chunk.
         enable_skip: add SKIP to each router's choices; a token that picks it gets no module (zero contribution;
             for attention its query, key and value are zero in that round, as in the authors' code).
@@ -131,11 +132,12 @@ class MoMConfig(PreTrainedConfig):
         )
         require(self.router_temperature > 0, f"router_temperature={self.router_temperature} must be > 0.")
         smallest_pool = min(self.num_attention_modules, self.num_ffn_modules)
+        most_choices = max(self.num_attention_modules, self.num_ffn_modules) + int(self.enable_skip)
         require(
-            self.num_modules_per_tok <= smallest_pool,
-            f"num_modules_per_tok={self.num_modules_per_tok} is larger than the smaller module pool "
-            f"(num_attention_modules={self.num_attention_modules}, num_ffn_modules={self.num_ffn_modules}); "
-            f"allowed: 1..{smallest_pool}.",
+            self.num_modules_per_tok <= most_choices,
+            f"num_modules_per_tok={self.num_modules_per_tok} is more than any pool offers (num_attention_modules="
+            f"{self.num_attention_modules}, num_ffn_modules={self.num_ffn_modules}, enable_skip={self.enable_skip}; "
+            f"a smaller pool uses all its choices, as in the authors' code); allowed: 1..{most_choices}.",
         )
         require(
             self.routing_mode != "sequential" or self.num_rounds <= smallest_pool,

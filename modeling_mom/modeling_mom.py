@@ -288,7 +288,8 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
         if self.uses_one_module_per_round:
             return ModuleRoute(module=(modules or pool.module_parameters())[round_idx]), state
         logits, state = router(hidden_states.reshape(-1, hidden_states.shape[-1]), state)
-        route = route_tokens(logits, self.config.num_modules_per_tok, self.config.router_weighting, pool.num_modules)
+        num_selected = min(self.config.num_modules_per_tok, logits.shape[-1])  # the authors' top-min(K, choices)
+        route = route_tokens(logits, num_selected, self.config.router_weighting, pool.num_modules)
         route.weights = route.weights.to(hidden_states.dtype)
         return route, state
 
@@ -371,9 +372,10 @@ class MoMPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel):
     def router_losses(self, router_logits, batch_size, attention_mask):
         """Switch-style balancing loss of the attention routers plus that of the FFN routers (`router_logits`
         alternates them, one pair per routed round); the loss term is it times `router_aux_loss_coef`."""
-        k = self.config.num_modules_per_tok
-        aux_loss = switch_load_balancing_loss(router_logits[0::2], k, attention_mask)
-        aux_loss = aux_loss + switch_load_balancing_loss(router_logits[1::2], k, attention_mask)
+        aux_loss = 0.0
+        for pool_logits in (router_logits[0::2], router_logits[1::2]):
+            k = min(self.config.num_modules_per_tok, pool_logits[0].shape[-1])  # as routed: top-min(K, choices)
+            aux_loss = aux_loss + switch_load_balancing_loss(pool_logits, k, attention_mask)
         return aux_loss, self.config.router_aux_loss_coef * aux_loss
 
 

@@ -66,7 +66,7 @@ ROUTINGS = [
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        (dict(num_modules_per_tok=4), "num_modules_per_tok"),
+        (dict(num_modules_per_tok=5), "num_modules_per_tok"),  # 3 modules + SKIP per pool
         (dict(routing_mode="sequential", num_rounds=4), "num_rounds"),
         (dict(hidden_size=30), "hidden_size"),
         (dict(router_type="lstm"), "router_type"),
@@ -81,6 +81,23 @@ ROUTINGS = [
 def test_invalid_config_raises_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+def test_a_pool_smaller_than_k_uses_all_its_choices():
+    """The MoE case (one attention module, several FFN modules, K=2): each pool routes top-min(K, choices), as the
+    authors' code does, and its balancing loss counts the selections it made."""
+    config = tiny_config(num_attention_modules=1, num_ffn_modules=4, num_modules_per_tok=2, enable_skip=False,
+                         output_router_logits=True)  # fmt: skip
+    model = MoMForCausalLM(config).eval()
+    ids, mask = left_padded_batch()
+    out = model(ids, attention_mask=mask, output_router_logits=True)
+    attention_logits, ffn_logits = out.router_logits[0::2], out.router_logits[1::2]
+    assert attention_logits[0].shape[-1] == 1 and ffn_logits[0].shape[-1] == 4
+    expected = switch_load_balancing_loss(attention_logits, 1, mask) + switch_load_balancing_loss(ffn_logits, 2, mask)
+    torch.testing.assert_close(out.aux_loss, expected)
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    uncached = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(generated, uncached)
 
 
 def test_num_hidden_layers_is_the_unrolled_depth():
