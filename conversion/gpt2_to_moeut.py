@@ -27,7 +27,10 @@ layer g (of G) holds the union of the experts of GPT-2 layers g, g + G, g + 2G, 
 repeat). The shared Q and K are those of layer g (the first of the group; averaging Q/K of different layers mixes
 unrelated attention patterns); the shared LayerNorms are the group's means. GPT-2's positions, pre-LN, activation
 and biases are kept by default. Each token uses ``num_experts_per_tok`` experts (default: as many as one GPT-2 MLP
-has) whose gates start near 0.5, so the factor 2 is folded into the down-projections here as well.
+has); the factor 2 of a 0.5 gate is folded into the down-projections here as well, but the gates start somewhat above
+0.5 (sigmoids of small random router logits, of which the top-k picks the largest), so the FFN outputs start somewhat
+larger than GPT-2's. Fields that the copied weights fix (shapes, biases, positions, the tied head) cannot be
+overridden.
 
 Recipe after an upcycling conversion (measured in benchmarks/results/upcycling.md, `python -m benchmarks.upcycling`):
 the seeded model is not usable as is (held-out loss +0.46 nats above GPT-2's with G = 6 of 12 layers, +1.9 with
@@ -46,6 +49,12 @@ from transformers import GPT2LMHeadModel
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
 
 GATE_AT_ZERO = 0.5  # sigmoid(0): the gate of a zero router, folded out of the down-projections as 1 / 0.5
+# config fields the copied weights fix (shapes, biases, positions, the tied head): not overridable
+SEEDED_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_unique_layers", "num_attention_heads", "head_dim",
+    "num_attention_experts", "num_experts", "moe_intermediate_size", "position_embedding_type",
+    "max_position_embeddings", "attention_bias", "mlp_bias", "tie_word_embeddings", "lm_head_bias",
+)  # fmt: skip
 
 
 def moeut_config(gpt2_config, exact: bool, num_unique_layers: int | None, expert_size: int, **overrides) -> MoEUTConfig:
@@ -87,6 +96,13 @@ def moeut_config(gpt2_config, exact: bool, num_unique_layers: int | None, expert
         bos_token_id=gpt2_config.bos_token_id,
         eos_token_id=gpt2_config.eos_token_id,
     )
+    seeded = {k: v for k, v in overrides.items() if k in SEEDED_FIELDS and v != fields[k]}
+    if seeded:
+        raise ValueError(
+            f"{seeded} would not fit the weights copied from GPT-2: these fields follow its shapes and layout "
+            f"({ {k: fields[k] for k in seeded} }); choose the sharing and the expert width with num_unique_layers and "
+            "expert_size instead."
+        )
     if exact:
         required = {k: fields[k] for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size")}
         required.update(

@@ -516,6 +516,11 @@ def test_shared_conversion_holds_every_gpt2_layer_as_experts():
     torch.testing.assert_close(v[2 * 3 + 1], blocks[1].attn.c_attn.weight[:, 64 + 3 * 8 : 64 + 4 * 8])
     ids = torch.randint(2, VOCAB, (2, 9))
     assert torch.isfinite(model(ids, labels=ids).loss)
+    model = convert(gpt2, num_unique_layers=2, expert_size=64, num_experts_per_tok=2, norm_scheme="peri")  # allowed
+    assert (model.config.num_experts_per_tok, model.config.norm_scheme) == (2, "peri")
+    for field, value in (("num_attention_experts", 3), ("mlp_bias", False), ("position_embedding_type", "rope")):
+        with pytest.raises(ValueError, match=f"{field}.*would not fit the weights copied from GPT-2"):
+            convert(gpt2, num_unique_layers=2, expert_size=64, **{field: value})
 
 
 def test_conversion_cli(tmp_path):
