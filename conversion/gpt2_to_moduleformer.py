@@ -7,10 +7,12 @@
 * Feed-forward experts: copies of GPT-2's MLP (``--slice-mlp``: expert e gets the e-th slice of its neurons instead).
 * Routers: randomly initialised (the symmetry breaking), optionally plus ``--expert-noise`` on the expert copies.
 
-``--exact`` (``convert(..., exact=True)``) selects softmax attention, GPT-2's learned positions and normalised gates:
-the k selected experts are identical and their gates sum to 1, so the model computes GPT-2's function exactly (logits
-equal within fp32 rounding). Without it the model uses ModuleFormer's stick-breaking attention and no positions,
-which changes the function; continue training before fine-tuning on a task.
+Gates are normalised over each token's k experts in both forms (``normalize_expert_gates=True``; the official
+ModuleFormer leaves them un-normalised): the k selected experts start identical, so with gates summing to 1 they
+compute one GPT-2 layer. ``--exact`` (``convert(..., exact=True)``) also selects softmax attention and GPT-2's learned
+positions, so the model computes GPT-2's function exactly (logits equal within fp32 rounding). Without it the model
+uses ModuleFormer's stick-breaking attention and no positions, which changes the function; continue training before
+fine-tuning on a task.
 
 Measured (benchmarks/results/upcycling.md, `python -m benchmarks.upcycling`, small demo GPT-2): stick-breaking with
 copied experts starts 0.045 nats above GPT-2's held-out loss and reaches the exact form's loss after 200 steps of

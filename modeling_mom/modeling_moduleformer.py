@@ -161,7 +161,6 @@ class ModuleFormerAttention(ModuleFormerExperts):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.num_selected = config.num_attention_experts_per_tok
         self.attention_function = config.attention_function
         self.chunk_size = config.stick_breaking_chunk_size
         if config.shares_hidden_states_as_kv:
@@ -181,11 +180,11 @@ class ModuleFormerAttention(ModuleFormerExperts):
         `[B, heads * k, T, S]` (head h of a token's j-th expert at index `h * k + j`)."""
         batch, seq, d = hidden_states.shape
         x = hidden_states.reshape(-1, d)
-        num_tokens, k = x.shape[0], self.num_selected
+        num_tokens, k = x.shape[0], self.router.num_selected
         plan, gates = self.route(x)
-        # map: [N * k, A] sorted by expert -> (token, slot) order -> [B, H, k, T, head_dim]
+        # map: [N * k, A] sorted by expert -> (token, slot) order (every pair is kept: no SKIP here) -> [B, H, k, T, hd]
         query_rows = self.project_in(x, plan)
-        query = query_rows.new_zeros(num_tokens * k, query_rows.shape[-1]).index_copy(0, plan.flat_index, query_rows)
+        query = query_rows.new_empty(num_tokens * k, query_rows.shape[-1]).index_copy(0, plan.flat_index, query_rows)
         query = query.view(batch, seq, k, self.num_heads, self.head_dim).permute(0, 3, 2, 1, 4)
 
         key = hidden_states if self.k_proj is None else self.k_proj(hidden_states)

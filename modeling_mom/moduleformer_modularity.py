@@ -61,8 +61,9 @@ class ModuleFormerModularityMixin:
     ) -> dict[str, list[torch.Tensor]]:
         """Keep, in every router, only the experts selected by `usage`; shrinks the weights in place.
 
-        An expert is kept if it is among its router's `keep_top_n` most used (ties broken by index) and/or its
-        share of the router's selections is above `threshold` (`threshold=0` keeps every expert used at least once).
+        An expert is kept if it is among its router's `keep_top_n` most used (ties broken by index) and its share of
+        the router's selections is above `threshold` (`threshold=0` keeps every expert used at least once); either
+        criterion may be left out, and with both an expert must meet both.
         With un-normalised gates (the official model), the router rows of pruned experts are kept for the softmax's
         normaliser only, so the remaining gates are unchanged: a token whose top-k experts were all kept gets exactly
         the same output as before pruning, and any other token now uses its best kept experts.
