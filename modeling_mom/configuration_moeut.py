@@ -64,7 +64,8 @@ class MoEUTConfig(PreTrainedConfig):
         attention_output_dropout: dropout on the attention output before the residual add.
         norm_scheme: "peri" (the paper: LayerNorm only in front of Q, K and the routers; V and the expert
             up-projection read the raw residual), "pre" (every sub-layer reads the normalised residual) or "post"
-            (sub-layers read the raw residual; LayerNorm after each residual add).
+            (sub-layers read the raw residual; LayerNorm after each residual add; unlike the official post-LN
+            ablation, the embeddings are not normalised first).
         layer_norm_eps: LayerNorm epsilon.
         rope_theta: RoPE base.
         partial_rotary_factor: fraction of each head's dims (the first ones) that get RoPE; the rotated width is

@@ -20,12 +20,14 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 # transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. The models here
 # take `cache` and return it under the installed version's field name, so the package and saved checkpoints run on
 # either version.
+logger = logging.get_logger(__name__)
+
 CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -185,28 +187,30 @@ class RouterLossesMixin:
             attention_mask = None
         aux_loss, loss_term = self.router_losses(outputs.router_logits, batch_size, attention_mask)
         if loss is not None and loss_term is not None and self.training:
-            _check_router_losses_get_gradients(self, loss, loss_term)
+            _warn_if_router_losses_get_no_gradient(self, loss, loss_term)
             if micro_batch_share is not None:
                 loss_term = loss_term * micro_batch_share.to(loss_term.device)
             loss = loss + loss_term.to(loss.device)
         return loss, aux_loss
 
 
-def _check_router_losses_get_gradients(model, loss: torch.Tensor, loss_term: torch.Tensor) -> None:
-    """Raise if the router losses would silently train nothing: reentrant activation checkpointing runs each layer
-    without autograd on its first pass, so router logits recorded there are constants."""
+def _warn_if_router_losses_get_no_gradient(model, loss: torch.Tensor, loss_term: torch.Tensor) -> None:
+    """Warn (once) when the router losses train nothing: reentrant activation checkpointing runs each layer without
+    autograd on its first pass, so the router logits recorded there are constants. (Training still runs, on the task
+    loss alone, as transformers' own MoE models do in that mode.)"""
     if not loss.requires_grad or loss_term.requires_grad:
         return
     for module in model.modules():
         checkpoint_function = getattr(module, "_gradient_checkpointing_func", None)
         if getattr(module, "gradient_checkpointing", False) and checkpoint_function is not None:
             if getattr(checkpoint_function, "keywords", {}).get("use_reentrant", False):
-                raise ValueError(
-                    "The router losses get no gradient under activation checkpointing with use_reentrant=True (the "
-                    "router logits are recorded in a pass without autograd). Enable it with "
-                    "activation_checkpointing_kwargs={'use_reentrant': False} (transformers' default), or turn the "
-                    "router losses off (their coefficients set to 0)."
+                logger.warning_once(
+                    f"{type(model).__name__}: the router losses get no gradient under activation checkpointing with use_reentrant=True (the "
+                    "router logits are recorded in a pass without autograd), so only the task loss trains. Enable "
+                    "it with activation_checkpointing_kwargs={'use_reentrant': False} (transformers' default) for "
+                    "the router losses to train the routers."
                 )
+                return
 
 
 def _label_share(labels: torch.Tensor, num_items_in_batch, shift_labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM, MoEUTForSequenceClassification, MoEUTModel
-from modeling_mom.modeling_moeut import MoEUTAttention, MoEUTFeedForward, moeut_aux_loss
+from modeling_mom.modeling_moeut import MoEUTAttention, MoEUTFeedForward, MoEUTRotaryEmbedding, moeut_aux_loss
 from modeling_mom.routing_losses import sequence_entropy_loss
 from modeling_mom.shared_modeling import CACHE_FIELD
 
@@ -435,8 +435,19 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, MoEUTForCausalLM)
     assert loaded.config.to_dict()["num_unique_layers"] == 2
-    torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)  # non-persistent
     torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+def test_rope_keeps_fp32_frequencies_in_a_half_precision_model():
+    """`model.to(bf16)` casts buffers: RoPE frequencies kept in one would be rounded (phase errors of ~0.5 rad at
+    the 244M preset's 1024 positions); they are computed in fp32 at each call instead."""
+    config = MoEUTConfig.from_preset("moeut-244m", num_hidden_layers=2)
+    rotary = MoEUTRotaryEmbedding(config)
+    positions = torch.arange(1024)[None]
+    cos32, sin32 = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    cos16, sin16 = rotary.to(torch.bfloat16)(torch.zeros(1, dtype=torch.bfloat16), positions)
+    torch.testing.assert_close(cos16.float(), cos32, atol=8e-3, rtol=0)  # bf16 rounding of values in [-1, 1] only
+    torch.testing.assert_close(sin16.float(), sin32, atol=8e-3, rtol=0)
 
 
 def test_remote_code_load_without_the_package(tmp_path):

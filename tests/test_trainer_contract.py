@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from modeling_mom import (
     ModuleFormerForCausalLM,
@@ -72,16 +74,21 @@ def test_evaluation_predictions_are_the_logits(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", CLASSES)
-def test_reentrant_checkpointing_with_router_losses_is_refused(arch):
-    """Reentrant checkpointing records the router logits without autograd: a clear error, not untrained routers."""
+def test_reentrant_checkpointing_with_router_losses_warns(arch):
+    """Reentrant checkpointing records the router logits without autograd: training runs (transformers' common
+    tests train in that mode) but says that the router losses train nothing."""
     make_config, router_losses = ROUTER_LOSSES_ON[arch]
     model = factory(CLASSES[arch][0], make_config(**router_losses))().train()
     ids = torch.randint(3, 50, (2, 10))
+    shared_logger = logging.get_logger("modeling_mom.shared_modeling")
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model(ids, labels=ids).loss.backward()
+    with CaptureLogger(shared_logger) as captured:
+        model(ids, labels=ids).loss.backward()
+    assert captured.out == ""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    with pytest.raises(ValueError, match="use_reentrant=True"):
-        model(ids, labels=ids)
+    with CaptureLogger(shared_logger) as captured:
+        model(ids, labels=ids).loss.backward()
+    assert "use_reentrant=True" in captured.out
 
 
 @pytest.mark.parametrize("arch", ["mom", "moeut"])
