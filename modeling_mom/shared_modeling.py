@@ -205,10 +205,10 @@ def _warn_if_router_losses_get_no_gradient(model, loss: torch.Tensor, loss_term:
         if getattr(module, "gradient_checkpointing", False) and checkpoint_function is not None:
             if getattr(checkpoint_function, "keywords", {}).get("use_reentrant", False):
                 logger.warning_once(
-                    f"{type(model).__name__}: the router losses get no gradient under activation checkpointing with use_reentrant=True (the "
-                    "router logits are recorded in a pass without autograd), so only the task loss trains. Enable "
-                    "it with activation_checkpointing_kwargs={'use_reentrant': False} (transformers' default) for "
-                    "the router losses to train the routers."
+                    f"{type(model).__name__}: the router losses get no gradient under activation checkpointing with "
+                    "use_reentrant=True (the router logits are recorded in a pass without autograd), so only the task "
+                    "loss trains. Enable it with activation_checkpointing_kwargs={'use_reentrant': False} "
+                    "(transformers' default) for the router losses to train the routers."
                 )
                 return
 

@@ -181,6 +181,27 @@ def test_convert_writes_a_checkpoint_ready_for_training(pipelines, workspace, ar
             torch.testing.assert_close(exact(ids).logits, gpt2(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_convert_writes_all_or_nothing(workspace, tmp_path):
+    """The converted model, tokenizer and history appear together under --out, or not at all; a non-empty --out is
+    replaced only with --overwrite."""
+    from modeling_mom.workflows.convert import main as convert_main
+
+    out = tmp_path / "moeut"
+    gpt2 = str(workspace / "gpt2")
+    with pytest.raises(ValueError, match="expert_size=100"):  # the converter's own error, before anything is saved
+        convert_main(["moeut", "--gpt2", gpt2, "--out", str(out), "--expert-size", "100"])
+    assert list(tmp_path.iterdir()) == []  # neither --out nor a staging directory
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(WorkflowError, match="not an empty directory; pass --overwrite"):
+        convert_main(["moeut", "--gpt2", gpt2, "--out", str(out), "--expert-size", "64"])
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    convert_main(["moeut", "--gpt2", gpt2, "--out", str(out), "--expert-size", "64", "--overwrite"])
+    assert {"config.json", "model.safetensors", "tokenizer.json", HISTORY_FILE} <= {p.name for p in out.iterdir()}
+    assert "notes.txt" not in {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["moeut"]
+
+
 def test_convert_rejects_an_unknown_architecture(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["convert", "llama", "--gpt2", "x", "--out", "y"])

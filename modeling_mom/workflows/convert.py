@@ -4,18 +4,22 @@ Every module `conversion/gpt2_to_<arch>.py` is a converter: `convert(gpt2, **opt
 `main(argv)` taking `--gpt2` and `--out`. A converter that accepts `exact=True` offers a function-preserving form
 (the converted model computes GPT-2's function). `mom convert` runs the converter's own command line, then saves
 GPT-2's tokenizer next to the model (with EOS as the pad token if it has none, GPT-2's usual choice) and a history
-record, so that the directory is ready for `mom pretrain`, `mom glue` and `mom summarize`.
+record, so that the directory is ready for `mom pretrain`, `mom glue` and `mom summarize`. All of it is written to a
+new directory beside `--out` and renamed to `--out` once complete: an interrupted or failed conversion leaves no
+partial checkpoint, and an existing non-empty `--out` is replaced only with `--overwrite`.
 """
 
 import argparse
 import importlib
 import inspect
 import pkgutil
+import shutil
+from pathlib import Path
 from types import ModuleType
 
 from transformers import AutoTokenizer
 
-from .common import HISTORY_FILE, WorkflowError, load_model_config, write_json
+from .common import HISTORY_FILE, WorkflowError, load_model_config, move_into_place, sibling_dir, write_json
 
 CONVERTER_PREFIX = "gpt2_to_"
 
@@ -53,24 +57,43 @@ def main(argv=None) -> None:
     parser.add_argument("arch", nargs="?", help=f"one of: {', '.join(available) or '(no converter installed)'}")
     parser.add_argument("--gpt2")
     parser.add_argument("--out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args, _ = parser.parse_known_args(argv)
-    argv = list(argv or [])
+    argv = [arg for arg in argv or [] if arg != "--overwrite"]
     if args.arch is None or args.arch.startswith("-"):
         parser.print_help()
         return
     if args.arch not in available:
         raise WorkflowError(f"no converter for {args.arch!r}; allowed: {', '.join(available)}.")
     converter_argv = argv[argv.index(args.arch) + 1 :]
-    if args.gpt2 is not None and not {"-h", "--help"} & set(converter_argv):
-        load_model_config(args.gpt2)  # a missing or config-less source fails here, before converting
-    available[args.arch].main(converter_argv)
-    if args.out is None:
+    if args.out is None or {"-h", "--help"} & set(converter_argv):
+        available[args.arch].main(converter_argv)  # its own usage or error
         return
-    tokenizer = gpt2_tokenizer(args.gpt2)
+    if args.gpt2 is not None:
+        load_model_config(args.gpt2)  # a missing or config-less source fails here, before converting
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise WorkflowError(f"--out {out} exists and is not an empty directory; pass --overwrite to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = sibling_dir(out, "partial")
+    try:
+        available[args.arch].main(_with_out(converter_argv, staging))
+        _add_tokenizer_and_history(staging, args.gpt2, args.arch, converter_argv)
+        move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _with_out(argv: list[str], out: Path) -> list[str]:
+    """The converter's arguments with its `--out` pointed at `out`."""
+    argv = [f"--out={out}" if arg.startswith("--out=") else arg for arg in argv]
+    return [str(out) if i > 0 and argv[i - 1] == "--out" else arg for i, arg in enumerate(argv)]
+
+
+def _add_tokenizer_and_history(checkpoint: Path, gpt2: str, arch: str, options: list[str]) -> None:
+    tokenizer = gpt2_tokenizer(gpt2)
     if tokenizer is None:
-        print(f"note: no tokenizer at {args.gpt2}; pass --tokenizer to the training commands or save one in {args.out}")
+        print(f"note: no tokenizer at {gpt2}; pass --tokenizer to the training commands or save one in the output")
     else:
-        tokenizer.save_pretrained(args.out)
-    write_json(f"{args.out}/{HISTORY_FILE}", [
-        {"command": "convert", "arch": args.arch, "source": args.gpt2, "options": converter_argv},
-    ])
+        tokenizer.save_pretrained(checkpoint)
+    write_json(checkpoint / HISTORY_FILE, [{"command": "convert", "arch": arch, "source": gpt2, "options": options}])

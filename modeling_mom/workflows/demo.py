@@ -18,7 +18,6 @@
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,10 +108,9 @@ def exact_logit_difference(converter, gpt2_dir: str, tokenizer) -> float:
 
 
 def seed(arch: str, gpt2_dir: str, out: Path, options: str) -> str:
-    """`mom convert ARCH --gpt2 GPT2 --out OUT/seeded OPTIONS`."""
+    """`mom convert ARCH --gpt2 GPT2 --out OUT/seeded --overwrite OPTIONS` (replacing an earlier demo's output)."""
     target = out / "seeded"
-    shutil.rmtree(target, ignore_errors=True)  # a converter may refuse to overwrite an earlier demo's output
-    convert_main([arch, "--gpt2", gpt2_dir, "--out", str(target), *options.split()])
+    convert_main([arch, "--gpt2", gpt2_dir, "--out", str(target), "--overwrite", *options.split()])
     return str(target)
 
 
