@@ -23,11 +23,11 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
+logger = logging.get_logger(__name__)
+
 # transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. The models here
 # take `cache` and return it under the installed version's field name, so the package and saved checkpoints run on
 # either version.
-logger = logging.get_logger(__name__)
-
 CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
