@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     staging = sibling_dir(out, "partial")
     try:
         available[args.arch].main(_with_out(converter_argv, staging))
-        _add_tokenizer_and_history(staging, args.gpt2, args.arch, converter_argv)
+        _add_tokenizer_and_history(staging, out, args.gpt2, args.arch, converter_argv)
         move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -90,10 +90,11 @@ def _with_out(argv: list[str], out: Path) -> list[str]:
     return [str(out) if i > 0 and argv[i - 1] == "--out" else arg for i, arg in enumerate(argv)]
 
 
-def _add_tokenizer_and_history(checkpoint: Path, gpt2: str, arch: str, options: list[str]) -> None:
+def _add_tokenizer_and_history(checkpoint: Path, out: Path, gpt2: str, arch: str, options: list[str]) -> None:
+    """GPT-2's tokenizer and the history record, into `checkpoint` (the staging directory that becomes `out`)."""
     tokenizer = gpt2_tokenizer(gpt2)
     if tokenizer is None:
-        print(f"note: no tokenizer at {gpt2}; pass --tokenizer to the training commands or save one in the output")
+        print(f"note: no tokenizer at {gpt2}; pass --tokenizer to the training commands or save one in {out}")
     else:
         tokenizer.save_pretrained(checkpoint)
     write_json(checkpoint / HISTORY_FILE, [{"command": "convert", "arch": arch, "source": gpt2, "options": options}])
