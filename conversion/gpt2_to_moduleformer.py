@@ -1,6 +1,6 @@
 """Seed a ModuleFormer from a GPT-2 checkpoint by upcycling: every expert starts as a copy of its GPT-2 layer.
 
-    python -m conversion.gpt2_to_moduleformer --gpt2 SRC --out DIR [--exact] [--num-experts 8] ...
+    python -m conversion.gpt2_to_moduleformer --gpt2 SRC --out DIR [--overwrite] [--exact] [--num-experts 8] ...
 
 * Attention experts: every expert's query and output projection is GPT-2's (``c_attn``'s query third, ``c_proj``),
   biases included; the shared key/value projections are GPT-2's key and value thirds.
@@ -27,6 +27,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
+
+from .checkpoint_writer import add_output_arguments, check_output_dir, save_converted
 
 EXACT_SETTINGS = {"attention_function": "softmax", "position_embedding_type": "learned", "normalize_expert_gates": True}
 
@@ -79,14 +81,13 @@ def _copies(weight: torch.Tensor, num: int, noise: float, generator: torch.Gener
 @torch.no_grad()
 def convert(
     gpt2: str | Path | GPT2LMHeadModel,
-    out: str | Path | None = None,
     exact: bool = False,
     slice_mlp: bool = False,
     expert_noise: float = 0.0,
     seed: int = 0,
     **config_overrides,
 ) -> ModuleFormerForCausalLM:
-    """A ModuleFormer seeded from `gpt2` (a checkpoint path or a `GPT2LMHeadModel`), saved to `out` if given.
+    """A ModuleFormer seeded from `gpt2` (a checkpoint path or a `GPT2LMHeadModel`).
 
     `config_overrides` set ModuleFormer config fields, e.g. `num_attention_experts`, `num_attention_experts_per_tok`,
     `num_experts`, `num_experts_per_tok`, `router_hidden_size`, `attention_function`.
@@ -128,15 +129,17 @@ def convert(
             mlp.output_proj.copy_(_copies(c_proj.weight, mlp.num_experts, expert_noise, generator))
         mlp.output_bias.copy_(_copies(c_proj.bias, mlp.num_experts, 0.0, generator))
     model.tie_weights()
-    if out is not None:
-        model.save_pretrained(out)
     return model
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m conversion.gpt2_to_moduleformer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--gpt2", required=True, help="GPT-2 checkpoint directory or hub id")
-    parser.add_argument("--out", required=True, help="output directory")
+    add_output_arguments(parser)
     parser.add_argument("--exact", action="store_true", help="softmax attention + learned positions: equals GPT-2")
     parser.add_argument("--slice-mlp", action="store_true", help="experts are slices of GPT-2's MLP, not copies")
     parser.add_argument("--expert-noise", type=float, default=0.0, help="relative Gaussian noise on expert copies")
@@ -149,19 +152,23 @@ def main(argv=None):
     parser.add_argument("--router-hidden-size", type=int, default=ModuleFormerConfig.router_hidden_size)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    convert(
-        args.gpt2,
-        args.out,
-        exact=args.exact,
-        slice_mlp=args.slice_mlp,
-        expert_noise=args.expert_noise,
-        seed=args.seed,
-        num_attention_experts=args.num_attention_experts,
-        num_attention_experts_per_tok=args.attention_experts_per_tok,
-        num_experts=args.num_experts,
-        num_experts_per_tok=args.experts_per_tok,
-        router_hidden_size=args.router_hidden_size,
-    )
+    try:
+        check_output_dir(args.out, args.overwrite)
+        model = convert(
+            args.gpt2,
+            exact=args.exact,
+            slice_mlp=args.slice_mlp,
+            expert_noise=args.expert_noise,
+            seed=args.seed,
+            num_attention_experts=args.num_attention_experts,
+            num_attention_experts_per_tok=args.attention_experts_per_tok,
+            num_experts=args.num_experts,
+            num_experts_per_tok=args.experts_per_tok,
+            router_hidden_size=args.router_hidden_size,
+        )
+        save_converted(model, args.out, tokenizer_source=args.gpt2, overwrite=args.overwrite)
+    except ValueError as error:
+        parser.error(str(error))
     print(f"saved {args.out}")
 
 

@@ -1,6 +1,6 @@
 """Seed a MoEUT from a GPT-2 checkpoint.
 
-    python -m conversion.gpt2_to_moeut --gpt2 SRC --out DIR [--exact] [--num-unique-layers G] ...
+    python -m conversion.gpt2_to_moeut --gpt2 SRC --out DIR [--overwrite] [--exact] [--num-unique-layers G] ...
 
 GPT-2's layouts map directly onto MoEUT's experts (moeut.md section 6.3): each GPT-2 MLP is cut into
 ``--expert-size``-wide experts (``c_fc`` columns -> ``up_proj[e]``, ``c_proj`` rows -> ``down_proj[e]``; exact, since
@@ -47,6 +47,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
+
+from .checkpoint_writer import add_output_arguments, check_output_dir, save_converted
 
 GATE_AT_ZERO = 0.5  # sigmoid(0): the gate of a zero router, folded out of the down-projections as 1 / 0.5
 # config fields the copied weights fix (shapes, biases, positions, the tied head): not overridable
@@ -161,14 +163,13 @@ def _seed_layer(layer, blocks, config: MoEUTConfig):
 @torch.no_grad()
 def convert(
     gpt2: str | Path | GPT2LMHeadModel,
-    out: str | Path | None = None,
     exact: bool = False,
     num_unique_layers: int | None = 2,
     expert_size: int = 128,
     seed: int = 0,
     **config_overrides,
 ) -> MoEUTForCausalLM:
-    """A MoEUT seeded from `gpt2` (a checkpoint path or a `GPT2LMHeadModel`), saved to `out` if given.
+    """A MoEUT seeded from `gpt2` (a checkpoint path or a `GPT2LMHeadModel`).
 
     `num_unique_layers` is G (ignored with `exact`, which needs G = n_layer); `config_overrides` set MoEUT config
     fields, e.g. `num_experts_per_tok`, `num_attention_experts_per_tok`, `norm_scheme`, `output_router_logits`.
@@ -188,15 +189,17 @@ def convert(
         if exact:
             layer.mlp.router.weight.zero_()
     model.tie_weights()
-    if out is not None:
-        model.save_pretrained(out)
     return model
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m conversion.gpt2_to_moeut",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--gpt2", required=True, help="GPT-2 checkpoint directory or hub id")
-    parser.add_argument("--out", required=True, help="output directory")
+    add_output_arguments(parser)
     parser.add_argument("--exact", action="store_true", help="function-preserving form: equals GPT-2 (no sharing)")
     parser.add_argument("--num-unique-layers", type=int, default=2, help="G, the number of shared layers")
     parser.add_argument("--expert-size", type=int, default=128, help="width of each FFN expert")
@@ -207,15 +210,19 @@ def main(argv=None):
     overrides = {} if args.experts_per_tok is None else {"num_experts_per_tok": args.experts_per_tok}
     if args.norm_scheme != "pre":
         overrides["norm_scheme"] = args.norm_scheme
-    convert(
-        args.gpt2,
-        args.out,
-        exact=args.exact,
-        num_unique_layers=args.num_unique_layers,
-        expert_size=args.expert_size,
-        seed=args.seed,
-        **overrides,
-    )
+    try:
+        check_output_dir(args.out, args.overwrite)
+        model = convert(
+            args.gpt2,
+            exact=args.exact,
+            num_unique_layers=args.num_unique_layers,
+            expert_size=args.expert_size,
+            seed=args.seed,
+            **overrides,
+        )
+        save_converted(model, args.out, tokenizer_source=args.gpt2, overwrite=args.overwrite)
+    except ValueError as error:
+        parser.error(str(error))
     print(f"saved {args.out}")
 
 

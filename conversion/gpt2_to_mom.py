@@ -1,6 +1,6 @@
 """Seed a Mixture-of-Modules (MoM) model from a GPT-2 checkpoint (phase 2 of the paper's two-phase training).
 
-    python -m conversion.gpt2_to_mom --gpt2 SRC --out DIR [structure options]
+    python -m conversion.gpt2_to_mom --gpt2 SRC --out DIR [--overwrite] [structure options]
 
 SRC is a local GPT-2 directory or a hub id (e.g. ``openai-community/gpt2``). The structure options mirror the
 ``MoMConfig`` fields (``--num-rounds`` sets ``num_rounds``, ``--no-skip`` clears ``enable_skip``, ...); unset ones
@@ -29,17 +29,15 @@ without the package (the modeling code is copied next to the weights). Tokenizer
 
 import argparse
 import os
-import shutil
-from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
 from modeling_mom import MoMConfig, MoMForCausalLM
 from modeling_mom.configuration_mom import ROUTER_TYPES, ROUTER_WEIGHTINGS, ROUTING_MODES
 from modeling_mom.modeling_mom import layer_schedule
-from modeling_mom.workflows.common import move_into_place, sibling_dir
+
+from .checkpoint_writer import add_output_arguments, check_output_dir, save_converted
 
 # MoMConfig fields `convert` accepts; the rest (widths, vocabulary, activation, ...) are GPT-2's.
 STRUCTURE_FIELDS = (
@@ -67,14 +65,6 @@ STRUCTURE_FIELDS = (
     "bos_token_id",
     "eos_token_id",
     "pad_token_id",
-)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
 )
 # MoM pool parameter <- GPT-2 block parameter (both [in, out] for projections)
 ATTENTION_MAP = {
@@ -258,52 +248,6 @@ def convert(
     return model.eval()
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """`out` as a Path, after checking it may be written: absent, an empty directory, or `overwrite`."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it.")
-    return out
-
-
-def _copy_tokenizer(source: str | os.PathLike, target: Path) -> list[str]:
-    """Copy the tokenizer files of a GPT-2 directory or hub repo into `target`; returns the names copied."""
-    if Path(source).is_dir():
-        folder = Path(source)
-    else:
-        folder = Path(snapshot_download(str(source), allow_patterns=list(TOKENIZER_FILES)))
-    copied = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    for name in copied:
-        shutil.copyfile(folder / name, target / name)
-    return copied
-
-
-def save_converted(
-    model: MoMForCausalLM,
-    out: str | os.PathLike,
-    tokenizer_source: str | os.PathLike | None = None,
-    overwrite: bool = False,
-) -> list[str]:
-    """Write `model` (and the tokenizer files of `tokenizer_source`, if any) to `out`, atomically.
-
-    Everything goes to a temporary directory in `out`'s parent, renamed to `out` once complete; on any error the
-    temporary directory is removed and an existing `out` is left as it was. Returns the tokenizer files copied.
-    """
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = sibling_dir(out, "partial")
-    try:
-        model.save_pretrained(staging)
-        copied = _copy_tokenizer(tokenizer_source, staging) if tokenizer_source is not None else []
-        move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return copied
-
-
 def summary(model: MoMForCausalLM) -> str:
     """A few lines describing the converted model's structure, routing, size and depth."""
     config = model.config
@@ -343,8 +287,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--gpt2", required=True, help="GPT-2 checkpoint directory or hub id")
-    parser.add_argument("--out", required=True, help="output directory (must be absent or empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_output_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the routers' initialisation")
     parser.add_argument(
         "--exact", action="store_true", help="function-preserving form: sequential routing, one round per module"

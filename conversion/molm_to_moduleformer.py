@@ -1,10 +1,11 @@
 """Convert an official ModuleFormer / MoLM checkpoint (IBM's layout, e.g. `ibm/MoLM-350M-4B`) to this package.
 
-    python -m conversion.molm_to_moduleformer --src MOLM_DIR --out DIR [--dtype float32]
+    python -m conversion.molm_to_moduleformer --src MOLM_DIR --out DIR [--overwrite] [--dtype float32]
 
 The official `config.json` loads unchanged (`ModuleFormerConfig` aliases its keys). Weights are renamed one to one,
 with no transposes (both layouts store experts as `[E, in, out]`); the `attn.mask` / `attn.cum_weight` buffers of the
 official checkpoints are dropped. Reads `model.safetensors`, `pytorch_model.bin` or their sharded variants.
+The converted weights and MOLM_DIR's tokenizer files are written all or nothing (`checkpoint_writer.py`).
 """
 
 import argparse
@@ -16,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
+
+from .checkpoint_writer import add_output_arguments, check_output_dir, save_converted
 
 # official name (regex) -> ours; `None` drops the tensor
 KEY_MAP = [
@@ -69,10 +72,8 @@ def load_official_state_dict(src: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert(
-    src: str | Path, out: str | Path | None = None, dtype: torch.dtype | None = None
-) -> ModuleFormerForCausalLM:
-    """Load the official checkpoint in `src` as a `ModuleFormerForCausalLM`; saved to `out` if given.
+def convert(src: str | Path, dtype: torch.dtype | None = None) -> ModuleFormerForCausalLM:
+    """Load the official checkpoint in `src` as a `ModuleFormerForCausalLM`.
 
     `dtype` casts the weights (default: keep the checkpoint's, bf16 for MoLM).
     """
@@ -91,19 +92,25 @@ def convert(
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match its config: missing {missing}, unexpected {unexpected}.")
-    model.eval()
-    if out is not None:
-        model.save_pretrained(out)
-    return model
+    return model.eval()
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m conversion.molm_to_moduleformer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--src", required=True, help="official MoLM checkpoint directory (config.json + weights)")
-    parser.add_argument("--out", required=True, help="output directory")
+    add_output_arguments(parser)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast weights (default: keep)")
     args = parser.parse_args(argv)
-    convert(args.src, args.out, getattr(torch, args.dtype) if args.dtype else None)
+    try:
+        check_output_dir(args.out, args.overwrite)
+        model = convert(args.src, getattr(torch, args.dtype) if args.dtype else None)
+        save_converted(model, args.out, tokenizer_source=args.src, overwrite=args.overwrite)
+    except ValueError as error:
+        parser.error(str(error))
     print(f"saved {args.out}")
 
 

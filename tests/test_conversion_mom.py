@@ -332,35 +332,3 @@ def test_cli_structure_that_does_not_fit_writes_nothing(gpt2_dir, tmp_path, caps
     error = capsys.readouterr().err
     assert "= 12 GPT-2 layers" in error and "n_layer=6" in error and "Structures that fit" in error
     assert sorted(os.listdir(tmp_path)) == before
-
-
-def test_cli_refuses_a_non_empty_output_without_overwrite(gpt2_dir, tmp_path, capsys):
-    out = tmp_path / "mom"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
-    with pytest.raises(SystemExit):
-        main(["--gpt2", str(gpt2_dir), "--out", str(out), *CLI_STRUCTURE])
-    assert "--overwrite" in capsys.readouterr().err
-    assert os.listdir(out) == ["keep.txt"]
-    main(["--gpt2", str(gpt2_dir), "--out", str(out), *CLI_STRUCTURE, "--overwrite"])
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the replaced directory is deleted
-
-
-@pytest.mark.parametrize("existing", [False, True])
-def test_error_while_writing_leaves_no_partial_directory(gpt2_dir, tmp_path, monkeypatch, existing):
-    from conversion import gpt2_to_mom
-
-    def failing_copy(source, target):
-        raise OSError("disk full")  # after the weights were written to the staging directory
-
-    monkeypatch.setattr(gpt2_to_mom, "_copy_tokenizer", failing_copy)
-    out = tmp_path / "mom"
-    if existing:
-        out.mkdir()
-        (out / "keep.txt").write_text("user data")
-    before = sorted(os.listdir(tmp_path))
-    with pytest.raises(OSError, match="disk full"):
-        main(["--gpt2", str(gpt2_dir), "--out", str(out), *CLI_STRUCTURE, "--overwrite"])
-    assert sorted(os.listdir(tmp_path)) == before  # no staging directory, no new output
-    assert os.listdir(out) == ["keep.txt"] if existing else not out.exists()

@@ -513,7 +513,7 @@ def test_official_checkpoint_loaded_directly_is_refused_with_the_conversion_comm
 def test_official_checkpoint_converts_to_the_official_function(shape, fmt, tmp_path):
     from safetensors.torch import save_file
 
-    from conversion.molm_to_moduleformer import convert
+    from conversion.molm_to_moduleformer import convert, main
 
     official = {**MOLM_700M_8B, "vocab_size": 50, "n_embd": 16, "n_layer": 2, "ffd_hidden": 12, "gating_size": 6}
     official.update(n_att_experts=4, n_mlp_experts=5, bos_token_id=0, eos_token_id=0, torch_dtype="float32", **shape)
@@ -525,10 +525,11 @@ def test_official_checkpoint_converts_to_the_official_function(shape, fmt, tmp_p
         torch.save(state, src / "pytorch_model.bin")
     else:
         save_file({k: v.contiguous() for k, v in state.items()}, src / "model.safetensors")
-    model = convert(src, tmp_path / "converted")
+    model = convert(src)
     ids = torch.randint(0, 50, (2, 7))
     expected = official_forward(state, official, ids)
     torch.testing.assert_close(model(ids).logits.double(), expected, atol=ATOL, rtol=0)
+    main(["--src", str(src), "--out", str(tmp_path / "converted")])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "converted").eval()
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
 

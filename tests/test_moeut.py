@@ -499,7 +499,8 @@ def test_exact_conversion_equals_gpt2(gpt2_overrides, tmp_path):
     from conversion.gpt2_to_moeut import convert
 
     gpt2 = tiny_gpt2(**gpt2_overrides)
-    model = convert(gpt2, tmp_path, exact=True, expert_size=64)
+    model = convert(gpt2, exact=True, expert_size=64)
+    model.save_pretrained(tmp_path)
     assert model.config.num_unique_layers == gpt2.config.n_layer and model.config.num_experts == 4
     ids = torch.randint(2, VOCAB, (3, 12))
     expected = gpt2(ids).logits
@@ -534,13 +535,14 @@ def test_shared_conversion_holds_every_gpt2_layer_as_experts():
             convert(gpt2, num_unique_layers=2, expert_size=64, **{field: value})
 
 
-def test_conversion_cli(tmp_path):
+def test_conversion_cli(tmp_path, capsys):
     from conversion.gpt2_to_moeut import main
 
     tiny_gpt2().save_pretrained(tmp_path / "gpt2")
     main(["--gpt2", str(tmp_path / "gpt2"), "--out", str(tmp_path / "moeut"), "--exact", "--expert-size", "64"])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moeut")
     assert isinstance(model, MoEUTForCausalLM) and model.config.norm_scheme == "pre"
-    with pytest.raises(ValueError, match="expert_size"):
+    with pytest.raises(SystemExit):
         main(["--gpt2", str(tmp_path / "gpt2"), "--out", str(tmp_path / "bad"), "--expert-size", "100"])
+    assert "expert_size" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

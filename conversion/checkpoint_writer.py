@@ -1,0 +1,77 @@
+"""Writing a converted checkpoint all or nothing, for every converter of this package.
+
+A conversion can take minutes and fail late (a full disk, a missing tokenizer file, an interrupt). The model and
+the tokenizer files go to a new directory beside `--out`, renamed to `--out` once complete, so that a failure leaves
+neither a partial checkpoint nor a damaged earlier one. A non-empty `--out` is replaced only when asked to.
+"""
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from transformers import PreTrainedModel
+
+from modeling_mom.workflows.common import move_into_place, sibling_dir
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `--out` and `--overwrite` options every converter's command line takes."""
+    parser.add_argument("--out", required=True, help="output directory (must be absent or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`out` as a Path, after checking it may be written: absent, an empty directory, or `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it.")
+    return out
+
+
+def copy_tokenizer(source: str | os.PathLike, target: Path) -> list[str]:
+    """Copy the tokenizer files of a checkpoint directory or hub repo into `target`; returns the names copied."""
+    if Path(source).is_dir():
+        folder = Path(source)
+    else:
+        folder = Path(snapshot_download(str(source), allow_patterns=list(TOKENIZER_FILES)))
+    copied = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    for name in copied:
+        shutil.copyfile(folder / name, target / name)
+    return copied
+
+
+def save_converted(
+    model: PreTrainedModel,
+    out: str | os.PathLike,
+    tokenizer_source: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> list[str]:
+    """Write `model` (and the tokenizer files of `tokenizer_source`, if any) to `out`, atomically.
+
+    Everything goes to a temporary directory in `out`'s parent, renamed to `out` once complete; on any error the
+    temporary directory is removed and an existing `out` is left as it was. Returns the tokenizer files copied.
+    """
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = sibling_dir(out, "partial")
+    try:
+        model.save_pretrained(staging)
+        copied = copy_tokenizer(tokenizer_source, staging) if tokenizer_source is not None else []
+        move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return copied
