@@ -19,6 +19,7 @@ from transformers.modeling_outputs import (
     MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
@@ -222,6 +223,14 @@ def _label_share(labels: torch.Tensor, num_items_in_batch, shift_labels: torch.T
 class CausalLMWithRouterLosses(RouterLossesMixin):
     """`self.model` -> `self.lm_head`; the next-token loss (honouring the Trainer's `num_items_in_batch`) plus the
     router losses."""
+
+    def __init_subclass__(cls, **kwargs):
+        """Name the class among transformers' causal LMs (model type -> class name), as its own models are: code
+        keyed on that map treats the class as one. The Trainer's label smoothing shifts the labels only for those
+        names (ours would learn to copy the input token), and the text-generation pipeline accepts them. The lazy
+        auto mappings only read entries whose model type transformers itself defines, so this adds no lookup."""
+        super().__init_subclass__(**kwargs)
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(cls.config_class.model_type, cls.__name__)
 
     @accepts_past_key_values
     @can_return_tuple

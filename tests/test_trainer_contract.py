@@ -102,3 +102,20 @@ def test_router_losses_with_a_4d_attention_mask(arch):
     with_mask, without = model(ids, attention_mask=causal, labels=ids), model(ids, labels=ids)
     torch.testing.assert_close(with_mask.aux_loss, without.aux_loss)
     torch.testing.assert_close(with_mask.loss, without.loss)
+
+
+@pytest.mark.parametrize("arch", CLASSES)
+def test_label_smoothing_shifts_the_labels(arch, tmp_path):
+    """With `label_smoothing_factor` the Trainer computes the loss from the logits, shifting the labels only for the
+    class names it knows as causal LMs; ours must be among them, or the model learns to copy its input token."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    make_config, _ = ROUTER_LOSSES_ON[arch]
+    model = factory(CLASSES[arch][0], make_config())()
+    ids = torch.randint(3, 50, (2, 10))
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[], use_cpu=True)
+    loss = Trainer(model=model, args=args).compute_loss(model, {"input_ids": ids, "labels": ids})
+    logits = model(ids).logits
+    torch.testing.assert_close(loss, LabelSmoother(epsilon=0.1)({"logits": logits}, ids, shift_labels=True))
+    unsmoothed = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(loss, 0.9 * unsmoothed + 0.1 * -logits[:, :-1].log_softmax(-1).mean(), rtol=1e-5, atol=0)
