@@ -139,6 +139,15 @@ class MoEUTExperts(nn.Module):
             self.down_proj_bias = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
         self.act_fn = ACT2FN[config.hidden_act]
 
+    @property
+    def has_bias(self) -> bool:
+        """Whether the experts add biases (`config.mlp_bias`); transformers' kernels read it too."""
+        return self.config.mlp_bias
+
+    @has_bias.setter
+    def has_bias(self, _decorator_default: bool) -> None:
+        """Ignored: the decorator assigns one class-wide value after `__init__`; the config decides."""
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """`[N, d]` tokens, `[N, K]` experts and gates -> `[N, d]`."""
         plan = plan_dispatch(top_k_index, self.num_experts)
@@ -160,7 +169,6 @@ class MoEUTFeedForward(nn.Module):
             config.hidden_size, 1, config.num_experts, config.num_experts_per_tok, config.expert_dropout
         )
         self.experts = MoEUTExperts(config)
-        self.experts.has_bias = config.mlp_bias  # read by transformers' kernels; the decorator's default is False
 
     def forward(self, hidden_states: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

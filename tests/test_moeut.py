@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM, MoEUTForSequenceClassification, MoEUTModel
-from modeling_mom.modeling_moeut import MoEUTAttention, MoEUTFeedForward, MoEUTRotaryEmbedding, moeut_aux_loss
+from modeling_mom.modeling_moeut import (
+    MoEUTAttention,
+    MoEUTExperts,
+    MoEUTFeedForward,
+    MoEUTRotaryEmbedding,
+    moeut_aux_loss,
+)
 from modeling_mom.routing_losses import sequence_entropy_loss
 from modeling_mom.shared_modeling import CACHE_FIELD
 
@@ -197,26 +203,36 @@ def test_left_padding_gives_no_nan_and_does_not_change_a_rows_continuation():
 
 
 def naive_sigma_moe(ffn: MoEUTFeedForward, x: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
-    """Token by token: y = sum over the top-k of sigmoid(score) * relu(x @ up[e]) @ down[e]."""
+    """Token by token: y = sum over the top-k of sigmoid(score) * (relu(x @ up[e] + b_up[e]) @ down[e] + b_down[e])."""
     scores = torch.sigmoid(router_input @ ffn.router.weight.T)
-    out = torch.zeros_like(x)
+    experts, out = ffn.experts, torch.zeros_like(x)
     for t in range(x.shape[0]):
         for e in scores[t].topk(ffn.router.num_selected).indices.tolist():
-            hidden = torch.relu(x[t] @ ffn.experts.up_proj[e])
-            out[t] += scores[t, e] * (hidden @ ffn.experts.down_proj[e])
+            up_bias, down_bias = (experts.up_proj_bias[e], experts.down_proj_bias[e]) if experts.has_bias else (0, 0)
+            hidden = torch.relu(x[t] @ experts.up_proj[e] + up_bias)
+            out[t] += scores[t, e] * (hidden @ experts.down_proj[e] + down_bias)
     return out
 
 
-def test_sigma_moe_equals_naive_reference_for_every_experts_implementation():
+@pytest.mark.parametrize("mlp_bias", [False, True], ids=["no-bias", "bias"])
+def test_sigma_moe_equals_naive_reference_for_every_experts_implementation(mlp_bias):
     torch.manual_seed(0)
-    model = MoEUTForCausalLM(tiny_config(num_experts=7, num_experts_per_tok=3)).eval()
+    config = tiny_config(num_experts=7, num_experts_per_tok=3, mlp_bias=mlp_bias)
+    model = MoEUTForCausalLM(config).eval()
     ffn = model.model.layers[0].mlp
+    if mlp_bias:
+        torch.nn.init.normal_(ffn.experts.up_proj_bias)
+        torch.nn.init.normal_(ffn.experts.down_proj_bias)
     x, router_input = torch.randn(11, 32), torch.randn(11, 32)
     expected = naive_sigma_moe(ffn, x, router_input)
     assert model.config._experts_implementation == "eager"  # the shared dispatch is the default
     for implementation in ("eager", "grouped_mm", "batched_mm"):
         model.set_experts_implementation(implementation)
         torch.testing.assert_close(ffn(x, router_input), expected, **TOL)
+    standalone = MoEUTExperts(config)  # the experts know their biases without the feed-forward layer's help
+    standalone.load_state_dict(ffn.experts.state_dict())
+    _, gates, selected = ffn.router(router_input)
+    torch.testing.assert_close(standalone(x, selected, gates), expected, **TOL)
 
 
 def naive_rotary(x: torch.Tensor, positions: torch.Tensor, rotary: int, theta: float) -> torch.Tensor:
