@@ -8,6 +8,7 @@ neither a partial checkpoint nor a damaged earlier one. A non-empty `--out` is r
 import argparse
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
@@ -75,3 +76,20 @@ def save_converted(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return copied
+
+
+def convert_and_save(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    build: Callable[[], PreTrainedModel],
+    tokenizer_source: str | os.PathLike | None,
+) -> tuple[PreTrainedModel, list[str]]:
+    """A converter command line's work: check `--out` first (before a long conversion), build the model, save it
+    all or nothing. A ValueError (bad options, a source that does not fit) becomes the parser's usage error.
+    Returns the model and the tokenizer files copied."""
+    try:
+        check_output_dir(args.out, args.overwrite)
+        model = build()
+        return model, save_converted(model, args.out, tokenizer_source, args.overwrite)
+    except ValueError as error:
+        parser.error(str(error))

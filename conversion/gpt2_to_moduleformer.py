@@ -21,6 +21,7 @@ training to catch up. Prefer copies, then continued pretraining; use ``--exact``
 """
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from transformers import GPT2LMHeadModel
 
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
 
-from .checkpoint_writer import add_output_arguments, check_output_dir, save_converted
+from .checkpoint_writer import add_output_arguments, convert_and_save
 
 EXACT_SETTINGS = {"attention_function": "softmax", "position_embedding_type": "learned", "normalize_expert_gates": True}
 
@@ -152,23 +153,18 @@ def main(argv=None):
     parser.add_argument("--router-hidden-size", type=int, default=ModuleFormerConfig.router_hidden_size)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        check_output_dir(args.out, args.overwrite)
-        model = convert(
-            args.gpt2,
-            exact=args.exact,
-            slice_mlp=args.slice_mlp,
-            expert_noise=args.expert_noise,
-            seed=args.seed,
-            num_attention_experts=args.num_attention_experts,
-            num_attention_experts_per_tok=args.attention_experts_per_tok,
-            num_experts=args.num_experts,
-            num_experts_per_tok=args.experts_per_tok,
-            router_hidden_size=args.router_hidden_size,
-        )
-        save_converted(model, args.out, tokenizer_source=args.gpt2, overwrite=args.overwrite)
-    except ValueError as error:
-        parser.error(str(error))
+    options = dict(
+        exact=args.exact,
+        slice_mlp=args.slice_mlp,
+        expert_noise=args.expert_noise,
+        seed=args.seed,
+        num_attention_experts=args.num_attention_experts,
+        num_attention_experts_per_tok=args.attention_experts_per_tok,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.experts_per_tok,
+        router_hidden_size=args.router_hidden_size,
+    )
+    convert_and_save(parser, args, functools.partial(convert, args.gpt2, **options), tokenizer_source=args.gpt2)
     print(f"saved {args.out}")
 
 

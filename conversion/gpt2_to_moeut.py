@@ -41,6 +41,7 @@ than GPT-2's pre-LN after training.
 """
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
@@ -48,7 +49,7 @@ from transformers import GPT2LMHeadModel
 
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
 
-from .checkpoint_writer import add_output_arguments, check_output_dir, save_converted
+from .checkpoint_writer import add_output_arguments, convert_and_save
 
 GATE_AT_ZERO = 0.5  # sigmoid(0): the gate of a zero router, folded out of the down-projections as 1 / 0.5
 # config fields the copied weights fix (shapes, biases, positions, the tied head): not overridable
@@ -207,22 +208,14 @@ def main(argv=None):
     parser.add_argument("--norm-scheme", choices=("pre", "peri", "post"), default="pre")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    overrides = {} if args.experts_per_tok is None else {"num_experts_per_tok": args.experts_per_tok}
+    options = dict(
+        exact=args.exact, num_unique_layers=args.num_unique_layers, expert_size=args.expert_size, seed=args.seed
+    )
+    if args.experts_per_tok is not None:
+        options["num_experts_per_tok"] = args.experts_per_tok
     if args.norm_scheme != "pre":
-        overrides["norm_scheme"] = args.norm_scheme
-    try:
-        check_output_dir(args.out, args.overwrite)
-        model = convert(
-            args.gpt2,
-            exact=args.exact,
-            num_unique_layers=args.num_unique_layers,
-            expert_size=args.expert_size,
-            seed=args.seed,
-            **overrides,
-        )
-        save_converted(model, args.out, tokenizer_source=args.gpt2, overwrite=args.overwrite)
-    except ValueError as error:
-        parser.error(str(error))
+        options["norm_scheme"] = args.norm_scheme
+    convert_and_save(parser, args, functools.partial(convert, args.gpt2, **options), tokenizer_source=args.gpt2)
     print(f"saved {args.out}")
 
 

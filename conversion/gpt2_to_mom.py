@@ -28,6 +28,7 @@ without the package (the modeling code is copied next to the weights). Tokenizer
 """
 
 import argparse
+import functools
 import os
 
 import torch
@@ -37,7 +38,7 @@ from modeling_mom import MoMConfig, MoMForCausalLM
 from modeling_mom.configuration_mom import ROUTER_TYPES, ROUTER_WEIGHTINGS, ROUTING_MODES
 from modeling_mom.modeling_mom import layer_schedule
 
-from .checkpoint_writer import add_output_arguments, check_output_dir, save_converted
+from .checkpoint_writer import add_output_arguments, convert_and_save
 
 # MoMConfig fields `convert` accepts; the rest (widths, vocabulary, activation, ...) are GPT-2's.
 STRUCTURE_FIELDS = (
@@ -312,12 +313,8 @@ def main(argv: list[str] | None = None):
     parser = _parser()
     args = parser.parse_args(argv)
     structure = {name: value for name in STRUCTURE_FIELDS if (value := getattr(args, name, None)) is not None}
-    try:
-        check_output_dir(args.out, args.overwrite)
-        model = convert(args.gpt2, seed=args.seed, exact=args.exact, **structure)
-        copied = save_converted(model, args.out, tokenizer_source=args.gpt2, overwrite=args.overwrite)
-    except ValueError as error:
-        parser.error(str(error))
+    build = functools.partial(convert, args.gpt2, seed=args.seed, exact=args.exact, **structure)
+    model, copied = convert_and_save(parser, args, build, tokenizer_source=args.gpt2)
     print(f"MoM seeded from {args.gpt2} -> {args.out}")
     print(summary(model))
     print(f"  tokenizer:  {', '.join(copied) if copied else 'none found in --gpt2'}")

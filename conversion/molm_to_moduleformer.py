@@ -9,6 +9,7 @@ The converted weights and MOLM_DIR's tokenizer files are written all or nothing 
 """
 
 import argparse
+import functools
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
 
-from .checkpoint_writer import add_output_arguments, check_output_dir, save_converted
+from .checkpoint_writer import add_output_arguments, convert_and_save
 
 # official name (regex) -> ours; `None` drops the tensor
 KEY_MAP = [
@@ -105,12 +106,8 @@ def main(argv=None):
     add_output_arguments(parser)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast weights (default: keep)")
     args = parser.parse_args(argv)
-    try:
-        check_output_dir(args.out, args.overwrite)
-        model = convert(args.src, getattr(torch, args.dtype) if args.dtype else None)
-        save_converted(model, args.out, tokenizer_source=args.src, overwrite=args.overwrite)
-    except ValueError as error:
-        parser.error(str(error))
+    build = functools.partial(convert, args.src, getattr(torch, args.dtype) if args.dtype else None)
+    convert_and_save(parser, args, build, tokenizer_source=args.src)
     print(f"saved {args.out}")
 
 
