@@ -317,9 +317,12 @@ class ModuleFormerPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, ModuleFor
 
     def router_losses(self, router_logits, batch_size, attention_mask):
         """`config.aux_loss_type`'s balancing loss summed over the routers, returned as `aux_loss`; the loss term
-        adds it times `router_aux_loss_coef` and the concentration loss times `concentration_loss_coef`."""
+        adds it times `router_aux_loss_coef` and the concentration loss times `concentration_loss_coef` (None when
+        both are 0)."""
         aux_loss, concentration = moduleformer_router_losses(self.config, router_logits, attention_mask)
         config = self.config
+        if not self.router_losses_with_labels:
+            return aux_loss, None
         return aux_loss, config.router_aux_loss_coef * aux_loss + config.concentration_loss_coef * concentration
 
     @torch.no_grad()
@@ -389,6 +392,12 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        if cache is not None and cache.is_compileable:
+            raise ValueError(
+                f"ModuleFormer keeps its keys and values in a DynamicCache only (its attention reads every cached key "
+                f"and a 2-D key padding mask); got {type(cache).__name__}, whose layers have a fixed size. Generate "
+                "with the default cache (cache_implementation=None or 'dynamic')."
+            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:

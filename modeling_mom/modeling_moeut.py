@@ -335,9 +335,9 @@ class MoEUTPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel)
 
     def router_losses(self, router_logits, batch_size, attention_mask):
         """The entropy regulariser (`moeut_aux_loss`), already weighted by its two coefficients: it is returned as
-        `aux_loss` and added to the loss as it is (the official `loss + reg_loss`)."""
+        `aux_loss` and added to the loss as it is (the official `loss + reg_loss`; nothing when both weights are 0)."""
         aux_loss = moeut_aux_loss(self.config, router_logits, batch_size, attention_mask)
-        return aux_loss, aux_loss
+        return aux_loss, aux_loss if self.router_losses_with_labels else None
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -55,12 +55,14 @@ from .shared_modeling import (
 class ModuleRoute:
     """The modules each token uses in one pool for one round.
 
-    Either `module` (every token uses that one module with weight exactly 1: plain blocks and sequential routing; its
-    parameters by name, see `MoMModulePool.module_parameters`) or `plan` + `weights` (learned routing: the dispatch
-    plan of the `[T, K]` selections and their `[T, K]` weights).
+    Either `module` (the index of the one module every token uses with weight exactly 1: plain blocks and sequential
+    routing), with `module_parameters` (the pool's per-module views of this forward, see
+    `MoMModulePool.module_parameters`) if the model unbound them, or `plan` + `weights` (learned routing: the
+    dispatch plan of the `[T, K]` selections and their `[T, K]` weights).
     """
 
-    module: dict[str, torch.Tensor] | None = None
+    module: int | None = None
+    module_parameters: list[dict[str, torch.Tensor]] | None = None
     plan: DispatchPlan | None = None
     weights: torch.Tensor | None = None
 
@@ -77,7 +79,13 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class MoMModulePool(nn.Module):
-    """Parameters shared by both pool types: each module's own pre-LayerNorm gain and bias, `[N, d]`."""
+    """Parameters shared by both pool types: each module's own pre-LayerNorm gain and bias, `[N, d]`.
+
+    `pool_tensor_names` lists the stacked tensors (`[N, ...]`, module n at index n); they are read by name, so that a
+    parametrization of one (e.g. a LoRA delta that peft's `target_parameters` applies) is seen.
+    """
+
+    pool_tensor_names: tuple[str, ...] = ("norm_weight", "norm_bias")
 
     def __init__(self, config: MoMConfig, num_modules: int):
         super().__init__()
@@ -93,8 +101,15 @@ class MoMModulePool(nn.Module):
         instead would give each round's backward a full pool-sized gradient, quadratic in the pool size (1.65x
         GPT-2's training time with 24 modules, against ~1x).
         """
-        names, pools = zip(*self.named_parameters(recurse=False))
-        return [dict(zip(names, views)) for views in zip(*(pool.unbind(0) for pool in pools))]
+        pools = [getattr(self, name).unbind(0) for name in self.pool_tensor_names]
+        return [dict(zip(self.pool_tensor_names, views)) for views in zip(*pools)]
+
+    def single_module(self, route: ModuleRoute) -> dict[str, torch.Tensor]:
+        """The parameters of `route`'s one module: the views unbound for this forward, else indexed here (a pool
+        wrapped by an adapter, whose change to the weights exists only inside this module's call)."""
+        if route.module_parameters is not None:
+            return route.module_parameters[route.module]
+        return {name: getattr(self, name)[route.module] for name in self.pool_tensor_names}
 
     def norm_single(self, x: torch.Tensor, module: dict[str, torch.Tensor]) -> torch.Tensor:
         """One module's LayerNorm applied to all rows `[T, d]` (GPT-2's `ln_1` / `ln_2`)."""
@@ -116,6 +131,8 @@ class MoMAttention(MoMModulePool):
     and token t's output is the gate-weighted sum of its modules' output projections of that attention output.
     A token that selected only SKIP has zero query, key and value, and zero output.
     """
+
+    pool_tensor_names = MoMModulePool.pool_tensor_names + ("qkv_proj", "qkv_bias", "out_proj", "out_bias")
 
     def __init__(self, config: MoMConfig, num_modules: int):
         super().__init__(config, num_modules)
@@ -144,7 +161,7 @@ class MoMAttention(MoMModulePool):
         batch, seq, d = hidden_states.shape
         x = hidden_states.reshape(-1, d)
         if route.module is not None:  # Conv1D layout: `x @ weight[in, out] + bias`
-            m = route.module
+            m = self.single_module(route)
             qkv = torch.addmm(m["qkv_bias"], self.norm_single(x, m), m["qkv_proj"])
         else:  # sum of the selected modules' projections, unweighted (as in the authors' code)
             qkv_rows = grouped_linear(self.norm_routed(x, route.plan), self.qkv_proj, route.plan, self.qkv_bias)
@@ -169,7 +186,7 @@ class MoMAttention(MoMModulePool):
         )
         attn_output = attn_output.reshape(-1, d)
         if route.module is not None:
-            out = torch.addmm(route.module["out_bias"], attn_output, route.module["out_proj"])
+            out = torch.addmm(m["out_bias"], attn_output, m["out_proj"])
         else:
             out_rows = grouped_linear(gather_rows(attn_output, route.plan), self.out_proj, route.plan, self.out_bias)
             out = scatter_rows(out_rows, route.plan, x.shape[0], gates=route.weights)
@@ -178,6 +195,8 @@ class MoMAttention(MoMModulePool):
 
 class MoMFeedForward(MoMModulePool):
     """A pool of GPT-2 MLP modules, `down(act(up(LN(x))))`; a token's output is the gate-weighted sum of its picks."""
+
+    pool_tensor_names = MoMModulePool.pool_tensor_names + ("up_proj", "up_bias", "down_proj", "down_bias")
 
     def __init__(self, config: MoMConfig, num_modules: int):
         super().__init__(config, num_modules)
@@ -193,7 +212,7 @@ class MoMFeedForward(MoMModulePool):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         if route.module is not None:
-            m = route.module
+            m = self.single_module(route)
             h = self.act(torch.addmm(m["up_bias"], self.norm_single(x, m), m["up_proj"]))
             out = torch.addmm(m["down_bias"], h, m["down_proj"])
         else:
@@ -277,19 +296,23 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
         """Plain blocks and sequentially routed chunks: round r runs module r for every token."""
         return not self.routed or self.config.routing_mode == "sequential"
 
-    def module_parameters(self) -> tuple[list, list] | None:
+    def module_parameters(self) -> tuple[list | None, list | None] | None:
         """Both pools' per-module parameters (`MoMModulePool.module_parameters`) where rounds use one module each,
-        for the model to unbind once per forward and pass to every round; else None."""
+        for the model to unbind once per forward and pass to every round; else None. A pool wrapped by an adapter
+        (peft's `ParamWrapper` changes the weights only inside the pool's own call) gets None: it indexes its module
+        in each round instead."""
         if not self.uses_one_module_per_round:
             return None
-        return self.attention.module_parameters(), self.mlp.module_parameters()
+        pools = (self.attention, self.mlp)
+        return tuple(pool.module_parameters() if isinstance(pool, MoMModulePool) else None for pool in pools)
 
-    def _route(self, router, pool, hidden_states, round_idx, state, modules):
+    def _route(self, router, hidden_states, round_idx, state, modules):
         if self.uses_one_module_per_round:
-            return ModuleRoute(module=(modules or pool.module_parameters())[round_idx]), state
+            return ModuleRoute(module=round_idx, module_parameters=modules), state
         logits, state = router(hidden_states.reshape(-1, hidden_states.shape[-1]), state)
         num_selected = min(self.config.num_modules_per_tok, logits.shape[-1])  # the authors' top-min(K, choices)
-        route = route_tokens(logits, num_selected, self.config.router_weighting, pool.num_modules)
+        num_modules = logits.shape[-1] - int(self.config.enable_skip)
+        route = route_tokens(logits, num_selected, self.config.router_weighting, num_modules)
         route.weights = route.weights.to(hidden_states.dtype)
         return route, state
 
@@ -306,20 +329,15 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """One round. `module_parameters`: this layer's `module_parameters()`, unbound once per model forward (if
-        not given, they are unbound here, which is correct but costs a pool-sized gradient per round)."""
+        not given, each pool indexes its module, which is correct but costs a pool-sized gradient per round)."""
         attention_modules, mlp_modules = module_parameters or (None, None)
         route, attention_router_state = self._route(
-            getattr(self, "attention_router", None),
-            self.attention,
-            hidden_states,
-            round_idx,
-            attention_router_state,
-            attention_modules,
+            getattr(self, "attention_router", None), hidden_states, round_idx, attention_router_state, attention_modules
         )
         attn_output, _ = self.attention(hidden_states, route, attention_mask, cache, cache_idx, **kwargs)
         hidden_states = hidden_states + attn_output
         route, mlp_router_state = self._route(
-            getattr(self, "mlp_router", None), self.mlp, hidden_states, round_idx, mlp_router_state, mlp_modules
+            getattr(self, "mlp_router", None), hidden_states, round_idx, mlp_router_state, mlp_modules
         )
         hidden_states = hidden_states + self.mlp(hidden_states, route)
         return hidden_states, attention_router_state, mlp_router_state
@@ -371,12 +389,13 @@ class MoMPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel):
 
     def router_losses(self, router_logits, batch_size, attention_mask):
         """Switch-style balancing loss of the attention routers plus that of the FFN routers (`router_logits`
-        alternates them, one pair per routed round); the loss term is it times `router_aux_loss_coef`."""
+        alternates them, one pair per routed round); the loss term is it times `router_aux_loss_coef` (None at 0)."""
         aux_loss = 0.0
         for pool_logits in (router_logits[0::2], router_logits[1::2]):
             k = min(self.config.num_modules_per_tok, pool_logits[0].shape[-1])  # as routed: top-min(K, choices)
             aux_loss = aux_loss + switch_load_balancing_loss(pool_logits, k, attention_mask)
-        return aux_loss, self.config.router_aux_loss_coef * aux_loss
+        coef = self.config.router_aux_loss_coef
+        return aux_loss, coef * aux_loss if coef else None
 
 
 def layer_schedule(config: MoMConfig) -> tuple[list[bool], list[tuple[int, int]]]:

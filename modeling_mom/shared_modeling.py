@@ -120,6 +120,8 @@ def last_token_pooling(
     """`[B, T, L]` -> `[B, L]`: the logits at each row's last real token, for left or right padding.
 
     The attention mask decides which tokens are real; without one, tokens equal to `pad_token_id` are padding.
+    Embeddings without a mask show no padding: the last position is taken, with a warning, as transformers' own
+    classifiers do.
     """
     batch, seq = logits.shape[:2]
     positions = torch.arange(seq, device=logits.device)
@@ -127,7 +129,12 @@ def last_token_pooling(
         real = attention_mask[:, -seq:].to(logits.device).bool()
     elif input_ids is not None and pad_token_id is not None:
         real = input_ids.to(logits.device) != pad_token_id
-    elif batch == 1:
+    elif batch == 1 or pad_token_id is not None:
+        if batch > 1:
+            logger.warning_once(
+                "Sequence classification on `inputs_embeds` without an `attention_mask` cannot see padding: the last "
+                "position of each row is pooled. Pass the attention mask if the rows are padded."
+            )
         real = torch.ones(batch, seq, dtype=torch.bool, device=logits.device)
     else:
         raise ValueError(
@@ -154,7 +161,7 @@ class RouterLossesMixin:
 
     The architecture's `PreTrainedModel` defines `router_losses(router_logits, batch_size, attention_mask)`,
     returning `(aux_loss, loss_term)`: the auxiliary loss returned to the user, and what is added to a training loss
-    (`aux_loss` times its coefficient(s)), or `(None, None)`.
+    (`aux_loss` times its coefficient(s); None when every coefficient is 0).
 
     Router logits (and so `aux_loss`) are computed when `output_router_logits` asks for them (argument, else
     config), as in Mixtral. A model whose training loss includes its router losses unasked (MoEUT and ModuleFormer,

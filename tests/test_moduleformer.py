@@ -352,6 +352,19 @@ def test_trainer_resume_loads_every_weight_without_missing_keys(tied, tmp_path):
         assert torch.equal(resumed.state_dict()[name], weight), name
 
 
+def test_a_fixed_size_cache_is_refused_clearly():
+    """A static cache returns all its slots, filled or not, and generation turns the mask 4-D for it: refused by name
+    (it failed on the mask, and a hand-made StaticCache gave wrong logits)."""
+    from transformers import StaticCache
+
+    model = tiny_model().eval()
+    ids = torch.randint(3, 53, (1, 5))
+    with pytest.raises(ValueError, match="DynamicCache only.*got StaticCache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    with pytest.raises(ValueError, match="DynamicCache only"):
+        model(ids, cache=StaticCache(config=model.config, max_cache_len=16), use_cache=True)
+
+
 def check_remote_load(model, path):
     """Load `path` through `trust_remote_code` in a fresh process without the package; compare with `model`."""
     ids, mask, _ = left_padded_batch()

@@ -1,7 +1,10 @@
-"""Gradient accumulation under the HF Trainer, with the parts a plain next-token test leaves out: the router losses
-(added once per micro-batch, so weighted by each micro-batch's share of the accumulated batch's label tokens) and
-the sequence classifier (a per-batch mean, which the Trainer must divide by the accumulation steps itself).
-Each case trains one SGD step as 2 x 4 accumulated rows and as 1 x 8 and compares the weights (fp32, 1e-6).
+"""The task heads' contract with the HF Trainer and with transformers' conventions, shared by the three architectures.
+
+Gradient accumulation, with the parts a plain next-token test leaves out: the router losses (added once per
+micro-batch, so weighted by each micro-batch's share of the accumulated batch's label tokens) and the sequence
+classifier (a per-batch mean, which the Trainer must divide by the accumulation steps itself). Each case trains one
+SGD step as 2 x 4 accumulated rows and as 1 x 8 and compares the weights (fp32, 1e-6). Also: predictions, label
+smoothing, activation checkpointing with router losses, custom masks, classifier pooling on embeddings.
 """
 
 import numpy as np
@@ -27,6 +30,11 @@ ROUTER_LOSSES_ON = {
     "mom": (test_mom.tiny_config, dict(num_modules_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)),
     "moeut": (test_moeut.tiny_config, dict(output_router_logits=True, router_aux_loss_coef=0.5)),
     "moduleformer": (test_moduleformer.tiny_config, dict(router_aux_loss_coef=0.5)),
+}
+NO_ROUTER_LOSS_WEIGHT = {
+    "mom": dict(router_aux_loss_coef=0.0),
+    "moeut": dict(router_aux_loss_coef=0.0, attention_router_aux_loss_coef=0.0),
+    "moduleformer": dict(router_aux_loss_coef=0.0, concentration_loss_coef=0.0),
 }
 CLASSES = {
     "mom": (MoMForCausalLM, MoMForSequenceClassification),
@@ -89,6 +97,12 @@ def test_reentrant_checkpointing_with_router_losses_warns(arch):
     with CaptureLogger(shared_logger) as captured:
         model(ids, labels=ids).loss.backward()
     assert "use_reentrant=True" in captured.out
+    unweighted = factory(CLASSES[arch][0], make_config(**{**router_losses, **NO_ROUTER_LOSS_WEIGHT[arch]}))().train()
+    unweighted.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    shared_logger.warning_once.cache_clear()
+    with CaptureLogger(shared_logger) as captured:  # router logits asked for, but no router loss joins the loss
+        unweighted(ids, labels=ids, output_router_logits=True).loss.backward()
+    assert captured.out == ""
 
 
 @pytest.mark.parametrize("arch", ["mom", "moeut"])
@@ -119,3 +133,21 @@ def test_label_smoothing_shifts_the_labels(arch, tmp_path):
     torch.testing.assert_close(loss, LabelSmoother(epsilon=0.1)({"logits": logits}, ids, shift_labels=True))
     unsmoothed = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(loss, 0.9 * unsmoothed + 0.1 * -logits[:, :-1].log_softmax(-1).mean(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("arch", CLASSES)
+def test_classifier_on_embeddings_without_a_mask_pools_the_last_position(arch):
+    """As transformers' classifiers: embeddings show no padding, so with `pad_token_id` set and no mask the last
+    position is pooled (with a warning) rather than refused; a mask still finds each row's last real token."""
+    make_config, _ = ROUTER_LOSSES_ON[arch]
+    model = factory(CLASSES[arch][1], make_config(num_labels=3, pad_token_id=0))().eval()
+    ids = torch.randint(3, 50, (2, 6))
+    embeds = model.get_input_embeddings()(ids)
+    shared_logger = logging.get_logger("modeling_mom.shared_modeling")
+    shared_logger.warning_once.cache_clear()  # once per process: each architecture's case must see it
+    with CaptureLogger(shared_logger) as captured:
+        logits = model(inputs_embeds=embeds).logits
+    assert "last position of each row is pooled" in captured.out
+    torch.testing.assert_close(logits, model(input_ids=ids).logits)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    torch.testing.assert_close(model(inputs_embeds=embeds, attention_mask=mask).logits[1], model(ids[1:, :4]).logits[0])
