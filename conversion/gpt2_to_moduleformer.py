@@ -30,6 +30,7 @@ from transformers import GPT2LMHeadModel
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
+from .gpt2_source import load_gpt2
 
 EXACT_SETTINGS = {"attention_function": "softmax", "position_embedding_type": "learned", "normalize_expert_gates": True}
 
@@ -95,8 +96,7 @@ def convert(
     """
     if exact and (slice_mlp or expert_noise):
         raise ValueError("exact=True needs identical expert copies: no slice_mlp and no expert_noise.")
-    if not isinstance(gpt2, GPT2LMHeadModel):
-        gpt2 = GPT2LMHeadModel.from_pretrained(gpt2, dtype=torch.float32)
+    gpt2 = load_gpt2(gpt2)
     config = moduleformer_config(gpt2.config, exact, slice_mlp, **config_overrides)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

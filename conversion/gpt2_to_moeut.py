@@ -50,6 +50,7 @@ from transformers import GPT2LMHeadModel
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
+from .gpt2_source import load_gpt2
 
 GATE_AT_ZERO = 0.5  # sigmoid(0): the gate of a zero router, folded out of the down-projections as 1 / 0.5
 # config fields the copied weights fix (shapes, biases, positions, the tied head): not overridable
@@ -175,8 +176,7 @@ def convert(
     `num_unique_layers` is G (ignored with `exact`, which needs G = n_layer); `config_overrides` set MoEUT config
     fields, e.g. `num_experts_per_tok`, `num_attention_experts_per_tok`, `norm_scheme`, `output_router_logits`.
     """
-    if not isinstance(gpt2, GPT2LMHeadModel):
-        gpt2 = GPT2LMHeadModel.from_pretrained(gpt2, dtype=torch.float32)
+    gpt2 = load_gpt2(gpt2)
     config = moeut_config(gpt2.config, exact, None if exact else num_unique_layers, expert_size, **config_overrides)
     torch.manual_seed(seed)  # the routers keep their random initialisation (zeroed below for exact)
     model = MoEUTForCausalLM(config).eval()

@@ -32,13 +32,14 @@ import functools
 import os
 
 import torch
-from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from modeling_mom import MoMConfig, MoMForCausalLM
 from modeling_mom.configuration_mom import ROUTER_TYPES, ROUTER_WEIGHTINGS, ROUTING_MODES
 from modeling_mom.modeling_mom import layer_schedule
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
+from .gpt2_source import gpt2_config_of, load_gpt2
 
 # MoMConfig fields `convert` accepts; the rest (widths, vocabulary, activation, ...) are GPT-2's.
 STRUCTURE_FIELDS = (
@@ -221,16 +222,11 @@ def convert(
     routers' initialisation (the only weights not taken from GPT-2). Raises ValueError for a structure that does
     not fit the GPT-2 (the message suggests structures that do), before the weights are loaded.
     """
-    if isinstance(gpt2, torch.nn.Module) and not isinstance(gpt2, GPT2LMHeadModel):
-        raise TypeError(f"gpt2 must be a GPT2LMHeadModel, a directory or a hub id; got a {type(gpt2).__name__}.")
-    gpt2_config = gpt2.config if isinstance(gpt2, GPT2LMHeadModel) else AutoConfig.from_pretrained(gpt2)
-    if not isinstance(gpt2_config, GPT2Config):
-        raise ValueError(f"{gpt2} is a {gpt2_config.model_type!r} checkpoint; a GPT-2 ('gpt2') is required.")
+    gpt2_config = gpt2_config_of(gpt2)
     if exact:
         structure = exact_structure(gpt2_config.n_layer, **structure)
     config = mom_config(gpt2_config, **structure)
-    if not isinstance(gpt2, GPT2LMHeadModel):
-        gpt2 = GPT2LMHeadModel.from_pretrained(gpt2, dtype=torch.float32)
+    gpt2 = load_gpt2(gpt2)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -64,3 +64,17 @@ def test_error_while_writing_leaves_no_partial_directory(name, existing, gpt2_di
         run(name, gpt2_dir, out, "--overwrite")
     assert sorted(os.listdir(tmp_path)) == before  # no staging directory, no new output
     assert os.listdir(out) == ["keep.txt"] if existing else not out.exists()
+
+
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_a_source_that_is_not_a_gpt2_is_refused_before_converting(name, tmp_path, capsys):
+    """Another architecture's weights would load as a randomly initialised GPT-2, with only a load report."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    source = tmp_path / "llama"
+    config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForCausalLM(config).save_pretrained(source)
+    with pytest.raises(SystemExit):
+        run(name, source, tmp_path / "out")
+    assert "'llama' checkpoint; a GPT-2 ('gpt2') is required" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -379,6 +379,12 @@ def test_summarize_reports_rouge_with_its_protocol(pipelines, arch):
     assert summarize.rouge([p["generated"] for p in predictions], [p["reference"] for p in predictions]) == {
         k: pytest.approx(record["results"][k]) for k in summarize.ROUGE_TYPES
     }
+    entries = hub.eval_results(record)  # the card's model-index: one entry per ROUGE type, on the data set
+    assert [(e.metric_name, e.metric_value) for e in entries] == [
+        ("ROUGE-1", record["results"]["rouge1"]), ("ROUGE-2", record["results"]["rouge2"]),
+        ("ROUGE-L", record["results"]["rougeL"]),
+    ]
+    assert {e.dataset_name for e in entries} == {f"local file {Path(record['dataset']).name}"}
 
 
 # -------------------------------------------------------------------------------------------------- inspect

@@ -28,7 +28,7 @@ def load_model_config(model: str) -> PreTrainedConfig:
         if not (path / "config.json").is_file():
             raise WorkflowError(
                 f"--model {model} has no config.json, so it is not a saved model; expected a directory written by "
-                "`save_pretrained`, `mom convert` or a `mom` training command (e.g. runs/demo/mom/final)."
+                "`save_pretrained`, `mom convert` or a `mom` training command (e.g. runs/demo/mom/pretrain/final)."
             )
     try:
         return AutoConfig.from_pretrained(model)

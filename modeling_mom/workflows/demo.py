@@ -198,7 +198,8 @@ def remote_code_differences(rows: list[dict], tokenizer) -> None:
     checks = []
     for row in rows:
         for key, auto_class in (("lm_checkpoint", "AutoModelForCausalLM"),
-                                ("glue_checkpoint", "AutoModelForSequenceClassification")):
+                                ("glue_checkpoint", "AutoModelForSequenceClassification"),
+                                ("summarize_checkpoint", "AutoModelForCausalLM")):
             auto = getattr(transformers, auto_class)
             model = auto.from_pretrained(row[key], dtype=torch.float32).eval()
             with torch.no_grad():

@@ -86,9 +86,9 @@ def eval_results(record: dict) -> list[EvalResult]:
         return [
             EvalResult(task_type="summarization", task_name="Summarization", dataset_type=dataset,
                        dataset_name=name, dataset_split="validation", metric_type="rouge",
-                       metric_name=name.upper().replace("ROUGE", "ROUGE-"), metric_value=results[name])
-            for name in ("rouge1", "rouge2", "rougeL")
-            if name in results
+                       metric_name=rouge.upper().replace("ROUGE", "ROUGE-"), metric_value=results[rouge])
+            for rouge in ("rouge1", "rouge2", "rougeL")
+            if rouge in results
         ]
     if record["command"] == "pretrain" and "perplexity" in results:
         return [EvalResult(task_type="text-generation", task_name="Language Modeling", dataset_type=dataset,

@@ -1,6 +1,6 @@
 """`mom inspect`: how a model assembles itself, i.e. which module or expert each token used in each round or layer.
 
-    mom inspect --model runs/demo/mom/final --text "the cat sees the river ." --out routing.png
+    mom inspect --model runs/demo/mom/pretrain/final --text "the cat sees the river ." --out routing.png
     mom inspect --model DIR --dataset held_out.jsonl --out routing.png       # usage table over a data set
 
 For every router call (one per routed layer, or per round of a MoM chunk, in execution order) the token's
