@@ -514,6 +514,7 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
                                        "--validation-file", str(workspace / "sum_eval.jsonl")],
         "no complete checkpoint": ["pretrain", "--model", gpt2, "--dataset", corpus, "--resume"],
         "not a valid repository id": ["pretrain", "--model", gpt2, "--dataset", corpus, "--push-to-hub", "a/b/c"],
+        "--gpt2 missing_gpt2: no such directory": ["convert", "moeut", "--gpt2", "missing_gpt2"],
     }
     for message, argv in cases.items():
         with pytest.raises(SystemExit) as exit_info:

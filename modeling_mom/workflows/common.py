@@ -19,21 +19,24 @@ class WorkflowError(ValueError):
     """Bad input to a `mom` command, found before any work was done."""
 
 
-def load_model_config(model: str) -> PreTrainedConfig:
-    """The config of `model` (a checkpoint directory or a Hub id); checks that it is one."""
+def load_model_config(model: str, option: str = "--model") -> PreTrainedConfig:
+    """The config of `model` (a checkpoint directory or a Hub id, given as `option`); checks that it is one."""
     path = Path(model)
     if path.exists():
         if not path.is_dir():
-            raise WorkflowError(f"--model {model} is a file; expected a checkpoint directory or a Hub model id.")
+            raise WorkflowError(f"{option} {model} is a file; expected a checkpoint directory or a Hub model id.")
         if not (path / "config.json").is_file():
             raise WorkflowError(
-                f"--model {model} has no config.json, so it is not a saved model; expected a directory written by "
+                f"{option} {model} has no config.json, so it is not a saved model; expected a directory written by "
                 "`save_pretrained`, `mom convert` or a `mom` training command (e.g. runs/demo/mom/pretrain/final)."
             )
     try:
         return AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as error:
-        raise WorkflowError(f"--model {model}: cannot load its config ({error}).") from error
+        raise WorkflowError(
+            f"{option} {model}: no such directory, and it cannot be loaded as a Hub model id either "
+            f"({' '.join(str(error).split())})."  # on one line
+        ) from error
 
 
 def load_tokenizer(model: str, tokenizer: str | None = None, needs_padding: bool = False, pad_token: str | None = None):

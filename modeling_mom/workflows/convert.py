@@ -70,7 +70,7 @@ def main(argv=None) -> None:
         available[args.arch].main(converter_argv)  # its own usage or error
         return
     if args.gpt2 is not None:
-        load_model_config(args.gpt2)  # a missing or config-less source fails here, before converting
+        load_model_config(args.gpt2, "--gpt2")  # a missing or config-less source fails here, before converting
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise WorkflowError(f"--out {out} exists and is not an empty directory; pass --overwrite to replace it.")

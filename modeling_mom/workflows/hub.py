@@ -182,7 +182,7 @@ def export(checkpoint: str, folder: str) -> None:
 
 def push(checkpoint: str, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Upload `checkpoint` to `repo_id` in one commit; returns the commit URL."""
-    check_push_target(repo_id, load_model_config(checkpoint))
+    check_push_target(repo_id, load_model_config(checkpoint, "checkpoint"))
     card = render_card(checkpoint, repo_id)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as folder:
