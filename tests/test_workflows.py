@@ -515,6 +515,11 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
         "no complete checkpoint": ["pretrain", "--model", gpt2, "--dataset", corpus, "--resume"],
         "not a valid repository id": ["pretrain", "--model", gpt2, "--dataset", corpus, "--push-to-hub", "a/b/c"],
         "--gpt2 missing_gpt2: no such directory": ["convert", "moeut", "--gpt2", "missing_gpt2"],
+        "--block-size 0 must be >= 1": ["pretrain", "--model", gpt2, "--dataset", corpus, "--block-size", "0"],
+        "--max-eval-samples 0 must be >= 1": ["glue", "--model", gpt2, "--task", "sst2", *sst2,
+                                              "--max-eval-samples", "0"],
+        "--max-samples 0 must be >= 1": ["inspect", "--model", gpt2, "--dataset", corpus, "--max-samples", "0"],
+        "--pretrain-steps 0 must be >= 1": ["demo", "--pretrain-steps", "0"],
     }
     for message, argv in cases.items():
         with pytest.raises(SystemExit) as exit_info:

@@ -19,6 +19,15 @@ class WorkflowError(ValueError):
     """Bad input to a `mom` command, found before any work was done."""
 
 
+def check_positive(args, *names: str) -> None:
+    """Each named option, when given, must be >= 1: a count, size or number of steps (0 would leave nothing to do,
+    or be read as "unset" and replaced by the default)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise WorkflowError(f"--{name.replace('_', '-')} {value} must be >= 1.")
+
+
 def load_model_config(model: str, option: str = "--model") -> PreTrainedConfig:
     """The config of `model` (a checkpoint directory or a Hub id, given as `option`); checks that it is one."""
     path = Path(model)

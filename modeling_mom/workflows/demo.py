@@ -30,7 +30,7 @@ import transformers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from . import embedded_data, glue, pretrain, summarize
-from .common import WorkflowError, load_tokenizer
+from .common import WorkflowError, check_positive, load_tokenizer
 from .convert import converters, gpt2_tokenizer, offers_exact
 from .convert import main as convert_main
 from .routing import active_parameters, inspect_model
@@ -269,6 +269,8 @@ def quiet_libraries() -> None:
 
 
 def run(args) -> list[dict]:
+    steps = ("gpt2_steps", "pretrain_steps", "glue_steps", "summarize_steps")
+    check_positive(args, "block_size", "eval_summaries", *steps)
     available = converters()
     archs = args.archs.split(",") if args.archs else list(available)
     unknown = [a for a in archs if a not in available]

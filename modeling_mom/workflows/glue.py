@@ -28,6 +28,7 @@ from .common import (
     WorkflowError,
     check_columns,
     check_context_length,
+    check_positive,
     load_local_split,
     load_model_config,
     load_tokenizer,
@@ -174,6 +175,7 @@ def encode(task: GlueTask, tokenizer, max_length: int):
 def run(args) -> dict:
     task = glue_task(args.task)
     check_training_arguments(args)
+    check_positive(args, "max_length", "max_train_samples", "max_eval_samples")
     config = load_model_config(args.model)
     args.max_length = args.max_length or min(128, model_context_length(config) or 128)
     check_context_length(args.max_length, config, "--max-length")

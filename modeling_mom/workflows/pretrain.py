@@ -23,6 +23,7 @@ from .common import (
     WorkflowError,
     check_columns,
     check_context_length,
+    check_positive,
     is_local_data,
     load_local_split,
     load_model_config,
@@ -107,6 +108,7 @@ def load_blocks(args, tokenizer, block_size: int):
 def run(args, callbacks=None) -> dict:
     """Check every input, train, evaluate, save `OUT/final`; returns this step's record (settings and results)."""
     check_training_arguments(args)
+    check_positive(args, "block_size")
     if args.max_steps == -1 and not is_local_data(args.dataset) and not args.no_streaming:
         raise WorkflowError("a streamed data set has no length: give --max-steps (or --no-streaming with --epochs).")
     if args.eval_blocks < 0:

@@ -25,6 +25,7 @@ from modeling_mom.shared_modeling import CACHE_FIELD
 
 from .common import (
     WorkflowError,
+    check_positive,
     is_local_data,
     load_local_split,
     load_model_config,
@@ -259,6 +260,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.text is None and args.dataset is None:
         raise WorkflowError("give --text, --dataset, or both.")
+    check_positive(args, "max_samples", "max_length")
     config = load_model_config(args.model)
     tokenizer = load_tokenizer(args.model, args.tokenizer, needs_padding=args.dataset is not None)
     tokenizer.model_max_length = min(args.max_length, getattr(config, "max_position_embeddings", args.max_length))

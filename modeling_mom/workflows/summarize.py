@@ -24,6 +24,7 @@ from .common import (
     WorkflowError,
     check_columns,
     check_context_length,
+    check_positive,
     load_local_split,
     load_model_config,
     load_tokenizer,
@@ -167,9 +168,8 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 def run(args) -> dict:
     check_training_arguments(args)
-    for name in ("num_beams", "max_new_tokens", "eval_batch_size", "max_summary_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise WorkflowError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1.")
+    check_positive(args, "num_beams", "max_new_tokens", "eval_batch_size", "max_summary_tokens", "max_length",
+                   "max_train_samples", "max_eval_samples")
     config = load_model_config(args.model)
     args.max_length = args.max_length or min(1024, model_context_length(config) or 1024)
     args.max_summary_tokens = args.max_summary_tokens or min(64, args.max_length // 2)

@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import nested_gather
 
-from .common import HISTORY_FILE, WorkflowError, move_into_place, read_history, write_json
+from .common import HISTORY_FILE, WorkflowError, check_positive, move_into_place, read_history, write_json
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"  # the Trainer writes it last in a checkpoint
@@ -52,9 +52,7 @@ def add_training_arguments(
 
 
 def check_training_arguments(args) -> None:
-    for name in ("batch_size", "grad_accum", "save_steps", "logging_steps"):
-        if getattr(args, name) < 1:
-            raise WorkflowError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1.")
+    check_positive(args, "batch_size", "grad_accum", "save_steps", "logging_steps")
     if args.max_steps == 0 or args.max_steps < -1:
         raise WorkflowError(f"--max-steps {args.max_steps} must be >= 1, or -1 to train for --epochs.")
     if args.max_steps == -1 and args.epochs <= 0:
