@@ -530,6 +530,28 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
         assert not out.exists(), argv  # nothing trained, nothing written
 
 
+def test_language_model_commands_refuse_a_classifier_or_a_smaller_vocabulary(pipelines, workspace, tmp_path, capsys):
+    """A classifier's language-model head would start random; a tokenizer with more ids than the model's vocabulary
+    failed deep inside training, leaving an empty --out."""
+    classifier = str(pipelines[ARCHS[0]]["glue"]["checkpoint"])
+    small = tmp_path / "small_vocab"
+    GPT2LMHeadModel(GPT2Config(vocab_size=5, n_layer=1, n_embd=16, n_head=2, n_positions=64)).save_pretrained(small)
+    corpus, sums = str(workspace / "corpus.jsonl"), ["--train-file", str(workspace / "sum_train.jsonl"),
+                                                   "--validation-file", str(workspace / "sum_eval.jsonl")]
+    cases = {
+        "is a sequence classifier": ["pretrain", "--model", classifier, "--dataset", corpus],
+        "is a sequence classifier ": ["summarize", "--model", classifier, *sums],
+        "has a vocabulary of 5": ["pretrain", "--model", str(small), "--tokenizer", str(workspace / "gpt2"),
+                                  "--dataset", corpus, "--block-size", "32"],
+    }
+    out = tmp_path / "out"
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit):
+            cli.main([*argv, "--out", str(out)])
+        assert message.strip() in capsys.readouterr().err.splitlines()[-1], argv
+        assert not out.exists(), argv
+
+
 def test_unknown_command_prints_the_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train"])

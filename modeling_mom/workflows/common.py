@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 LOCAL_DATA_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"}
 
@@ -46,6 +47,28 @@ def load_model_config(model: str, option: str = "--model") -> PreTrainedConfig:
             f"{option} {model}: no such directory, and it cannot be loaded as a Hub model id either "
             f"({' '.join(str(error).split())})."  # on one line
         ) from error
+
+
+def is_classifier(config: PreTrainedConfig) -> bool:
+    """Whether the checkpoint of `config` was saved as a sequence classifier."""
+    return any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
+
+
+def check_language_model(model: str, config: PreTrainedConfig, tokenizer) -> None:
+    """`model` must be a causal language model whose vocabulary holds every id of `tokenizer`: a classifier's
+    language-model head would start random, and a larger tokenizer fails deep inside training."""
+    if is_classifier(config):
+        raise WorkflowError(
+            f"--model {model} is a sequence classifier ({', '.join(config.architectures)}); this command trains a "
+            "language model: give the checkpoint it was fine-tuned from (e.g. a pretrain or convert output)."
+        )
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise WorkflowError(f"--model {model} is a {config.model_type!r} model, which has no causal-LM form.")
+    if len(tokenizer) > config.vocab_size:
+        raise WorkflowError(
+            f"the tokenizer has {len(tokenizer)} tokens but --model {model} has a vocabulary of {config.vocab_size}; "
+            "give the tokenizer the model was trained with (--tokenizer)."
+        )
 
 
 def load_tokenizer(model: str, tokenizer: str | None = None, needs_padding: bool = False, pad_token: str | None = None):

@@ -34,6 +34,7 @@ from model_cards import template_path, templates
 from .common import (
     HISTORY_FILE,
     WorkflowError,
+    is_classifier,
     is_local_data,
     load_model_config,
     read_history,
@@ -52,10 +53,6 @@ def check_push_target(repo_id: str, config: PreTrainedConfig) -> None:
         raise WorkflowError(
             f"no model card template for model type {config.model_type!r}; allowed: {', '.join(templates())}."
         )
-
-
-def is_classifier(config: PreTrainedConfig) -> bool:
-    return any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
 
 
 def hub_id(name: str | None) -> str | None:

@@ -23,6 +23,7 @@ from .common import (
     WorkflowError,
     check_columns,
     check_context_length,
+    check_language_model,
     check_positive,
     is_local_data,
     load_local_split,
@@ -117,6 +118,7 @@ def run(args, callbacks=None) -> dict:
     block_size = args.block_size or min(1024, model_context_length(config) or 1024)
     check_context_length(block_size, config, "--block-size")
     tokenizer = load_tokenizer(args.model, args.tokenizer)
+    check_language_model(args.model, config, tokenizer)
     if args.push_to_hub:
         from .hub import check_push_target
 

@@ -24,6 +24,7 @@ from .common import (
     WorkflowError,
     check_columns,
     check_context_length,
+    check_language_model,
     check_positive,
     load_local_split,
     load_model_config,
@@ -175,6 +176,7 @@ def run(args) -> dict:
     args.max_summary_tokens = args.max_summary_tokens or min(64, args.max_length // 2)
     check_context_length(args.max_length, config, "--max-length")
     tokenizer = load_tokenizer(args.model, args.tokenizer, needs_padding=True, pad_token=args.pad_token)
+    check_language_model(args.model, config, tokenizer)
     if tokenizer.eos_token_id is None:
         raise WorkflowError("the tokenizer has no EOS token to end summaries with.")
     if args.push_to_hub:
