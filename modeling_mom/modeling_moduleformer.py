@@ -320,9 +320,9 @@ class ModuleFormerPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, ModuleFor
         adds it times `router_aux_loss_coef` and the concentration loss times `concentration_loss_coef` (None when
         both are 0)."""
         aux_loss, concentration = moduleformer_router_losses(self.config, router_logits, attention_mask)
-        config = self.config
         if not self.router_losses_with_labels:
             return aux_loss, None
+        config = self.config
         return aux_loss, config.router_aux_loss_coef * aux_loss + config.concentration_loss_coef * concentration
 
     @torch.no_grad()
