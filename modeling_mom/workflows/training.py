@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_pt_utils import nested_gather
 
 from .common import HISTORY_FILE, WorkflowError, check_positive, move_into_place, read_history, write_json
@@ -63,8 +63,8 @@ def check_training_arguments(args) -> None:
         raise WorkflowError(f"--warmup-steps {args.warmup_steps} must be >= 0.")
     if args.bf16 == "yes" and not bf16_available():
         raise WorkflowError("--bf16 yes: this machine has no GPU with bf16 support; use --bf16 auto or no.")
-    if args.resume and last_complete_checkpoint(args.out) is None:
-        raise WorkflowError(f"--resume: no complete checkpoint-N directory in {args.out} to resume from.")
+    if args.resume:
+        check_resumable(args)
     if args.push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -72,6 +72,16 @@ def check_training_arguments(args) -> None:
             validate_repo_id(args.push_to_hub)
         except HFValidationError as error:
             raise WorkflowError(f"--push-to-hub {args.push_to_hub!r} is not a valid repository id: {error}") from error
+
+
+def check_resumable(args) -> None:
+    checkpoint = last_complete_checkpoint(args.out)
+    if checkpoint is None:
+        raise WorkflowError(f"--resume: no complete checkpoint-N directory in {args.out} to resume from.")
+    steps = checkpoint_steps(checkpoint)
+    if 0 < args.max_steps < steps:
+        raise WorkflowError(f"--resume with --max-steps {args.max_steps}: {checkpoint} has already taken {steps} "
+                            "steps; give --max-steps of at least that.")
 
 
 def bf16_available() -> bool:
@@ -179,12 +189,39 @@ def last_complete_checkpoint(out: str) -> str | None:
     return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
 
 
+def checkpoint_steps(checkpoint: str) -> int:
+    return TrainerState.load_from_json(os.path.join(checkpoint, COMPLETE_MARKER)).global_step
+
+
+class TrainingComplete(Exception):
+    """Raised by `StopIfComplete` before the first step of a run that has nothing left to train."""
+
+
+class StopIfComplete(TrainerCallback):
+    """Stops a run resumed from a checkpoint that already took every step: transformers' Trainer would take one
+    more optimizer step (at learning rate 0, still updating the optimizer state and the step count) before noticing.
+    It checks once the checkpoint's model, optimizer and state are loaded, under every distribution mode."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if 0 < state.max_steps <= state.global_step:
+            raise TrainingComplete
+
+
 def train(trainer: Trainer, args) -> None:
     """`trainer.train()`, resumed from the last complete checkpoint with `--resume`."""
     checkpoint = last_complete_checkpoint(args.out) if args.resume else None
-    if checkpoint:
-        print(f"resuming from {checkpoint}")
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is None:
+        trainer.train()
+        return
+    print(f"resuming from {checkpoint}")
+    stop = StopIfComplete()
+    trainer.add_callback(stop)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except TrainingComplete:
+        print(f"{checkpoint} has taken all {trainer.state.global_step} steps: nothing left to train")
+    finally:
+        trainer.remove_callback(stop)
 
 
 def save_final(trainer: Trainer, out: str, source_model: str, record: dict) -> str:
