@@ -203,11 +203,22 @@ def test_convert_writes_all_or_nothing(workspace, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["moeut"]
 
 
-def test_convert_rejects_an_unknown_architecture(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["convert", "llama", "--gpt2", "x", "--out", "y"])
-    assert exit_info.value.code == 2
-    assert "no converter for 'llama'" in capsys.readouterr().err
+def test_convert_takes_the_architecture_first(capsys, tmp_path):
+    """An unknown architecture, or options before the architecture (they were dropped silently), are refused by
+    name before anything is written."""
+    cases = {
+        "'llama' is unknown; allowed: ": ["llama", "--gpt2", "x", "--out", str(tmp_path / "y")],
+        "'--gpt2' is an option; allowed: ": ["--gpt2", "x", "moeut", "--out", str(tmp_path / "y")],
+    }
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["convert", *argv])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert "the architecture comes first" in error and message in error, error
+    assert list(tmp_path.iterdir()) == []
+    cli.main(["convert"])
+    assert "architectures: " + ", ".join(ARCHS) in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------- pretrain

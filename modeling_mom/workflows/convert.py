@@ -52,22 +52,24 @@ def gpt2_tokenizer(source: str):
 
 def main(argv=None) -> None:
     available = converters()
+    argv = list(argv or [])
     parser = argparse.ArgumentParser(prog="mom convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
-    parser.add_argument("arch", nargs="?", help=f"one of: {', '.join(available) or '(no converter installed)'}")
     parser.add_argument("--gpt2")
     parser.add_argument("--out")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args, _ = parser.parse_known_args(argv)
-    argv = [arg for arg in argv or [] if arg != "--overwrite"]
-    if args.arch is None or args.arch.startswith("-"):
-        parser.print_help()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print(f"architectures: {', '.join(available) or '(no converter installed)'}")
         return
-    if args.arch not in available:
-        raise WorkflowError(f"no converter for {args.arch!r}; allowed: {', '.join(available)}.")
-    converter_argv = argv[argv.index(args.arch) + 1 :]
+    arch, converter_argv = argv[0], [arg for arg in argv[1:] if arg != "--overwrite"]
+    if arch not in available:
+        first = "an option" if arch.startswith("-") else "unknown"
+        raise WorkflowError(f"the architecture comes first (mom convert ARCH --gpt2 SRC --out DIR [options]); "
+                            f"{arch!r} is {first}; allowed: {', '.join(available)}.")
+    args, _ = parser.parse_known_args(argv[1:])
     if args.out is None or {"-h", "--help"} & set(converter_argv):
-        available[args.arch].main(converter_argv)  # its own usage or error
+        available[arch].main(converter_argv)  # its own usage or error
         return
     if args.gpt2 is not None:
         load_model_config(args.gpt2, "--gpt2")  # a missing or config-less source fails here, before converting
@@ -77,8 +79,8 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = sibling_dir(out, "partial")
     try:
-        available[args.arch].main(_with_out(converter_argv, staging))
-        _add_tokenizer_and_history(staging, out, args.gpt2, args.arch, converter_argv)
+        available[arch].main(_with_out(converter_argv, staging))
+        _add_tokenizer_and_history(staging, out, args.gpt2, arch, converter_argv)
         move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
