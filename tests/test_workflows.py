@@ -528,9 +528,20 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
     gpt2, corpus = str(workspace / "gpt2"), str(workspace / "corpus.jsonl")
     sst2 = ["--train-file", str(workspace / "sst2_train.jsonl")]
     sst2 += ["--validation-file", str(workspace / "sst2_eval.jsonl")]
+    (tmp_path / "word_labels.jsonl").write_text('{"sentence": "good", "label": "positive"}\n')
+    (tmp_path / "null_text.jsonl").write_text('{"text": "the cat ."}\n{"text": null}\n')
+    (tmp_path / "one_line.jsonl").write_text('{"text": "the cat ."}\n')
     out = tmp_path / "out"
     cases = {
         "does not exist": ["pretrain", "--model", gpt2, "--dataset", str(tmp_path / "missing.jsonl")],
+        "labels must be numbers (class indices 0..1)": [
+            "glue", "--model", gpt2, "--task", "sst2", "--train-file", str(tmp_path / "word_labels.jsonl"),
+            "--validation-file", str(workspace / "sst2_eval.jsonl")],
+        "column 'text' holds None where text is expected": [
+            "pretrain", "--model", gpt2, "--dataset", str(tmp_path / "null_text.jsonl")],
+        "one_line.jsonl holds fewer than 32 tokens": [
+            "pretrain", "--model", gpt2, "--dataset", corpus, "--block-size", "32",
+            "--validation-file", str(tmp_path / "one_line.jsonl")],
         "is not valid JSON": ["pretrain", "--model", gpt2, "--dataset", str(tmp_path / "malformed.jsonl")],
         "lacks the column(s) ['story']": ["pretrain", "--model", gpt2, "--dataset", corpus, "--text-column", "story"],
         "is not a GLUE task": ["glue", "--model", gpt2, "--task", "sst3", *sst2],
@@ -560,15 +571,21 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
 
 def test_language_model_commands_refuse_a_classifier_or_a_smaller_vocabulary(pipelines, workspace, tmp_path, capsys):
     """A classifier's language-model head would start random; a tokenizer with more ids than the model's vocabulary
-    failed deep inside training, leaving an empty --out."""
+    failed deep inside training, leaving an empty --out; a classifier fine-tuned on a task with another number of
+    outputs failed inside `from_pretrained`."""
     classifier = str(pipelines[ARCHS[0]]["glue"]["checkpoint"])
     small = tmp_path / "small_vocab"
     GPT2LMHeadModel(GPT2Config(vocab_size=5, n_layer=1, n_embd=16, n_head=2, n_positions=64)).save_pretrained(small)
+    stsb = tmp_path / "stsb.jsonl"
+    stsb.write_text("".join(json.dumps({"sentence1": "a cat", "sentence2": "the cat", "label": score}) + "\n"
+                            for score in (4.5, 1.0, 3.0, 0.5)))
     corpus, sums = str(workspace / "corpus.jsonl"), ["--train-file", str(workspace / "sum_train.jsonl"),
                                                    "--validation-file", str(workspace / "sum_eval.jsonl")]
     cases = {
         "is a sequence classifier": ["pretrain", "--model", classifier, "--dataset", corpus],
         "is a sequence classifier ": ["summarize", "--model", classifier, *sums],
+        "is a classifier with 2 outputs; STS-B needs 1": [
+            "glue", "--model", classifier, "--task", "stsb", "--train-file", str(stsb), "--validation-file", str(stsb)],
         "has a vocabulary of 5": ["pretrain", "--model", str(small), "--tokenizer", str(workspace / "gpt2"),
                                   "--dataset", corpus, "--block-size", "32"],
     }

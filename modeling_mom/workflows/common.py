@@ -151,6 +151,18 @@ def check_columns(data, columns: list[str], where: str) -> None:
         raise WorkflowError(f"{where} lacks the column(s) {missing}; it has {names}.")
 
 
+def text_cells(batch: dict, column: str) -> list[str]:
+    """The `column` of a batch of rows (in a `datasets.map` function), each cell checked to be text: a null cell (an
+    empty CSV field, a JSON null) would otherwise fail inside the tokenizer with a traceback that names neither."""
+    for value in batch[column]:
+        if not isinstance(value, str):
+            raise WorkflowError(
+                f"column {column!r} holds {value!r} where text is expected; every row needs text there (drop or fill "
+                "the empty cells)."
+            )
+    return batch[column]
+
+
 def write_json(path: str | Path, value) -> None:
     """Write JSON through a temporary file and a rename, so that a reader never sees half a file."""
     path = Path(path)

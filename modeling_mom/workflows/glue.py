@@ -29,10 +29,12 @@ from .common import (
     check_columns,
     check_context_length,
     check_positive,
+    is_classifier,
     load_local_split,
     load_model_config,
     load_tokenizer,
     model_context_length,
+    text_cells,
 )
 from .training import (
     MoETrainer,
@@ -140,7 +142,12 @@ def load_splits(task: GlueTask, args) -> dict:
 
 
 def check_labels(task: GlueTask, data, split: str) -> None:
-    labels = np.asarray(data["label"], dtype=float)
+    try:
+        labels = np.asarray(data["label"], dtype=float)
+    except (TypeError, ValueError) as error:
+        kind = "similarity scores" if task.num_labels == 1 else f"class indices 0..{task.num_labels - 1}"
+        raise WorkflowError(f"{task.title} {split}: labels must be numbers ({kind}), as in {HUB_DATASET}; "
+                            f"found {error}.") from error
     if task.num_labels == 1:
         if not np.isfinite(labels).all():
             raise WorkflowError(f"{task.title} {split}: labels must be finite similarity scores.")
@@ -153,6 +160,15 @@ def check_labels(task: GlueTask, data, split: str) -> None:
         )
 
 
+def check_head(model: str, config, task: GlueTask) -> None:
+    """A classifier checkpoint is fine-tuned further with its own head, which must have the task's outputs."""
+    if is_classifier(config) and config.num_labels != task.num_labels:
+        raise WorkflowError(
+            f"--model {model} is a classifier with {config.num_labels} outputs; {task.title} needs "
+            f"{task.num_labels}. Give the language model it was fine-tuned from (e.g. a pretrain or convert output)."
+        )
+
+
 def encode(task: GlueTask, tokenizer, max_length: int):
     """Batched map function: the example's text (pairs joined by SEP or EOS) tokenised and truncated, plus label."""
     separator = tokenizer.sep_token or tokenizer.eos_token
@@ -161,9 +177,9 @@ def encode(task: GlueTask, tokenizer, max_length: int):
 
     def apply(batch):
         if len(task.text_columns) == 1:
-            texts = batch[task.text_columns[0]]
+            texts = text_cells(batch, task.text_columns[0])
         else:
-            first, second = (batch[c] for c in task.text_columns)
+            first, second = (text_cells(batch, c) for c in task.text_columns)
             texts = [f"{a} {separator} {b}" for a, b in zip(first, second)]
         encoded = tokenizer(texts, truncation=True, max_length=max_length)
         encoded["labels"] = [float(x) if task.num_labels == 1 else int(x) for x in batch["label"]]
@@ -177,6 +193,7 @@ def run(args) -> dict:
     check_training_arguments(args)
     check_positive(args, "max_length", "max_train_samples", "max_eval_samples")
     config = load_model_config(args.model)
+    check_head(args.model, config, task)
     args.max_length = args.max_length or min(128, model_context_length(config) or 128)
     check_context_length(args.max_length, config, "--max-length")
     tokenizer = load_tokenizer(args.model, args.tokenizer, needs_padding=True, pad_token=args.pad_token)

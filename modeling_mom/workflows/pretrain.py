@@ -30,6 +30,7 @@ from .common import (
     load_model_config,
     load_tokenizer,
     model_context_length,
+    text_cells,
 )
 from .training import (
     MoETrainer,
@@ -66,13 +67,21 @@ def pack_blocks(data, tokenizer, text_column: str, block_size: int):
 
     def group(batch):
         ids = []
-        for encoded in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]:
+        for encoded in tokenizer(text_cells(batch, text_column), add_special_tokens=False)["input_ids"]:
             ids += encoded + [tokenizer.eos_token_id]
         blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
         return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
 
     data = data.select_columns([text_column])
     return data.map(group, batched=True, remove_columns=[text_column])
+
+
+def check_blocks(blocks, where: str, block_size: int) -> None:
+    """A local or downloaded data set must give at least one block (a streamed one is not counted)."""
+    if not hasattr(blocks, "__len__") or len(blocks):
+        return
+    raise WorkflowError(f"{where} holds fewer than {block_size} tokens, so not one block of --block-size "
+                        f"{block_size}; give more text or a smaller --block-size.")
 
 
 def load_blocks(args, tokenizer, block_size: int):
@@ -92,9 +101,13 @@ def load_blocks(args, tokenizer, block_size: int):
         raw = raw.shuffle(seed=args.seed, buffer_size=10_000) if streaming else raw
     blocks = pack_blocks(raw, tokenizer, args.text_column, block_size)
     if args.validation_file:
-        return blocks, pack_blocks(load_local_split(args.validation_file, [args.text_column]), tokenizer,
-                                   args.text_column, block_size)
+        held_out = pack_blocks(load_local_split(args.validation_file, [args.text_column]), tokenizer,
+                               args.text_column, block_size)
+        check_blocks(blocks, f"--dataset {args.dataset}", block_size)
+        check_blocks(held_out, f"--validation-file {args.validation_file}", block_size)
+        return blocks, held_out
     if args.eval_blocks == 0:
+        check_blocks(blocks, f"--dataset {args.dataset}", block_size)
         return blocks, None
     if streaming:
         return blocks.skip(args.eval_blocks), blocks.take(args.eval_blocks)

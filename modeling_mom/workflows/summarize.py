@@ -30,6 +30,7 @@ from .common import (
     load_model_config,
     load_tokenizer,
     model_context_length,
+    text_cells,
 )
 from .training import (
     MoETrainer,
@@ -187,7 +188,8 @@ def run(args) -> dict:
     train_data, eval_data = load_splits(args)
 
     def encode(batch):
-        return fmt.training_examples(batch[args.document_column], batch[args.summary_column])
+        documents = text_cells(batch, args.document_column)
+        return fmt.training_examples(documents, text_cells(batch, args.summary_column))
 
     train_set = train_data.map(encode, batched=True, remove_columns=train_data.column_names)
     eval_set = eval_data.map(encode, batched=True, remove_columns=eval_data.column_names)
