@@ -467,6 +467,7 @@ def test_push_uploads_weights_code_tokenizer_and_card(pipelines, workspace, arch
     assert result["metrics"] == [{"type": "accuracy", "value": accuracy}]
     card = (workspace / "hub" / "tester" / f"{arch}-xsum" / "README.md").read_text()
     assert "TL;DR:" in card and "ROUGE-2" in card and "Continued pretraining" in card
+    assert f"evaluated on `{workspace / 'corpus_eval.jsonl'}`" in card
 
 
 def test_push_to_hub_after_training(pipelines, workspace, tmp_path):
@@ -477,6 +478,7 @@ def test_push_to_hub_after_training(pipelines, workspace, tmp_path):
     repo = workspace / "hub" / "tester" / "pushed-after-training"
     card = (repo / "README.md").read_text()
     assert "perplexity" in card and f"{record['results']['perplexity']:.4f}" in card
+    assert "evaluated on the first 2 blocks of" in card
     assert (repo / "model.safetensors").is_file()
 
 
@@ -539,7 +541,7 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
             "--validation-file", str(workspace / "sst2_eval.jsonl")],
         "column 'text' holds None where text is expected": [
             "pretrain", "--model", gpt2, "--dataset", str(tmp_path / "null_text.jsonl")],
-        "one_line.jsonl holds fewer than 32 tokens": [
+        "one_line.jsonl has fewer than --block-size 32 tokens": [
             "pretrain", "--model", gpt2, "--dataset", corpus, "--block-size", "32",
             "--validation-file", str(tmp_path / "one_line.jsonl")],
         "is not valid JSON": ["pretrain", "--model", gpt2, "--dataset", str(tmp_path / "malformed.jsonl")],

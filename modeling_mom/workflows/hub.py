@@ -88,9 +88,12 @@ def eval_results(record: dict) -> list[EvalResult]:
             if rouge in results
         ]
     if record["command"] == "pretrain" and "perplexity" in results:
+        validation = record.get("validation_file")
+        if validation:
+            dataset, name = "local", f"local file {Path(validation).name}"
         return [EvalResult(task_type="text-generation", task_name="Language Modeling", dataset_type=dataset,
-                           dataset_name=name, dataset_split="held-out", metric_type="perplexity",
-                           metric_value=results["perplexity"])]
+                           dataset_name=name, dataset_split="validation" if validation else "held-out",
+                           metric_type="perplexity", metric_value=results["perplexity"])]
     return []
 
 
@@ -104,6 +107,8 @@ def describe_step(record: dict) -> str:
     if command == "pretrain":
         text = (f"- **Continued pretraining** on `{record['dataset']}`: {settings}, {record['tokens']:,} tokens in "
                 f"blocks of {record['block_size']}, routers and modules trained together")
+        if record.get("held_out"):
+            text += f"; evaluated on {record['held_out']}"
     elif command == "glue":
         text = f"- **Fine-tuned** on GLUE {record['task_title']} (`{record['dataset']}`): {settings}"
     elif command == "summarize":

@@ -76,14 +76,6 @@ def pack_blocks(data, tokenizer, text_column: str, block_size: int):
     return data.map(group, batched=True, remove_columns=[text_column])
 
 
-def check_blocks(blocks, where: str, block_size: int) -> None:
-    """A local or downloaded data set must give at least one block (a streamed one is not counted)."""
-    if not hasattr(blocks, "__len__") or len(blocks):
-        return
-    raise WorkflowError(f"{where} holds fewer than {block_size} tokens, so not one block of --block-size "
-                        f"{block_size}; give more text or a smaller --block-size.")
-
-
 def load_blocks(args, tokenizer, block_size: int):
     """(train, eval or None) blocks, from a local file or a (streamed) Hub data set."""
     if is_local_data(args.dataset):
@@ -103,11 +95,11 @@ def load_blocks(args, tokenizer, block_size: int):
     if args.validation_file:
         held_out = pack_blocks(load_local_split(args.validation_file, [args.text_column]), tokenizer,
                                args.text_column, block_size)
-        check_blocks(blocks, f"--dataset {args.dataset}", block_size)
-        check_blocks(held_out, f"--validation-file {args.validation_file}", block_size)
+        if len(held_out) == 0:
+            raise WorkflowError(f"--validation-file {args.validation_file} has fewer than --block-size {block_size} "
+                                "tokens, so not one block to evaluate on; give more text or a smaller --block-size.")
         return blocks, held_out
     if args.eval_blocks == 0:
-        check_blocks(blocks, f"--dataset {args.dataset}", block_size)
         return blocks, None
     if streaming:
         return blocks.skip(args.eval_blocks), blocks.take(args.eval_blocks)
@@ -167,6 +159,8 @@ def run(args, callbacks=None) -> dict:
         "dataset": args.dataset,
         "dataset_config": args.dataset_config,
         "block_size": block_size,
+        "validation_file": args.validation_file,
+        "held_out": held_out_data(args) if eval_blocks is not None else None,
         "steps": trainer.state.global_step,
         "tokens": trainer.state.global_step * batch_size * block_size,
         "learning_rate": args.learning_rate,
@@ -175,6 +169,13 @@ def run(args, callbacks=None) -> dict:
         "results": results,
     }
     return finish(trainer, args, record)
+
+
+def held_out_data(args) -> str:
+    """What the evaluation loss was measured on, in words for the model card."""
+    if args.validation_file:
+        return f"`{args.validation_file}`"
+    return f"the first {args.eval_blocks} blocks of `{args.dataset}`, not trained on"
 
 
 def last_logged(trainer, key: str) -> float | None:
