@@ -14,6 +14,27 @@ def require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_derived_set(config, names) -> None:
+    """Fields whose None means "derive the default" get it when the configuration is built; set to None later (an
+    attribute, or a `from_pretrained(path, field=None)` override), they need a value."""
+    for name in names:
+        require(
+            getattr(config, name) is not None,
+            f"{name}=None: its default is derived only when the configuration is built; give a value.",
+        )
+
+
+def derived_property(getter, rule: str) -> property:
+    """A read-only field computed from others (`rule` says from which); setting it, as a keyword at construction or
+    a `from_pretrained` override, raises a `ValueError` that says what to set instead."""
+
+    def refuse(config, value):
+        name = type(config).__name__
+        raise ValueError(f"{getter.__name__}={value!r}: {name} derives it as {rule}; set those fields.")
+
+    return property(getter, refuse, doc=getter.__doc__)
+
+
 def check_positive(config, names) -> None:
     for name in names:
         value = getattr(config, name)
@@ -46,7 +67,5 @@ def check_common(config, epsilon: str) -> None:
         f"hidden_act={config.hidden_act!r} is not a transformers activation; allowed: {sorted(ACT2FN)}.",
     )
     require(getattr(config, epsilon) > 0, f"{epsilon}={getattr(config, epsilon)} must be > 0.")
-    require(
-        config.initializer_range is None or config.initializer_range >= 0,
-        f"initializer_range={config.initializer_range} must be >= 0.",
-    )
+    check_derived_set(config, ("initializer_range",))
+    require(config.initializer_range >= 0, f"initializer_range={config.initializer_range} must be >= 0.")

@@ -3,7 +3,16 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from .config_checks import check_choices, check_common, check_dropouts, check_non_negative, check_positive, require
+from .config_checks import (
+    check_choices,
+    check_common,
+    check_derived_set,
+    check_dropouts,
+    check_non_negative,
+    check_positive,
+    derived_property,
+    require,
+)
 
 ATTENTION_FUNCTIONS = ("stickbreaking", "stickbreaking_2024", "softmax")
 POSITION_EMBEDDING_TYPES = ("none", "learned")
@@ -144,9 +153,11 @@ class ModuleFormerConfig(PreTrainedConfig):
             self.attention_hidden_size = self.hidden_size
         self.validate_architecture()  # a ValueError here; `@strict` runs the check again, wrapped in its own error
 
-    @property
     def head_dim(self) -> int:
+        """Width of one head: ``attention_hidden_size // num_attention_heads``."""
         return self.attention_hidden_size // self.num_attention_heads
+
+    head_dim = derived_property(head_dim, "attention_hidden_size // num_attention_heads")
 
     @property
     def shares_hidden_states_as_kv(self) -> bool:
@@ -168,6 +179,7 @@ class ModuleFormerConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Every field's allowed values (see `config_checks`)."""
+        check_derived_set(self, ("attention_hidden_size",))
         require(
             not getattr(self, "sample_topk", 0),
             f"sample_topk={getattr(self, 'sample_topk', 0)}: stochastic top-k routing is not implemented; allowed: 0.",
@@ -204,9 +216,11 @@ class ModuleFormerConfig(PreTrainedConfig):
                 f"{name} has {len(per_layer or [])} entries; it needs one per layer (num_hidden_layers="
                 f"{self.num_hidden_layers}) or None.",
             )
+            smallest = 0 if name.startswith("pruned") else 1
+            for layer_idx, count in enumerate(per_layer or []):
+                require(count >= smallest, f"{name}[{layer_idx}]={count} must be >= {smallest}.")
         for layer_idx in range(self.num_hidden_layers):
-            num_attention, pruned_attention, num_mlp, pruned_mlp = self.layer_experts(layer_idx)
-            require(pruned_attention >= 0 and pruned_mlp >= 0, f"layer {layer_idx}: pruned expert counts must be >= 0.")
+            num_attention, _, num_mlp, _ = self.layer_experts(layer_idx)
             require(
                 self.num_attention_experts_per_tok <= num_attention,
                 f"num_attention_experts_per_tok={self.num_attention_experts_per_tok} (k_att) is larger than the "

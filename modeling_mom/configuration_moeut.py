@@ -1,10 +1,20 @@
 """Configuration of MoEUT, the Mixture-of-Experts Universal Transformer (Csordás et al., NeurIPS 2024, arXiv
 2405.16039)."""
 
+import dataclasses
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from .config_checks import check_choices, check_common, check_dropouts, check_non_negative, check_positive, require
+from .config_checks import (
+    check_choices,
+    check_common,
+    check_dropouts,
+    check_non_negative,
+    check_positive,
+    derived_property,
+    require,
+)
 
 NORM_SCHEMES = ("peri", "pre", "post")
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute")
@@ -128,10 +138,10 @@ class MoEUTConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        self.validate_architecture()  # a ValueError here; `@strict` runs the check again, wrapped in its own error
-        if self.initializer_range is None:
+        if self.initializer_range is None and isinstance(self.num_hidden_layers, int) and self.num_hidden_layers > 0:
             self.initializer_range = (2 / self.num_hidden_layers) ** 0.5
         super().__post_init__(**kwargs)
+        self.validate_architecture()  # a ValueError here; `@strict` runs the check again, wrapped in its own error
 
     @classmethod
     def preset_names(cls) -> list[str]:
@@ -141,15 +151,20 @@ class MoEUTConfig(PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MoEUTConfig":
         """The paper's configuration `name` (see :meth:`preset_names`); keyword arguments override any field."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"Unknown MoEUT preset {name!r}; allowed: {cls.preset_names()}.")
+        unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"from_preset({name!r}): {unknown} are not MoEUTConfig fields; the preset sets "
+                             f"{sorted(PRESETS[name])}, and any other field of MoEUTConfig can be given too.")
         return cls(**{**PRESETS[name], **overrides})
 
-    @property
     def num_rotary_dims(self) -> int:
         """Leading dims of each head that get RoPE: ``partial_rotary_factor * head_dim``, rounded down to even."""
         rotary = int(self.partial_rotary_factor * self.head_dim)
         return rotary - rotary % 2
+
+    num_rotary_dims = derived_property(num_rotary_dims, "partial_rotary_factor * head_dim, rounded down to even")
 
     def validate_architecture(self):
         """Every field's allowed values (see `config_checks`)."""
@@ -187,6 +202,12 @@ class MoEUTConfig(PreTrainedConfig):
             f"(the rotated width is rounded down to even); allowed: 0 (no RoPE) or at least {2 / self.head_dim:g}.",
         )
         require(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0.")
+        rope_parameters = getattr(self, "rope_parameters", None)  # also set by a `rope_scaling` keyword
+        require(
+            rope_parameters is None,
+            f"rope_parameters (or rope_scaling)={rope_parameters}: MoEUT's RoPE is plain and partial, set by "
+            "rope_theta and partial_rotary_factor; allowed: None.",
+        )
 
 
 __all__ = ["MoEUTConfig"]

@@ -3,7 +3,15 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from .config_checks import check_choices, check_common, check_dropouts, check_non_negative, check_positive, require
+from .config_checks import (
+    check_choices,
+    check_common,
+    check_derived_set,
+    check_dropouts,
+    check_non_negative,
+    check_positive,
+    require,
+)
 
 ROUTER_TYPES = ("mlp", "gru")
 ROUTER_WEIGHTINGS = ("renormalize", "probability", "straight_through")
@@ -114,6 +122,7 @@ class MoMConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Every field's allowed values (see `config_checks`)."""
+        check_derived_set(self, ("intermediate_size", "num_hidden_layers"))
         check_positive(
             self,
             ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "router_hidden_size",

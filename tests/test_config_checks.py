@@ -5,7 +5,7 @@ model is built from the configuration, before any layer is."""
 import pytest
 from transformers import AutoModelForCausalLM
 
-from modeling_mom import ModuleFormerForCausalLM, MoEUTForCausalLM, MoMForCausalLM
+from modeling_mom import ModuleFormerForCausalLM, MoEUTConfig, MoEUTForCausalLM, MoMForCausalLM
 
 from . import test_moduleformer, test_moeut, test_mom
 
@@ -79,3 +79,61 @@ def test_saving_a_config_changed_into_a_bad_one_fails(tmp_path):
     with pytest.raises(Exception, match="num_experts_per_tok=99"):  # `@strict` wraps the ValueError in its own error
         config.save_pretrained(tmp_path / "config")
     assert not (tmp_path / "config" / "config.json").exists()
+
+
+DERIVED = {"mom": ("intermediate_size", "num_hidden_layers"), "moeut": ("initializer_range",),
+           "moduleformer": ("attention_hidden_size",)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fields_derived_from_none_need_a_value_after_construction(arch, tmp_path):
+    """None derives a default only when the configuration is built; set later it crashed at model build with a
+    TypeError that named no field."""
+    make_config, model_class, _ = ARCHS[arch]
+    model_class(make_config()).save_pretrained(tmp_path)
+    for name in DERIVED[arch]:
+        config = make_config()
+        setattr(config, name, None)
+        with pytest.raises(ValueError, match=f"{name}=None: its default is derived only when the configuration"):
+            model_class(config)
+        with pytest.raises(ValueError, match=f"{name}=None"):
+            AutoModelForCausalLM.from_pretrained(tmp_path, **{name: None})
+
+
+def test_read_only_derived_fields_say_what_to_set():
+    """They raised an AttributeError (property without setter) after transformers logged the whole config."""
+    with pytest.raises(ValueError, match=r"head_dim=64: ModuleFormerConfig derives it as attention_hidden_size // "):
+        test_moduleformer.tiny_config(head_dim=64)
+    with pytest.raises(ValueError, match="num_rotary_dims=4: MoEUTConfig derives it as partial_rotary_factor"):
+        test_moeut.tiny_config(num_rotary_dims=4)
+
+
+def test_moduleformer_per_layer_counts_are_named():
+    """A bad entry blamed num_*_experts_per_tok with an impossible range ("1..-1"), or named no field."""
+    for name, value, message in (("attention_experts_per_layer", -1, ">= 1"), ("mlp_experts_per_layer", 0, ">= 1"),
+                                 ("pruned_mlp_experts_per_layer", -3, ">= 0")):
+        layers = test_moduleformer.tiny_config().num_hidden_layers
+        counts = [4] * (layers - 1) + [value] if not name.startswith("pruned") else [0] * (layers - 1) + [value]
+        with pytest.raises(ValueError, match=rf"{name}\[{layers - 1}\]={value} must be {message}"):
+            test_moduleformer.tiny_config(**{name: counts})
+
+
+def test_moeut_presets_refuse_unknown_overrides_and_names():
+    """A misspelled override was ignored (the preset's value kept, silently)."""
+    with pytest.raises(ValueError, match=r"\['num_expert'\] are not MoEUTConfig fields; the preset sets .*'num_exp"):
+        MoEUTConfig.from_preset("moeut-44m", num_expert=64)
+    with pytest.raises(ValueError, match=r"Unknown MoEUT preset \['moeut-44m'\]; allowed: \['moeut-44m'"):
+        MoEUTConfig.from_preset(["moeut-44m"])
+    assert MoEUTConfig.from_preset("moeut-44m", num_experts=64).num_experts == 64
+
+
+def test_moeut_refuses_rope_scaling_it_would_ignore():
+    """rope_scaling / rope_parameters were saved and ignored (logits unchanged)."""
+    for overrides in ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+                      {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}):
+        with pytest.raises(ValueError, match=r"rope_parameters \(or rope_scaling\)=.*allowed: None"):
+            test_moeut.tiny_config(**overrides)
+    config = test_moeut.tiny_config()
+    config.rope_scaling = {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ValueError, match="rope_parameters"):
+        MoEUTForCausalLM(config)
