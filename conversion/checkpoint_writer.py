@@ -59,11 +59,14 @@ def save_converted(
     out: str | os.PathLike,
     tokenizer_source: str | os.PathLike | None = None,
     overwrite: bool = False,
+    add_files: Callable[[Path], None] | None = None,
 ) -> list[str]:
     """Write `model` (and the tokenizer files of `tokenizer_source`, if any) to `out`, atomically.
 
     Everything goes to a temporary directory in `out`'s parent, renamed to `out` once complete; on any error the
-    temporary directory is removed and an existing `out` is left as it was. Returns the tokenizer files copied.
+    temporary directory is removed and an existing `out` is left as it was. `add_files(directory)`, if given, writes
+    more files into the checkpoint before the rename (`mom convert` adds its tokenizer and history record). Returns
+    the tokenizer files copied.
     """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +74,8 @@ def save_converted(
     try:
         model.save_pretrained(staging)
         copied = copy_tokenizer(tokenizer_source, staging) if tokenizer_source is not None else []
+        if add_files is not None:
+            add_files(staging)
         move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -83,13 +88,14 @@ def convert_and_save(
     args: argparse.Namespace,
     build: Callable[[], PreTrainedModel],
     tokenizer_source: str | os.PathLike | None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> tuple[PreTrainedModel, list[str]]:
     """A converter command line's work: check `--out` first (before a long conversion), build the model, save it
-    all or nothing. A ValueError (bad options, a source that does not fit) becomes the parser's usage error.
-    Returns the model and the tokenizer files copied."""
+    all or nothing (with `add_files`, see :func:`save_converted`). A ValueError (bad options, a source that does not
+    fit) becomes the parser's usage error. Returns the model and the tokenizer files copied."""
     try:
         check_output_dir(args.out, args.overwrite)
         model = build()
-        return model, save_converted(model, args.out, tokenizer_source, args.overwrite)
+        return model, save_converted(model, args.out, tokenizer_source, args.overwrite, add_files)
     except ValueError as error:
         parser.error(str(error))

@@ -133,7 +133,8 @@ def convert(
     return model
 
 
-def main(argv=None):
+def main(argv=None, add_files=None):
+    """The command line; `add_files(directory)` writes more files into the checkpoint before it is complete."""
     parser = argparse.ArgumentParser(
         prog="python -m conversion.gpt2_to_moduleformer",
         description=__doc__,
@@ -164,7 +165,9 @@ def main(argv=None):
         num_experts_per_tok=args.experts_per_tok,
         router_hidden_size=args.router_hidden_size,
     )
-    convert_and_save(parser, args, functools.partial(convert, args.gpt2, **options), tokenizer_source=args.gpt2)
+    convert_and_save(
+        parser, args, functools.partial(convert, args.gpt2, **options), tokenizer_source=args.gpt2, add_files=add_files
+    )
     print(f"saved {args.out}")
 
 

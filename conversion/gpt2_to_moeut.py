@@ -193,7 +193,8 @@ def convert(
     return model
 
 
-def main(argv=None):
+def main(argv=None, add_files=None):
+    """The command line; `add_files(directory)` writes more files into the checkpoint before it is complete."""
     parser = argparse.ArgumentParser(
         prog="python -m conversion.gpt2_to_moeut",
         description=__doc__,
@@ -215,7 +216,9 @@ def main(argv=None):
         options["num_experts_per_tok"] = args.experts_per_tok
     if args.norm_scheme != "pre":
         options["norm_scheme"] = args.norm_scheme
-    convert_and_save(parser, args, functools.partial(convert, args.gpt2, **options), tokenizer_source=args.gpt2)
+    convert_and_save(
+        parser, args, functools.partial(convert, args.gpt2, **options), tokenizer_source=args.gpt2, add_files=add_files
+    )
     print(f"saved {args.out}")
 
 

@@ -305,12 +305,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None, add_files=None):
+    """The command line; `add_files(directory)` writes more files into the checkpoint before it is complete."""
     parser = _parser()
     args = parser.parse_args(argv)
     structure = {name: value for name in STRUCTURE_FIELDS if (value := getattr(args, name, None)) is not None}
     build = functools.partial(convert, args.gpt2, seed=args.seed, exact=args.exact, **structure)
-    model, copied = convert_and_save(parser, args, build, tokenizer_source=args.gpt2)
+    model, copied = convert_and_save(parser, args, build, tokenizer_source=args.gpt2, add_files=add_files)
     print(f"MoM seeded from {args.gpt2} -> {args.out}")
     print(summary(model))
     print(f"  tokenizer:  {', '.join(copied) if copied else 'none found in --gpt2'}")

@@ -197,10 +197,15 @@ def test_convert_writes_all_or_nothing(workspace, tmp_path, capsys):
     with pytest.raises(WorkflowError, match="not an empty directory; pass --overwrite"):
         convert_main(["moeut", "--gpt2", gpt2, "--out", str(out), "--expert-size", "64"])
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    capsys.readouterr()
     convert_main(["moeut", "--gpt2", gpt2, "--out", str(out), "--expert-size", "64", "--overwrite"])
     assert {"config.json", "model.safetensors", "tokenizer.json", HISTORY_FILE} <= {p.name for p in out.iterdir()}
     assert "notes.txt" not in {p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["moeut"]
+    assert capsys.readouterr().out.strip() == f"saved {out}"  # not the staging directory's name
+    history = json.loads((out / HISTORY_FILE).read_text())
+    assert history == [{"command": "convert", "arch": "moeut", "source": gpt2,
+                        "options": ["--gpt2", gpt2, "--out", str(out), "--expert-size", "64"]}]
 
 
 def test_convert_takes_the_architecture_first(capsys, tmp_path):

@@ -1,25 +1,25 @@
 """`mom convert ARCH --gpt2 SRC --out DIR [options]`: the GPT-2 converters of `conversion/` behind one command.
 
 Every module `conversion/gpt2_to_<arch>.py` is a converter: `convert(gpt2, **options) -> model` and a command line
-`main(argv)` taking `--gpt2` and `--out`. A converter that accepts `exact=True` offers a function-preserving form
-(the converted model computes GPT-2's function). `mom convert` runs the converter's own command line, then saves
-GPT-2's tokenizer next to the model (with EOS as the pad token if it has none, GPT-2's usual choice) and a history
-record, so that the directory is ready for `mom pretrain`, `mom glue` and `mom summarize`. All of it is written to a
-new directory beside `--out` and renamed to `--out` once complete: an interrupted or failed conversion leaves no
-partial checkpoint, and an existing non-empty `--out` is replaced only with `--overwrite`.
+`main(argv, add_files)` taking `--gpt2`, `--out` and `--overwrite`. A converter that accepts `exact=True` offers a
+function-preserving form (the converted model computes GPT-2's function). `mom convert` runs the converter's own
+command line, which also saves GPT-2's tokenizer (with EOS as the pad token if it has none, GPT-2's usual choice)
+and a history record next to the model, so that the directory is ready for `mom pretrain`, `mom glue` and
+`mom summarize`. All of it is written to a new directory beside `--out` and renamed to `--out` once complete: an
+interrupted or failed conversion leaves no partial checkpoint, and an existing non-empty `--out` is replaced only
+with `--overwrite`.
 """
 
 import argparse
 import importlib
 import inspect
 import pkgutil
-import shutil
 from pathlib import Path
 from types import ModuleType
 
 from transformers import AutoTokenizer
 
-from .common import HISTORY_FILE, WorkflowError, load_model_config, move_into_place, sibling_dir, write_json
+from .common import HISTORY_FILE, WorkflowError, load_model_config, write_json
 
 CONVERTER_PREFIX = "gpt2_to_"
 
@@ -76,20 +76,12 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise WorkflowError(f"--out {out} exists and is not an empty directory; pass --overwrite to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = sibling_dir(out, "partial")
-    try:
-        available[arch].main(_with_out(converter_argv, staging))
-        _add_tokenizer_and_history(staging, out, args.gpt2, arch, converter_argv)
-        move_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    overwrite = ["--overwrite"] if args.overwrite else []
 
+    def add_files(checkpoint: Path) -> None:
+        _add_tokenizer_and_history(checkpoint, out, args.gpt2, arch, converter_argv)
 
-def _with_out(argv: list[str], out: Path) -> list[str]:
-    """The converter's arguments with its `--out` pointed at `out`."""
-    argv = [f"--out={out}" if arg.startswith("--out=") else arg for arg in argv]
-    return [str(out) if i > 0 and argv[i - 1] == "--out" else arg for i, arg in enumerate(argv)]
+    available[arch].main(converter_argv + overwrite, add_files=add_files)
 
 
 def _add_tokenizer_and_history(checkpoint: Path, out: Path, gpt2: str, arch: str, options: list[str]) -> None:
