@@ -412,12 +412,12 @@ def test_summarize_reports_rouge_with_its_protocol(pipelines, arch):
     assert summarize.rouge([p["generated"] for p in predictions], [p["reference"] for p in predictions]) == {
         k: pytest.approx(record["results"][k]) for k in summarize.ROUGE_TYPES
     }
-    entries = hub.eval_results(record)  # the card's model-index: one entry per ROUGE type, on the data set
+    entries = hub.eval_results(record)  # the card's model-index: one entry per ROUGE type, on the validation file
     assert [(e.metric_name, e.metric_value) for e in entries] == [
         ("ROUGE-1", record["results"]["rouge1"]), ("ROUGE-2", record["results"]["rouge2"]),
         ("ROUGE-L", record["results"]["rougeL"]),
     ]
-    assert {e.dataset_name for e in entries} == {f"local file {Path(record['dataset']).name}"}
+    assert {e.dataset_name for e in entries} == {f"local file {Path(record['validation_file']).name}"}
 
 
 # -------------------------------------------------------------------------------------------------- inspect
@@ -473,6 +473,28 @@ def test_push_uploads_weights_code_tokenizer_and_card(pipelines, workspace, arch
     card = (workspace / "hub" / "tester" / f"{arch}-xsum" / "README.md").read_text()
     assert "TL;DR:" in card and "ROUGE-2" in card and "Continued pretraining" in card
     assert f"evaluated on `{workspace / 'corpus_eval.jsonl'}`" in card
+    rouge_entries = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"]
+    assert {entry["dataset"]["name"] for entry in rouge_entries} == {"local file sum_eval.jsonl"}  # not the train file
+
+
+def test_moduleformer_card_describes_the_model_as_it_is(tmp_path):
+    """After pruning and adding experts the card gave the configured counts (the real ones are per layer), and it
+    named a routing loss that a zero coefficient leaves out of training."""
+    from modeling_mom import ModuleFormerForCausalLM
+
+    from .test_moduleformer import tiny_config
+
+    model = ModuleFormerForCausalLM(tiny_config())
+    usage = model.expert_usage([torch.randint(0, 53, (2, 8))])
+    model.prune_experts(usage, keep_top_n=3)
+    model.add_experts(1)
+    model.save_pretrained(tmp_path)
+    card = str(hub.render_card(str(tmp_path), "me/pruned"))
+    assert "4, 4 attention experts in its layers" in card and "4, 4 feed-forward experts in its layers" in card
+    assert "no routing loss in training" in card
+    model.config.router_aux_loss_coef = 0.01
+    model.save_pretrained(tmp_path)
+    assert "routing loss `mi` with coefficient 0.01" in str(hub.render_card(str(tmp_path), "me/pruned"))
 
 
 def test_push_to_hub_after_training(pipelines, workspace, tmp_path):

@@ -70,6 +70,9 @@ def eval_results(record: dict) -> list[EvalResult]:
     """The `model-index` entries of one history record (the checkpoint's last step)."""
     dataset = hub_id(record.get("dataset")) or "local"
     name = dataset if dataset != "local" else f"local file {Path(record.get('dataset', '')).name}"
+    validation = record.get("validation_file")  # scores measured on a local file, not on the training data
+    if validation:
+        dataset, name = "local", f"local file {Path(validation).name}"
     results = record.get("results", {})
     if record["command"] == "glue":
         return [
@@ -88,9 +91,6 @@ def eval_results(record: dict) -> list[EvalResult]:
             if rouge in results
         ]
     if record["command"] == "pretrain" and "perplexity" in results:
-        validation = record.get("validation_file")
-        if validation:
-            dataset, name = "local", f"local file {Path(validation).name}"
         return [EvalResult(task_type="text-generation", task_name="Language Modeling", dataset_type=dataset,
                            dataset_name=name, dataset_split="validation" if validation else "held-out",
                            metric_type="perplexity", metric_value=results["perplexity"])]
@@ -106,7 +106,7 @@ def describe_step(record: dict) -> str:
     settings = f"{record.get('steps')} steps, peak learning rate {record.get('learning_rate')}"
     if command == "pretrain":
         text = (f"- **Continued pretraining** on `{record['dataset']}`: {settings}, {record['tokens']:,} tokens in "
-                f"blocks of {record['block_size']}, routers and modules trained together")
+                f"blocks of {record['block_size']}")
         if record.get("held_out"):
             text += f"; evaluated on {record['held_out']}"
     elif command == "glue":

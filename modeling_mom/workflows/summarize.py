@@ -9,7 +9,7 @@ changes it); the loss is on the summary tokens only; documents are truncated so 
 `--max-length` tokens. Evaluation prompts with `document + " TL;DR:"` (documents truncated to leave room for
 `--max-new-tokens`), decodes with beam search, and scores ROUGE-1/2/L F1 with stemming (`rouge-score`, the
 package behind `evaluate`'s ROUGE), averaged over examples. The prompt format and decoding settings are written
-into OUT/results.json and the model card, with a few sample summaries.
+into OUT/results.json (with a few sample summaries; all of them in OUT/predictions.json) and the model card.
 """
 
 import argparse
@@ -218,6 +218,7 @@ def run(args) -> dict:
     record = {
         "command": "summarize",
         "dataset": args.dataset if not args.train_file else args.train_file,
+        "validation_file": args.validation_file,
         "prompt_format": f"{{document}} {args.separator} {{summary}}{tokenizer.eos_token}",
         "loss": "cross-entropy on the summary and EOS tokens only",
         "max_length": args.max_length,
