@@ -107,8 +107,8 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor | None = None) ->
         dims_aligned = weight.shape[-2] % alignment == 0 and weight.shape[-1] % alignment == 0
         if not (dims_aligned and _grouped_mm_aligned(x) and _grouped_mm_aligned(weight)):
             return False
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
+    if x.device.type == "cpu":  # torch.compile traces with the kernel's fake version, which takes bf16 only
+        return x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling())
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     return False
@@ -167,7 +167,8 @@ def grouped_linear(
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x, weight)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if not needs_grad and _bag_wins(plan, weight):
+    # the bag's test reads the row count, which torch.compile could only guard on per value: compiled code skips it
+    if not needs_grad and not torch.compiler.is_compiling() and _bag_wins(plan, weight):
         out = _bag_linear(x, weight, plan)
     elif use_grouped_mm:
         out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))
