@@ -187,18 +187,28 @@ class ModuleFormerAttention(ModuleFormerExperts):
         query = query_rows.new_empty(num_tokens * k, query_rows.shape[-1]).index_copy(0, plan.flat_index, query_rows)
         query = query.view(batch, seq, k, self.num_heads, self.head_dim).permute(0, 3, 2, 1, 4)
 
-        key = hidden_states if self.k_proj is None else self.k_proj(hidden_states)
-        value = hidden_states if self.v_proj is None else self.v_proj(hidden_states)
-        key = key.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, head_dim]
-        value = value.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)  # [B, H, S, head_dim]
+        key, value = self._keys_and_values(hidden_states, cache)  # [B, H, S, head_dim] each
 
         attn_output, attn_weights = self._attend(query, key, value, key_padding_mask, output_attentions)
         # reduce: [B, H, k, T, head_dim] in (token, slot) order -> sorted by expert, same plan as the map
         attn_output = attn_output.permute(0, 3, 2, 1, 4).reshape(num_tokens * k, -1)
         out = self.project_out(attn_output.index_select(0, plan.flat_index), plan, gates, num_tokens)
         return out.view(batch, seq, d), attn_weights
+
+    def _keys_and_values(self, hidden_states, cache):
+        """Keys and values of the current positions, after the cached ones. When both are the hidden states (the
+        MoLM layout) the cache holds them once: its values are stored zero wide."""
+        batch, seq, _ = hidden_states.shape
+        key = hidden_states if self.k_proj is None else self.k_proj(hidden_states)
+        key = key.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, head_dim]
+        if self.v_proj is None:
+            if cache is not None:
+                key, _ = cache.update(key, key[..., :0], self.layer_idx)
+            return key, key
+        value = self.v_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        return key, value
 
     def _attend(self, query, key, value, key_padding_mask, output_weights):
         """`[B, H, k, T, head_dim]` queries over `[B, H, S, head_dim]` keys/values -> output, weights or None."""

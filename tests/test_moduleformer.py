@@ -103,12 +103,20 @@ def test_experts_match_per_expert_reference(normalize):
     torch.testing.assert_close(attn(x)[0].double(), expected_attn, atol=ATOL, rtol=0)
 
 
+MOLM_LAYOUT = {"num_attention_heads": 1, "attention_hidden_size": 32}
+
+
 def test_molm_layout_uses_hidden_states_as_keys_and_values():
-    model = tiny_model(num_attention_heads=1, attention_hidden_size=32)
+    """Keys = values = the normalised hidden states; the cache holds them once (its values are zero wide), and
+    cached decoding equals the full forward (test below)."""
+    model = tiny_model(**MOLM_LAYOUT)
     assert model.model.layers[0].self_attn.k_proj is None
     assert not any("k_proj" in name or "v_proj" in name for name in model.state_dict())
     ids = torch.randint(3, 53, (1, 6))
-    assert torch.isfinite(model(ids).logits).all()
+    out = model(ids, use_cache=True)
+    assert torch.isfinite(out.logits).all()
+    layer = getattr(out, CACHE_FIELD).layers[0]
+    assert layer.keys.shape == (1, 1, 6, 32) and layer.values.shape == (1, 1, 6, 0)
 
 
 # ------------------------------------------------------------------------------------------- model behaviour
@@ -120,6 +128,7 @@ def test_molm_layout_uses_hidden_states_as_keys_and_values():
         {},
         {"attention_function": "stickbreaking_2024"},
         {"attention_function": "softmax", "position_embedding_type": "learned"},
+        MOLM_LAYOUT,
     ],
 )
 def test_incremental_decoding_equals_full_forward(attention):
@@ -153,7 +162,9 @@ def test_left_padding_is_transparent(attention):
 
 
 @pytest.mark.parametrize(
-    "attention", [{}, {"attention_function": "softmax", "position_embedding_type": "learned"}], ids=["sb", "softmax"]
+    "attention",
+    [{}, {"attention_function": "softmax", "position_embedding_type": "learned"}, MOLM_LAYOUT],
+    ids=["sb", "softmax", "molm"],
 )
 def test_cached_generation_equals_uncached(attention):
     model = tiny_model(**attention)
@@ -163,7 +174,8 @@ def test_cached_generation_equals_uncached(attention):
         cached = model.generate(ids, use_cache=True, **common)
         uncached = model.generate(ids, use_cache=False, **common)
         assert torch.equal(cached, uncached), kwargs
-        if not attention:  # stick-breaking: the left-padded row generates what the unpadded prompt does
+        if attention.get("attention_function", "stickbreaking") == "stickbreaking":
+            # stick-breaking: the left-padded row generates what the unpadded prompt does
             alone = model.generate(short, max_new_tokens=6, do_sample=False, pad_token_id=PAD, **kwargs)
             assert torch.equal(cached[1, 3:], alone[0]), kwargs
 
