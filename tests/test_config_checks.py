@@ -2,6 +2,8 @@
 construction, and (for fields set after construction, like `from_pretrained(path, field=value)` overrides) when a
 model is built from the configuration, before any layer is."""
 
+import warnings
+
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -131,9 +133,11 @@ def test_moeut_refuses_rope_scaling_it_would_ignore():
     """rope_scaling / rope_parameters were saved and ignored (logits unchanged)."""
     for overrides in ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
                       {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}):
-        with pytest.raises(ValueError, match=r"rope_parameters \(or rope_scaling\)=.*allowed: None"):
+        with pytest.raises(ValueError, match=r"rope_parameters \(or rope_scaling\)=.*allowed: None"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers: `rope_scaling` is deprecated
             test_moeut.tiny_config(**overrides)
     config = test_moeut.tiny_config()
-    config.rope_scaling = {"rope_type": "linear", "factor": 2.0}
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0}
     with pytest.raises(ValueError, match="rope_parameters"):
         MoEUTForCausalLM(config)
