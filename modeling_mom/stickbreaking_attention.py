@@ -72,8 +72,8 @@ def stick_breaking_attention(
         args = (query, key, value, padding, attend_current, remainder_to_current, chunk_size)
         if output_weights:
             return _attention_with_weights(*args)
-        if torch.compiler.is_compiling():  # the blocked kernel writes into views of its scratch: not traceable
-            return _attention_with_weights(*args)[0], None
+        if torch.compiler.is_compiling():  # the blocked kernel writes into views of its scratch, which tracing
+            return _attention_with_weights(*args)[0], None  # cannot follow; this form stores the T x S weights
         return _StickBreakingAttention.apply(*args), None
 
 
