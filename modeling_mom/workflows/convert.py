@@ -62,12 +62,12 @@ def main(argv=None) -> None:
         print(__doc__)
         print(f"architectures: {', '.join(available) or '(no converter installed)'}")
         return
-    arch, converter_argv = argv[0], [arg for arg in argv[1:] if arg != "--overwrite"]
+    arch, converter_argv = argv[0], argv[1:]
     if arch not in available:
         first = "an option" if arch.startswith("-") else "unknown"
         raise WorkflowError(f"the architecture comes first (mom convert ARCH --gpt2 SRC --out DIR [options]); "
                             f"{arch!r} is {first}; allowed: {', '.join(available)}.")
-    args, _ = parser.parse_known_args(argv[1:])
+    args, _ = parser.parse_known_args(converter_argv)
     if args.out is None or {"-h", "--help"} & set(converter_argv):
         available[arch].main(converter_argv)  # its own usage or error
         return
@@ -76,12 +76,12 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise WorkflowError(f"--out {out} exists and is not an empty directory; pass --overwrite to replace it.")
-    overwrite = ["--overwrite"] if args.overwrite else []
+    options = [arg for arg in converter_argv if arg != "--overwrite"]  # what made the model, for its history
 
     def add_files(checkpoint: Path) -> None:
-        _add_tokenizer_and_history(checkpoint, out, args.gpt2, arch, converter_argv)
+        _add_tokenizer_and_history(checkpoint, out, args.gpt2, arch, options)
 
-    available[arch].main(converter_argv + overwrite, add_files=add_files)
+    available[arch].main(converter_argv, add_files=add_files)
 
 
 def _add_tokenizer_and_history(checkpoint: Path, out: Path, gpt2: str, arch: str, options: list[str]) -> None:
