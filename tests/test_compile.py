@@ -3,8 +3,9 @@ eager model does.
 
 The `aot_eager` backend runs the same tracing as the default one (dynamo, fake tensors, AOT autograd), which is where
 our kernels used to fail: `grouped_mm`'s fake kernel takes bf16 only, and the blocked stick-breaking kernel writes into
-views of its scratch buffers. It needs no C++ compiler, so it is quick. Tolerance 1e-5: the compiled dispatch takes
-the per-expert matmul path and sums in another order than `grouped_mm` (fp32).
+views of its scratch buffers. It needs no C++ compiler, so it is quick. Tolerance 1e-5 (gradients: 1e-5 absolute
+plus 1e-4 relative, for the larger router and embedding gradients): the compiled dispatch takes the per-expert matmul
+path and sums in another order than `grouped_mm` (fp32).
 
 Compiling with `fullgraph=True` is not supported: the dispatch reads each expert's row count on the host (see
 `moe_dispatch`), as a dropless MoE on CPU must; `_can_compile_fullgraph` stays False.
