@@ -19,8 +19,8 @@ With ``--routing-mode sequential`` and ``num_rounds = num_attention_modules = nu
 chunk runs module h with weight 1: the converted model computes GPT-2's function (equal logits within fp32
 rounding). ``--exact`` (``convert(..., exact=True)``) selects that form; with no chunk structure given it puts all
 GPT-2 layers into one chunk (no bottom, top or anchor layers), the simplest structure that fits any GPT-2. With
-learned routing (the default) the routers are newly initialised (``--seed``) and must be trained; the saved config
-then has ``output_router_logits=True``, so the Trainer's loss includes the load-balancing term.
+learned routing (the default) the routers are newly initialised (``--seed``) and must be trained (the model adds
+its load-balancing loss to the loss in training).
 
 The checkpoint is written in float32, to a temporary directory next to DIR that is renamed into place only once
 complete. It loads with ``AutoModelForCausalLM`` after ``import modeling_mom``, or with ``trust_remote_code=True``
@@ -70,16 +70,16 @@ STRUCTURE_FIELDS = (
 )
 # MoM pool parameter <- GPT-2 block parameter (both [in, out] for projections)
 ATTENTION_MAP = {
-    "norm_weight": "ln_1.weight",
-    "norm_bias": "ln_1.bias",
+    "norm.weight": "ln_1.weight",
+    "norm.bias": "ln_1.bias",
     "qkv_proj": "attn.c_attn.weight",
     "qkv_bias": "attn.c_attn.bias",
     "out_proj": "attn.c_proj.weight",
     "out_bias": "attn.c_proj.bias",
 }
 FFN_MAP = {
-    "norm_weight": "ln_2.weight",
-    "norm_bias": "ln_2.bias",
+    "norm.weight": "ln_2.weight",
+    "norm.bias": "ln_2.bias",
     "up_proj": "mlp.c_fc.weight",
     "up_bias": "mlp.c_fc.bias",
     "down_proj": "mlp.c_proj.weight",
@@ -154,7 +154,6 @@ def mom_config(gpt2_config: GPT2Config, **structure) -> MoMConfig:
             structure.get("num_attention_modules", MoMConfig.num_attention_modules),
             structure.get("num_ffn_modules", MoMConfig.num_ffn_modules),
         )
-    structure.setdefault("output_router_logits", structure.get("routing_mode", MoMConfig.routing_mode) == "learned")
     fields = dict(
         vocab_size=gpt2_config.vocab_size,
         max_position_embeddings=gpt2_config.n_positions,
@@ -216,10 +215,9 @@ def convert(
     """A `MoMForCausalLM` (float32, eval mode) seeded from `gpt2`: a `GPT2LMHeadModel`, a directory or a hub id.
 
     `structure`: MoMConfig fields (see `STRUCTURE_FIELDS`), e.g. `num_chunks=2, num_attention_modules=4,
-    routing_mode="sequential"`. `num_rounds` defaults to max(num_attention_modules, num_ffn_modules), and
-    `output_router_logits` to True for learned routing (so training gets the balancing loss). `exact=True` selects
-    the function-preserving form (see :func:`exact_structure`). `seed` seeds the
-    routers' initialisation (the only weights not taken from GPT-2). Raises ValueError for a structure that does
+    routing_mode="sequential"`. `num_rounds` defaults to max(num_attention_modules, num_ffn_modules). `exact=True`
+    selects the function-preserving form (see :func:`exact_structure`). `seed` seeds the routers' initialisation
+    (the only weights not taken from GPT-2). Raises ValueError for a structure that does
     not fit the GPT-2 (the message suggests structures that do), before the weights are loaded.
     """
     gpt2_config = gpt2_config_of(gpt2)
@@ -241,7 +239,7 @@ def convert(
         blocks = [source.h[i] for i in gpt2_layers]
         for pool, name_map in ((layer.attention, ATTENTION_MAP), (layer.mlp, FFN_MAP)):
             for name, gpt2_name in name_map.items():
-                getattr(pool, name).copy_(_stack(blocks[: pool.num_modules], gpt2_name))
+                pool.get_parameter(name).copy_(_stack(blocks[: pool.num_modules], gpt2_name))
     return model.eval()
 
 
@@ -261,7 +259,7 @@ def summary(model: MoMForCausalLM) -> str:
     else:
         routing = (
             f"learned ({config.router_type} routers, {config.router_weighting} weights, newly initialised: train "
-            f"them; output_router_logits={config.output_router_logits})"
+            f"them; balancing loss weight {config.router_aux_loss_coef})"
         )
     routers = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
     return "\n".join(

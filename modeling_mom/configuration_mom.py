@@ -38,10 +38,14 @@ class MoMConfig(PreTrainedConfig):
     Args:
         vocab_size, max_position_embeddings, hidden_size, num_attention_heads, intermediate_size, hidden_act,
         layer_norm_epsilon, initializer_range: as in GPT-2 (``intermediate_size`` defaults to ``4 * hidden_size``).
-        embd_dropout, resid_dropout, attention_dropout: GPT-2's ``embd_pdrop``, ``resid_pdrop``, ``attn_pdrop``.
+        embd_dropout, resid_dropout, attention_dropout: GPT-2's ``embd_pdrop``, ``resid_pdrop``, ``attn_pdrop``
+            (as in the authors' code, ``resid_dropout`` acts on every attention output, and on the FFN outputs of
+            plain blocks only).
         num_bottom_layers, num_top_layers: plain blocks below and above the chunks.
         num_chunks: number of routed chunks.
-        num_attention_modules, num_ffn_modules: pool sizes of every chunk.
+        num_attention_modules, num_ffn_modules: pool sizes of every chunk. A pool with a single choice (one module,
+            no SKIP) has no router: every round uses its module, as in the authors' code (with both pools of one
+            module, a chunk applies one shared layer ``num_rounds`` times).
         num_rounds: assembly rounds per chunk (H); each round is one attention and one FFN application.
         num_modules_per_tok: modules each token picks per pool and round (K), among the modules and SKIP; a pool
             with fewer choices picks all of them (top-min(K, choices), as the authors' code does).
@@ -58,9 +62,11 @@ class MoMConfig(PreTrainedConfig):
             renormalised weights in the forward pass, gradient of the raw probabilities in the backward pass, so a
             K=1 router learns from the LM loss while a seeded model keeps its function.
         routing_mode: "learned" uses the routers; "sequential" makes round h of every chunk use module h of each
-            pool for every token with weight exactly 1 (the vanilla Transformer; routers are kept but not run).
-        router_aux_loss_coef: weight of the Switch-style load-balancing loss added to the LM loss.
-        output_router_logits: return the routers' logits and compute the balancing loss (``aux_loss``).
+            pool (or its only module) for every token with weight exactly 1 (the vanilla Transformer; routers are
+            kept but not run).
+        router_aux_loss_coef: weight of the Switch-style load-balancing loss, added to the loss in training with
+            labels (as the authors' model does; 0 turns it off).
+        output_router_logits: return the routers' logits and the balancing loss (``aux_loss``).
         num_hidden_layers: the unrolled depth (one per attention application, i.e. one KV-cache slot each);
             derived from the structure, and checked if given.
     """
@@ -140,7 +146,7 @@ class MoMConfig(PreTrainedConfig):
             f"hidden_size={self.hidden_size} must be divisible by num_attention_heads={self.num_attention_heads}.",
         )
         require(self.router_temperature > 0, f"router_temperature={self.router_temperature} must be > 0.")
-        smallest_pool = min(self.num_attention_modules, self.num_ffn_modules)
+        pool_sizes = [n for n in (self.num_attention_modules, self.num_ffn_modules) if n > 1]
         most_choices = max(self.num_attention_modules, self.num_ffn_modules) + int(self.enable_skip)
         require(
             self.num_modules_per_tok <= most_choices,
@@ -149,9 +155,10 @@ class MoMConfig(PreTrainedConfig):
             f"a smaller pool uses all its choices, as in the authors' code); allowed: 1..{most_choices}.",
         )
         require(
-            self.routing_mode != "sequential" or self.num_rounds <= smallest_pool,
+            self.routing_mode != "sequential" or self.num_rounds <= min(pool_sizes, default=self.num_rounds),
             f"routing_mode='sequential' runs module h in round h, so num_rounds={self.num_rounds} must be <= the "
-            f"smaller module pool ({smallest_pool}).",
+            f"number of modules of each pool that has more than one (num_attention_modules="
+            f"{self.num_attention_modules}, num_ffn_modules={self.num_ffn_modules}).",
         )
         require(self.unrolled_depth >= 1, "the structure has no layers: add bottom, top or chunk layers.")
         require(

@@ -78,21 +78,36 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
+class MoMPoolNorm(nn.Module):
+    """The pre-LayerNorms of a pool's modules: gains and biases `[N, d]`, module n's at row n (GPT-2's `ln_1` or
+    `ln_2`). Named `norm.weight` / `norm.bias` like an `nn.LayerNorm`, so that the Trainer leaves them out of weight
+    decay, as it does GPT-2's."""
+
+    def __init__(self, num_modules: int, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_modules, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_modules, hidden_size))
+
+
 class MoMModulePool(nn.Module):
-    """Parameters shared by both pool types: each module's own pre-LayerNorm gain and bias, `[N, d]`.
+    """Parameters shared by both pool types: each module's own pre-LayerNorm (`norm`, `[N, d]` gains and biases).
 
     `pool_tensor_names` lists the stacked tensors (`[N, ...]`, module n at index n); they are read by name, so that a
     parametrization of one (e.g. a LoRA delta that peft's `target_parameters` applies) is seen.
     """
 
-    pool_tensor_names: tuple[str, ...] = ("norm_weight", "norm_bias")
+    pool_tensor_names: tuple[str, ...] = ("norm.weight", "norm.bias")
 
     def __init__(self, config: MoMConfig, num_modules: int):
         super().__init__()
         self.num_modules = num_modules
-        self.eps = config.layer_norm_epsilon
-        self.norm_weight = nn.Parameter(torch.ones(num_modules, config.hidden_size))
-        self.norm_bias = nn.Parameter(torch.zeros(num_modules, config.hidden_size))
+        self.norm = MoMPoolNorm(num_modules, config.hidden_size, config.layer_norm_epsilon)
+
+    def pool_tensor(self, name: str) -> torch.Tensor:
+        """The stacked tensor `name` (one of `pool_tensor_names`), as the module's attribute reads it now."""
+        owner, _, attribute = name.rpartition(".")  # a parametrized tensor is an attribute, not a parameter
+        return getattr(self.get_submodule(owner), attribute)
 
     def module_parameters(self) -> list[dict[str, torch.Tensor]]:
         """Each module's parameters, `{name: view}`, unbound from the pool's tensors at once.
@@ -101,7 +116,7 @@ class MoMModulePool(nn.Module):
         instead would give each round's backward a full pool-sized gradient, quadratic in the pool size (1.65x
         GPT-2's training time with 24 modules, against ~1x).
         """
-        pools = [getattr(self, name).unbind(0) for name in self.pool_tensor_names]
+        pools = [self.pool_tensor(name).unbind(0) for name in self.pool_tensor_names]
         return [dict(zip(self.pool_tensor_names, views)) for views in zip(*pools)]
 
     def single_module(self, route: ModuleRoute) -> dict[str, torch.Tensor]:
@@ -109,16 +124,16 @@ class MoMModulePool(nn.Module):
         wrapped by an adapter, whose change to the weights exists only inside this module's call)."""
         if route.module_parameters is not None:
             return route.module_parameters[route.module]
-        return {name: getattr(self, name)[route.module] for name in self.pool_tensor_names}
+        return {name: self.pool_tensor(name)[route.module] for name in self.pool_tensor_names}
 
     def norm_single(self, x: torch.Tensor, module: dict[str, torch.Tensor]) -> torch.Tensor:
         """One module's LayerNorm applied to all rows `[T, d]` (GPT-2's `ln_1` / `ln_2`)."""
-        return F.layer_norm(x, x.shape[-1:], module["norm_weight"], module["norm_bias"], self.eps)
+        return F.layer_norm(x, x.shape[-1:], module["norm.weight"], module["norm.bias"], self.norm.eps)
 
     def norm_routed(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """`[T, d]` -> `[S, d]`: each sorted (token, module) pair normalised with that module's LayerNorm."""
-        normed = gather_rows(F.layer_norm(x, x.shape[-1:], eps=self.eps), plan)
-        return normed * self.norm_weight.index_select(0, plan.expert_index) + self.norm_bias.index_select(
+        normed = gather_rows(F.layer_norm(x, x.shape[-1:], eps=self.norm.eps), plan)
+        return normed * self.norm.weight.index_select(0, plan.expert_index) + self.norm.bias.index_select(
             0, plan.expert_index
         )
 
@@ -194,11 +209,14 @@ class MoMAttention(MoMModulePool):
 
 
 class MoMFeedForward(MoMModulePool):
-    """A pool of GPT-2 MLP modules, `down(act(up(LN(x))))`; a token's output is the gate-weighted sum of its picks."""
+    """A pool of GPT-2 MLP modules, `down(act(up(LN(x))))`; a token's output is the gate-weighted sum of its picks.
+
+    `output_dropout` is GPT-2's `resid_pdrop` in plain blocks and 0 in chunks, as in the authors' code.
+    """
 
     pool_tensor_names = MoMModulePool.pool_tensor_names + ("up_proj", "up_bias", "down_proj", "down_bias")
 
-    def __init__(self, config: MoMConfig, num_modules: int):
+    def __init__(self, config: MoMConfig, num_modules: int, output_dropout: float):
         super().__init__(config, num_modules)
         d, inner = config.hidden_size, config.intermediate_size
         self.up_proj = nn.Parameter(torch.empty(num_modules, d, inner))  # [N, in, out]
@@ -206,7 +224,7 @@ class MoMFeedForward(MoMModulePool):
         self.down_proj = nn.Parameter(torch.empty(num_modules, inner, d))
         self.down_bias = nn.Parameter(torch.zeros(num_modules, d))
         self.act = ACT2FN[config.hidden_act]
-        self.dropout = nn.Dropout(config.resid_dropout)
+        self.dropout = nn.Dropout(output_dropout)
 
     def forward(self, hidden_states: torch.Tensor, route: ModuleRoute) -> torch.Tensor:
         shape = hidden_states.shape
@@ -272,10 +290,23 @@ def route_tokens(router_logits: torch.Tensor, num_selected: int, weighting: str,
     return ModuleRoute(plan=plan_dispatch(selected, num_modules), weights=weights)
 
 
+def pool_choices(config: MoMConfig, num_modules: int) -> int:
+    """A chunk pool's routing choices: its modules, and SKIP if enabled. A pool with one choice has no router."""
+    return num_modules + int(config.enable_skip)
+
+
+def pool_router(config: MoMConfig, num_modules: int) -> MoMRouter | None:
+    num_choices = pool_choices(config, num_modules)
+    return MoMRouter(config, num_choices) if num_choices > 1 else None
+
+
 class MoMDecoderLayer(GradientCheckpointingLayer):
     """An attention pool and an FFN pool, with their routers if the layer is a chunk; called once per round.
 
-    A plain GPT-2 block (bottom, anchor, top) is the special case of one module per pool, one round, no router.
+    A plain GPT-2 block (bottom, anchor, top) is the special case of one module per pool, one round, no router. A
+    chunk's pool with a single choice (one module and no SKIP) has no router either, as in the authors' code: every
+    token uses its module in every round (the Universal-Transformer-like sharing case). With SKIP, a one-module pool
+    routes between its module and SKIP (layer skipping).
     """
 
     def __init__(self, config: MoMConfig, routed: bool):
@@ -283,32 +314,32 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
         num_attention = config.num_attention_modules if routed else 1
         num_ffn = config.num_ffn_modules if routed else 1
         self.config = config
-        self.routed = routed
+        self.pool_sizes = (num_attention, num_ffn)
         self.attention = MoMAttention(config, num_attention)
-        self.mlp = MoMFeedForward(config, num_ffn)
-        if routed:
-            skip = int(config.enable_skip)
-            self.attention_router = MoMRouter(config, num_attention + skip)
-            self.mlp_router = MoMRouter(config, num_ffn + skip)
+        self.mlp = MoMFeedForward(config, num_ffn, output_dropout=0.0 if routed else config.resid_dropout)
+        self.attention_router = pool_router(config, num_attention) if routed else None
+        self.mlp_router = pool_router(config, num_ffn) if routed else None
 
-    @property
-    def uses_one_module_per_round(self) -> bool:
-        """Plain blocks and sequentially routed chunks: round r runs module r for every token."""
-        return not self.routed or self.config.routing_mode == "sequential"
+    def _router(self, pool: int) -> MoMRouter | None:
+        """The router that runs for pool 0 (attention) or 1 (FFN), if any."""
+        router = (self.attention_router, self.mlp_router)[pool]
+        return router if self.config.routing_mode == "learned" else None
 
-    def module_parameters(self) -> tuple[list | None, list | None] | None:
-        """Both pools' per-module parameters (`MoMModulePool.module_parameters`) where rounds use one module each,
-        for the model to unbind once per forward and pass to every round; else None. A pool wrapped by an adapter
-        (peft's `ParamWrapper` changes the weights only inside the pool's own call) gets None: it indexes its module
-        in each round instead."""
-        if not self.uses_one_module_per_round:
-            return None
+    def module_parameters(self) -> tuple[list | None, list | None]:
+        """Per pool, its per-module parameters (`MoMModulePool.module_parameters`) where each round uses one module
+        for every token (plain blocks, one-module pools, sequential routing), for the model to unbind once per
+        forward and pass to every round; else None. A pool wrapped by an adapter (peft's `ParamWrapper` changes the
+        weights only inside the pool's own call) gets None: it indexes its module in each round instead."""
         pools = (self.attention, self.mlp)
-        return tuple(pool.module_parameters() if isinstance(pool, MoMModulePool) else None for pool in pools)
+        return tuple(
+            pools[i].module_parameters() if isinstance(pools[i], MoMModulePool) and self._router(i) is None else None
+            for i in range(2)
+        )
 
-    def _route(self, router, hidden_states, round_idx, state, modules):
-        if self.uses_one_module_per_round:
-            return ModuleRoute(module=round_idx, module_parameters=modules), state
+    def _route(self, pool: int, hidden_states, round_idx, state, modules):
+        router = self._router(pool)
+        if router is None:  # module h in round h (sequential routing), or the pool's only module
+            return ModuleRoute(module=round_idx if self.pool_sizes[pool] > 1 else 0, module_parameters=modules), state
         logits, state = router(hidden_states.reshape(-1, hidden_states.shape[-1]), state)
         num_selected = min(self.config.num_modules_per_tok, logits.shape[-1])  # the authors' top-min(K, choices)
         num_modules = logits.shape[-1] - int(self.config.enable_skip)
@@ -332,13 +363,11 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
         not given, each pool indexes its module, which is correct but costs a pool-sized gradient per round)."""
         attention_modules, mlp_modules = module_parameters or (None, None)
         route, attention_router_state = self._route(
-            getattr(self, "attention_router", None), hidden_states, round_idx, attention_router_state, attention_modules
+            0, hidden_states, round_idx, attention_router_state, attention_modules
         )
         attn_output, _ = self.attention(hidden_states, route, attention_mask, cache, cache_idx, **kwargs)
         hidden_states = hidden_states + attn_output
-        route, mlp_router_state = self._route(
-            getattr(self, "mlp_router", None), hidden_states, round_idx, mlp_router_state, mlp_modules
-        )
+        route, mlp_router_state = self._route(1, hidden_states, round_idx, mlp_router_state, mlp_modules)
         hidden_states = hidden_states + self.mlp(hidden_states, route)
         return hidden_states, attention_router_state, mlp_router_state
 
@@ -368,9 +397,9 @@ class MoMPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel):
         """GPT-2's initialisation; output projections scaled by 1/sqrt(2 * unrolled depth) as GPT-2 does per layer."""
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, MoMModulePool):
-            init.ones_(module.norm_weight)
-            init.zeros_(module.norm_bias)
+        if isinstance(module, MoMPoolNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         if isinstance(module, MoMAttention):
             init.normal_(module.qkv_proj, mean=0.0, std=std)
             init.zeros_(module.qkv_bias)
@@ -387,11 +416,21 @@ class MoMPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel):
             for bias in (module.bias_ih, module.bias_hh):
                 init.zeros_(bias)
 
+    @property
+    def router_losses_with_labels(self) -> bool:
+        """In training with labels, the balancing loss joins the loss unasked when it has a positive weight (the
+        authors' model adds it inside `forward`)."""
+        return self.config.router_aux_loss_coef > 0
+
     def router_losses(self, router_logits, batch_size, attention_mask):
-        """Switch-style balancing loss of the attention routers plus that of the FFN routers (`router_logits`
-        alternates them, one pair per routed round); the loss term is it times `router_aux_loss_coef` (None at 0)."""
+        """Switch-style balancing loss of the attention routers plus that of the FFN routers (`router_logits` holds,
+        per routed round, each routed pool's logits: attention then FFN); the loss term is it times
+        `router_aux_loss_coef` (None at 0)."""
+        config = self.config
+        routed_pools = sum(pool_choices(config, n) > 1 for n in (config.num_attention_modules, config.num_ffn_modules))
         aux_loss = 0.0
-        for pool_logits in (router_logits[0::2], router_logits[1::2]):
+        for pool in range(routed_pools):
+            pool_logits = router_logits[pool::routed_pools]
             k = min(self.config.num_modules_per_tok, pool_logits[0].shape[-1])  # as routed: top-min(K, choices)
             aux_loss = aux_loss + switch_load_balancing_loss(pool_logits, k, attention_mask)
         coef = self.config.router_aux_loss_coef
@@ -474,8 +513,9 @@ class MoMForCausalLM(CausalLMWithRouterLosses, MoMPreTrainedModel, GenerationMix
     """MoM with the language-model head tied to the input embeddings (as in GPT-2).
 
     With `output_router_logits`, `router_logits` holds, per routed round, the attention router's then the FFN
-    router's `[B * T, modules (+ SKIP)]` logits, and `aux_loss` their Switch-style balancing loss, which is added to
-    the loss times `config.router_aux_loss_coef`.
+    router's `[B * T, modules (+ SKIP)]` logits (of the pools that have a router), and `aux_loss` their Switch-style
+    balancing loss, which is added to the loss times `config.router_aux_loss_coef` in training with labels, asked
+    or not.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}

@@ -164,9 +164,9 @@ class RouterLossesMixin:
     (`aux_loss` times its coefficient(s); None when every coefficient is 0).
 
     Router logits (and so `aux_loss`) are computed when `output_router_logits` asks for them (argument, else
-    config), as in Mixtral. A model whose training loss includes its router losses unasked (MoEUT and ModuleFormer,
-    like the official code) defines `router_losses_with_labels` (True when a router loss has a positive weight):
-    then labels suffice in training.
+    config), as in Mixtral. A model whose training loss includes its router losses unasked (all three architectures
+    here, like their official code) defines `router_losses_with_labels` (True when a router loss has a positive
+    weight): then labels suffice in training.
 
     The router loss term joins the loss in training mode only: they are regularisers, and an evaluation loss is the
     task's loss (MoEUT's entropy regulariser is negative, and would make exp(eval loss) understate the perplexity).

@@ -95,7 +95,6 @@ def test_layer_map_follows_the_authors_get_layer_map():
                         num_attention_modules=4, num_ffn_modules=4)  # fmt: skip
     assert gpt2_layer_map(config) == [[0], [1, 2, 3, 4], [5], [6, 7, 8, 9], [10], [11]]
     assert config.num_rounds == 4  # default: one round per seeded layer
-    assert config.output_router_logits  # learned routing: the Trainer gets the balancing loss
 
 
 def test_smaller_attention_pool_takes_the_first_layers_of_the_chunk():
@@ -108,7 +107,7 @@ def test_smaller_attention_pool_takes_the_first_layers_of_the_chunk():
         chunk.attention.qkv_proj, torch.stack([blocks[1].attn.c_attn.weight, blocks[2].attn.c_attn.weight])
     )
     assert torch.equal(chunk.mlp.down_proj, torch.stack([b.mlp.c_proj.weight for b in blocks[1:4]]))
-    assert torch.equal(model.model.layers[2].mlp.norm_weight[0], blocks[4].ln_2.weight)  # the anchor
+    assert torch.equal(model.model.layers[2].mlp.norm.weight[0], blocks[4].ln_2.weight)  # the anchor
 
 
 def test_structure_that_does_not_fit_names_the_sum_and_suggests_fits():
@@ -238,9 +237,12 @@ def test_layer_skipping(router_type):
 
 @pytest.mark.parametrize("num_rounds", [2, 4])
 def test_one_module_repeated_for_h_rounds(num_rounds):
-    """A chunk holding GPT-2 layer 1 alone, without SKIP, run for H rounds = GPT-2 with layer 1 repeated H times."""
+    """A chunk holding GPT-2 layer 1 alone, without SKIP, run for H rounds = GPT-2 with layer 1 repeated H times.
+    Its pools have a single choice, so (as in the authors' code) they have no router and nothing to balance."""
     gpt2 = tiny_gpt2(n_layer=3)
     model = convert(gpt2, **ONE_MODULE_CHUNK, num_rounds=num_rounds, enable_skip=False)
+    chunk = model.model.layers[1]
+    assert chunk.attention_router is None and chunk.mlp_router is None
     ids, mask = padded_batch()
     with torch.no_grad():
         repeated = gpt2_logits(gpt2_with_layers(gpt2, [0] + [1] * num_rounds + [2]), ids, mask)
@@ -313,11 +315,11 @@ def test_cli_end_to_end_and_remote_code_load(gpt2_dir, tmp_path):
         convert(out)
 
 
-def test_cli_learned_routing_saves_output_router_logits(gpt2_dir, tmp_path, capsys):
+def test_cli_learned_routing_saves_the_routing_options(gpt2_dir, tmp_path, capsys):
     out = tmp_path / "learned"
     main(["--gpt2", str(gpt2_dir), "--out", str(out), *CLI_STRUCTURE, "--router-type", "gru", "--no-skip"])
     saved = json.loads((out / "config.json").read_text())
-    assert saved["output_router_logits"] is True and saved["routing_mode"] == "learned"
+    assert saved["routing_mode"] == "learned"
     assert saved["router_type"] == "gru" and saved["enable_skip"] is False and saved["num_rounds"] == 3
     assert "learned (gru routers" in capsys.readouterr().out
     config = MoMConfig.from_pretrained(out)

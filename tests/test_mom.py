@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_mom import MoMConfig, MoMForCausalLM, MoMForSequenceClassification, MoMModel
-from modeling_mom.modeling_mom import MoMModulePool
+from modeling_mom.modeling_mom import ModuleRoute, MoMModulePool
 from modeling_mom.routing_losses import switch_load_balancing_loss
 from modeling_mom.shared_modeling import CACHE_FIELD
 
@@ -84,20 +84,47 @@ def test_invalid_config_raises_naming_the_field(overrides, field):
 
 
 def test_a_pool_smaller_than_k_uses_all_its_choices():
-    """The MoE case (one attention module, several FFN modules, K=2): each pool routes top-min(K, choices), as the
-    authors' code does, and its balancing loss counts the selections it made."""
-    config = tiny_config(num_attention_modules=1, num_ffn_modules=4, num_modules_per_tok=2, enable_skip=False,
-                         output_router_logits=True)  # fmt: skip
+    """One attention module with SKIP (2 choices), four FFN modules with SKIP (5), K=3: each pool routes
+    top-min(K, choices), as the authors' code does, and its balancing loss counts the selections it made."""
+    config = tiny_config(num_attention_modules=1, num_ffn_modules=4, num_modules_per_tok=3)
     model = MoMForCausalLM(config).eval()
     ids, mask = left_padded_batch()
     out = model(ids, attention_mask=mask, output_router_logits=True)
     attention_logits, ffn_logits = out.router_logits[0::2], out.router_logits[1::2]
-    assert attention_logits[0].shape[-1] == 1 and ffn_logits[0].shape[-1] == 4
-    expected = switch_load_balancing_loss(attention_logits, 1, mask) + switch_load_balancing_loss(ffn_logits, 2, mask)
+    assert attention_logits[0].shape[-1] == 2 and ffn_logits[0].shape[-1] == 5
+    expected = switch_load_balancing_loss(attention_logits, 2, mask) + switch_load_balancing_loss(ffn_logits, 3, mask)
     torch.testing.assert_close(out.aux_loss, expected)
     generated = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     uncached = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(generated, uncached)
+
+
+def test_a_single_choice_pool_has_no_router():
+    """The MoE case (one attention module, no SKIP, several FFN modules): the attention pool has nothing to choose,
+    so, as in the authors' code, it has no router; only the FFN routers' logits are returned and balanced."""
+    config = tiny_config(num_attention_modules=1, num_ffn_modules=4, num_modules_per_tok=2, enable_skip=False)
+    model = MoMForCausalLM(config).eval()
+    chunk = model.model.layers[1]
+    assert chunk.attention_router is None and chunk.mlp_router is not None
+    ids, mask = left_padded_batch()
+    out = model(ids, attention_mask=mask, output_router_logits=True)
+    assert len(out.router_logits) == config.num_rounds and all(r.shape[-1] == 4 for r in out.router_logits)
+    torch.testing.assert_close(out.aux_loss, switch_load_balancing_loss(out.router_logits, 2, mask))
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    uncached = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(generated, uncached)
+
+
+def test_resid_dropout_spares_the_chunks_ffn_outputs():
+    """As in the authors' code: `resid_dropout` acts on FFN outputs of plain blocks, not on those of chunks."""
+    model = MoMModel(tiny_config(resid_dropout=0.5)).train()
+    plain, chunk = model.layers[0].mlp, model.layers[1].mlp
+    x = torch.randn(10, 32)
+    trained = [pool(x, ModuleRoute(module=0)) for pool in (plain, chunk)]
+    model.eval()
+    evaluated = [pool(x, ModuleRoute(module=0)) for pool in (plain, chunk)]
+    assert (trained[0] == 0).float().mean() > 0.3 and not torch.allclose(trained[0], evaluated[0])
+    torch.testing.assert_close(trained[1], evaluated[1], atol=0, rtol=0)
 
 
 def test_num_hidden_layers_is_the_unrolled_depth():
@@ -171,6 +198,9 @@ def test_router_logits_and_aux_loss():
     torch.testing.assert_close(out.loss, plain.loss, atol=0, rtol=0)  # evaluation: the task loss alone
     trained = model.train()(ids, attention_mask=mask, labels=ids, output_router_logits=True)
     torch.testing.assert_close(trained.loss, plain.loss + config.router_aux_loss_coef * out.aux_loss)
+    unasked = model(ids, attention_mask=mask, labels=ids)  # training with labels: added unasked, as the authors do
+    assert unasked.router_logits is None
+    torch.testing.assert_close(unasked.loss, trained.loss, atol=0, rtol=0)
 
 
 def test_switch_loss_by_hand():
@@ -258,8 +288,7 @@ def test_sequential_rounds_unbind_each_pool_once():
     model = MoMForCausalLM(tiny_config(routing_mode="sequential", num_chunks=2)).train()
     ids = torch.randint(1, VOCAB, (2, 6))
     names = ops_on_parameters(model(ids, labels=ids).loss)
-    pool_tensors = sum(len(list(pool.parameters(recurse=False))) for pool in model.modules()
-                       if isinstance(pool, MoMModulePool))  # fmt: skip
+    pool_tensors = sum(len(pool.pool_tensor_names) for pool in model.modules() if isinstance(pool, MoMModulePool))
     assert names.count("UnbindBackward0") == pool_tensors
     assert "SelectBackward0" not in names
 

@@ -94,6 +94,7 @@ def test_reentrant_checkpointing_with_router_losses_warns(arch):
         model(ids, labels=ids).loss.backward()
     assert captured.out == ""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    shared_logger.warning_once.cache_clear()  # a test run before may have warned once already
     with CaptureLogger(shared_logger) as captured:
         model(ids, labels=ids).loss.backward()
     assert "use_reentrant=True" in captured.out
@@ -151,3 +152,16 @@ def test_classifier_on_embeddings_without_a_mask_pools_the_last_position(arch):
     torch.testing.assert_close(logits, model(input_ids=ids).logits)
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     torch.testing.assert_close(model(inputs_embeds=embeds, attention_mask=mask).logits[1], model(ids[1:, :4]).logits[0])
+
+
+@pytest.mark.parametrize("arch", CLASSES)
+def test_weight_decay_spares_norms_and_biases(arch, tmp_path):
+    """The Trainer decays weight matrices only, as for GPT-2: every LayerNorm gain and bias (MoM's stacked per-module
+    ones included) and every bias is left out, judged by its layer type or name as transformers does."""
+    make_config, router_losses = ROUTER_LOSSES_ON[arch]
+    model = CLASSES[arch][0](make_config(**router_losses))
+    trainer = Trainer(model=model, args=TrainingArguments(tmp_path, weight_decay=0.1, report_to=[], use_cpu=True))
+    decayed = set(trainer.get_decay_parameter_names(model))
+    norms = {name for name, p in model.named_parameters() if "norm" in name or "bias" in name}
+    assert norms and not decayed & norms
+    assert {name for name, p in model.named_parameters() if p.dim() >= 2} - norms <= decayed
