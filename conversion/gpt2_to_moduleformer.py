@@ -30,7 +30,7 @@ from transformers import GPT2LMHeadModel
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
-from .gpt2_source import load_gpt2
+from .gpt2_source import copy_embeddings_and_head, gpt2_config_of, load_gpt2
 
 EXACT_SETTINGS = {"attention_function": "softmax", "position_embedding_type": "learned", "normalize_expert_gates": True}
 
@@ -65,7 +65,7 @@ def moduleformer_config(gpt2_config, exact: bool, slice_mlp: bool, **overrides) 
         initializer_range=gpt2_config.initializer_range,
         max_position_embeddings=gpt2_config.n_positions,
         expert_bias=True,
-        tie_word_embeddings=True,
+        tie_word_embeddings=gpt2_config.tie_word_embeddings,
         bos_token_id=gpt2_config.bos_token_id,
         eos_token_id=gpt2_config.eos_token_id,
         **settings,
@@ -96,17 +96,14 @@ def convert(
     """
     if exact and (slice_mlp or expert_noise):
         raise ValueError("exact=True needs identical expert copies: no slice_mlp and no expert_noise.")
+    config = moduleformer_config(gpt2_config_of(gpt2), exact, slice_mlp, **config_overrides)
     gpt2 = load_gpt2(gpt2)
-    config = moduleformer_config(gpt2.config, exact, slice_mlp, **config_overrides)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = ModuleFormerForCausalLM(config).eval()
     source, target = gpt2.transformer, model.model
     d = config.hidden_size
-    target.embed_tokens.weight.copy_(source.wte.weight)
-    if config.position_embedding_type == "learned":
-        target.embed_positions.weight.copy_(source.wpe.weight)
-    target.norm.load_state_dict(source.ln_f.state_dict())
+    copy_embeddings_and_head(gpt2, model)
     for block, layer in zip(source.h, target.layers):
         layer.input_layernorm.load_state_dict(block.ln_1.state_dict())
         layer.post_attention_layernorm.load_state_dict(block.ln_2.state_dict())
@@ -129,7 +126,6 @@ def convert(
             mlp.input_bias.copy_(_copies(c_fc.bias, mlp.num_experts, 0.0, generator))
             mlp.output_proj.copy_(_copies(c_proj.weight, mlp.num_experts, expert_noise, generator))
         mlp.output_bias.copy_(_copies(c_proj.bias, mlp.num_experts, 0.0, generator))
-    model.tie_weights()
     return model
 
 

@@ -19,7 +19,7 @@ rounding). Each setting is needed for that:
   0.5, and the factor 2 is folded into the down-projections;
 * ``num_attention_experts=1``: dense V and O; its per-head sigmoid output gate is exactly 0.5 with zero weights, and
   the 2 is folded into the output projection;
-* tied embeddings and no output bias (GPT-2's head).
+* GPT-2's head: tied to the embeddings (or copied, if the GPT-2's is untied), no output bias.
 
 Without ``--exact`` the result is a true (shared) MoEUT seeded by upcycling, which is NOT function-preserving: shared
 layer g (of G) holds the union of the experts of GPT-2 layers g, g + G, g + 2G, ... (e.g. GPT-2 small with G = 2:
@@ -29,7 +29,7 @@ unrelated attention patterns); the shared LayerNorms are the group's means. GPT-
 and biases are kept by default. Each token uses ``num_experts_per_tok`` experts (default: as many as one GPT-2 MLP
 has); the factor 2 of a 0.5 gate is folded into the down-projections here as well, but the gates start somewhat above
 0.5 (sigmoids of small random router logits, of which the top-k picks the largest), so the FFN outputs start somewhat
-larger than GPT-2's. Fields that the copied weights fix (shapes, biases, positions, the tied head) cannot be
+larger than GPT-2's. Fields that the copied weights fix (shapes, biases, positions, the head) cannot be
 overridden.
 
 Recipe after an upcycling conversion (measured in benchmarks/results/upcycling.md, `python -m benchmarks.upcycling`):
@@ -50,10 +50,11 @@ from transformers import GPT2LMHeadModel
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
-from .gpt2_source import load_gpt2
+from .gpt2_source import copy_embeddings_and_head, gpt2_config_of, load_gpt2
 
+DEFAULT_NUM_UNIQUE_LAYERS = 2  # G without --exact
 GATE_AT_ZERO = 0.5  # sigmoid(0): the gate of a zero router, folded out of the down-projections as 1 / 0.5
-# config fields the copied weights fix (shapes, biases, positions, the tied head): not overridable
+# config fields the copied weights fix (shapes, biases, positions, the head): not overridable
 SEEDED_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_unique_layers", "num_attention_heads", "head_dim",
     "num_attention_experts", "num_experts", "moe_intermediate_size", "position_embedding_type",
@@ -62,16 +63,19 @@ SEEDED_FIELDS = (
 
 
 def moeut_config(gpt2_config, exact: bool, num_unique_layers: int | None, expert_size: int, **overrides) -> MoEUTConfig:
-    """The MoEUT config seeded from a GPT-2 config (`overrides`: any config field)."""
+    """The MoEUT config seeded from a GPT-2 config (`num_unique_layers` None: 2, or n_layer with `exact`;
+    `overrides`: any config field)."""
     layers, d, heads = gpt2_config.n_layer, gpt2_config.n_embd, gpt2_config.n_head
     inner = gpt2_config.n_inner or 4 * d
-    if inner % expert_size:
-        raise ValueError(f"expert_size={expert_size} must divide GPT-2's MLP width {inner}.")
+    if expert_size < 1 or inner % expert_size:
+        raise ValueError(f"expert_size={expert_size} must be a positive divisor of GPT-2's MLP width {inner}.")
     if gpt2_config.scale_attn_by_inverse_layer_idx or not gpt2_config.scale_attn_weights:
         raise ValueError("only GPT-2's standard 1/sqrt(head_dim) attention scaling is supported.")
-    groups = layers if exact or num_unique_layers is None else num_unique_layers
     if exact and num_unique_layers not in (None, layers):
         raise ValueError(f"exact=True needs num_unique_layers = GPT-2's n_layer ({layers}), got {num_unique_layers}.")
+    groups = num_unique_layers if num_unique_layers is not None else layers if exact else DEFAULT_NUM_UNIQUE_LAYERS
+    if groups < 1:
+        raise ValueError(f"num_unique_layers={groups} must be a positive divisor of GPT-2's n_layer ({layers}).")
     if layers % groups:
         raise ValueError(f"num_unique_layers={groups} must divide GPT-2's n_layer ({layers}).")
     repeats, per_layer = layers // groups, inner // expert_size
@@ -95,7 +99,7 @@ def moeut_config(gpt2_config, exact: bool, num_unique_layers: int | None, expert
         max_position_embeddings=gpt2_config.n_positions,
         attention_bias=True,
         mlp_bias=True,
-        tie_word_embeddings=True,
+        tie_word_embeddings=gpt2_config.tie_word_embeddings,
         lm_head_bias=False,
         bos_token_id=gpt2_config.bos_token_id,
         eos_token_id=gpt2_config.eos_token_id,
@@ -112,7 +116,7 @@ def moeut_config(gpt2_config, exact: bool, num_unique_layers: int | None, expert
         required.update(
             num_attention_experts=1, hidden_act=gpt2_config.activation_function, norm_scheme="pre",
             position_embedding_type="learned_absolute", partial_rotary_factor=0.0, attention_bias=True, mlp_bias=True,
-            tie_word_embeddings=True, lm_head_bias=False,
+            tie_word_embeddings=gpt2_config.tie_word_embeddings, lm_head_bias=False,
         )  # fmt: skip
         conflicting = {k: v for k, v in overrides.items() if k in required and v != required[k]}
         if conflicting:
@@ -166,30 +170,26 @@ def _seed_layer(layer, blocks, config: MoEUTConfig):
 def convert(
     gpt2: str | Path | GPT2LMHeadModel,
     exact: bool = False,
-    num_unique_layers: int | None = 2,
+    num_unique_layers: int | None = None,
     expert_size: int = 128,
     seed: int = 0,
     **config_overrides,
 ) -> MoEUTForCausalLM:
     """A MoEUT seeded from `gpt2` (a checkpoint path or a `GPT2LMHeadModel`).
 
-    `num_unique_layers` is G (ignored with `exact`, which needs G = n_layer); `config_overrides` set MoEUT config
+    `num_unique_layers` is G (default 2; `exact` needs G = n_layer, its default); `config_overrides` set MoEUT config
     fields, e.g. `num_experts_per_tok`, `num_attention_experts_per_tok`, `norm_scheme`, `output_router_logits`.
     """
+    config = moeut_config(gpt2_config_of(gpt2), exact, num_unique_layers, expert_size, **config_overrides)
     gpt2 = load_gpt2(gpt2)
-    config = moeut_config(gpt2.config, exact, None if exact else num_unique_layers, expert_size, **config_overrides)
     torch.manual_seed(seed)  # the routers keep their random initialisation (zeroed below for exact)
     model = MoEUTForCausalLM(config).eval()
-    source, target = gpt2.transformer, model.model
-    target.embed_tokens.weight.copy_(source.wte.weight)
-    target.embed_positions.weight.copy_(source.wpe.weight)
-    target.norm.load_state_dict(source.ln_f.state_dict())
+    copy_embeddings_and_head(gpt2, model)
     groups = config.num_unique_layers
-    for g, layer in enumerate(target.layers):
-        _seed_layer(layer, list(source.h)[g::groups], config)
+    for g, layer in enumerate(model.model.layers):
+        _seed_layer(layer, list(gpt2.transformer.h)[g::groups], config)
         if exact:
             layer.mlp.router.weight.zero_()
-    model.tie_weights()
     return model
 
 
@@ -203,7 +203,10 @@ def main(argv=None, add_files=None):
     parser.add_argument("--gpt2", required=True, help="GPT-2 checkpoint directory or hub id")
     add_output_arguments(parser)
     parser.add_argument("--exact", action="store_true", help="function-preserving form: equals GPT-2 (no sharing)")
-    parser.add_argument("--num-unique-layers", type=int, default=2, help="G, the number of shared layers")
+    parser.add_argument(
+        "--num-unique-layers", type=int, help=f"G, the number of shared layers (default {DEFAULT_NUM_UNIQUE_LAYERS}; "
+        "--exact: GPT-2's n_layer)"
+    )
     parser.add_argument("--expert-size", type=int, default=128, help="width of each FFN expert")
     parser.add_argument("--experts-per-tok", type=int, default=None, help="FFN experts per token (default: one MLP)")
     parser.add_argument("--norm-scheme", choices=("pre", "peri", "post"), default="pre")

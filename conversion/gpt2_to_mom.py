@@ -39,7 +39,7 @@ from modeling_mom.configuration_mom import ROUTER_TYPES, ROUTER_WEIGHTINGS, ROUT
 from modeling_mom.modeling_mom import layer_schedule
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
-from .gpt2_source import gpt2_config_of, load_gpt2
+from .gpt2_source import copy_embeddings_and_head, gpt2_config_of, load_gpt2
 
 # MoMConfig fields `convert` accepts; the rest (widths, vocabulary, activation, ...) are GPT-2's.
 STRUCTURE_FIELDS = (
@@ -229,14 +229,9 @@ def convert(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MoMForCausalLM(config)
-    source, target = gpt2.transformer, model.model
-    target.embed_tokens.weight.copy_(source.wte.weight)
-    target.embed_positions.weight.copy_(source.wpe.weight)
-    target.norm.load_state_dict(source.ln_f.state_dict())
-    if not config.tie_word_embeddings:
-        model.lm_head.weight.copy_(gpt2.lm_head.weight)
-    for layer, gpt2_layers in zip(target.layers, gpt2_layer_map(config), strict=True):
-        blocks = [source.h[i] for i in gpt2_layers]
+    copy_embeddings_and_head(gpt2, model)
+    for layer, gpt2_layers in zip(model.model.layers, gpt2_layer_map(config), strict=True):
+        blocks = [gpt2.transformer.h[i] for i in gpt2_layers]
         for pool, name_map in ((layer.attention, ATTENTION_MAP), (layer.mlp, FFN_MAP)):
             for name, gpt2_name in name_map.items():
                 pool.get_parameter(name).copy_(_stack(blocks[: pool.num_modules], gpt2_name))

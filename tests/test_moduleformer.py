@@ -562,18 +562,20 @@ def test_official_checkpoint_converts_to_the_official_function(shape, fmt, tmp_p
 # ------------------------------------------------------------------------------------------ GPT-2 seeding
 
 
-def tiny_gpt2():
+def tiny_gpt2(**overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(5)
-    config = GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
+                        **overrides)  # fmt: skip
     return GPT2LMHeadModel(config).eval()
 
 
-def test_exact_gpt2_seeding_reproduces_gpt2(tmp_path):
+@pytest.mark.parametrize("tie_word_embeddings", [True, False], ids=["tied-head", "untied-head"])
+def test_exact_gpt2_seeding_reproduces_gpt2(tie_word_embeddings, tmp_path):
     from conversion.gpt2_to_moduleformer import main
 
-    gpt2 = tiny_gpt2()
+    gpt2 = tiny_gpt2(tie_word_embeddings=tie_word_embeddings)
     gpt2.save_pretrained(tmp_path / "gpt2")
     main(["--gpt2", str(tmp_path / "gpt2"), "--out", str(tmp_path / "mf"), "--exact", "--num-experts", "4"])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "mf").eval()

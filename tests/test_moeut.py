@@ -507,7 +507,9 @@ def tiny_gpt2(**overrides):
 
 
 @pytest.mark.parametrize(
-    "gpt2_overrides", [dict(), dict(activation_function="relu", n_layer=2)], ids=["gelu_new", "relu"]
+    "gpt2_overrides",
+    [dict(), dict(activation_function="relu", n_layer=2), dict(tie_word_embeddings=False, n_layer=2)],
+    ids=["gelu_new", "relu", "untied-head"],
 )
 def test_exact_conversion_equals_gpt2(gpt2_overrides, tmp_path):
     """Logits equal GPT-2's within fp32 rounding (1e-5 on logits of order 10: the same products, summed over 128-wide
