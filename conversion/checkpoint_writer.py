@@ -37,6 +37,9 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory.")
+    cwd = Path.cwd()
+    if out.resolve() in (cwd, *cwd.parents):  # it is renamed into place, which the working directory cannot be
+        raise ValueError(f"--out {out} is the working directory or contains it; name a new directory instead.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it.")
     return out

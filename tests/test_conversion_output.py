@@ -4,6 +4,7 @@ nor a damaged earlier one, nor the staging directory."""
 
 import importlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,4 +78,86 @@ def test_a_source_that_is_not_a_gpt2_is_refused_before_converting(name, tmp_path
     with pytest.raises(SystemExit):
         run(name, source, tmp_path / "out")
     assert "'llama' checkpoint; a GPT-2 ('gpt2') is required" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_the_working_directory_is_refused_as_output(name, gpt2_dir, tmp_path, monkeypatch, capsys):
+    """`--out .` (or a directory containing the working directory) cannot be renamed into place: refused before
+    converting, and nothing is left beside it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", str(tmp_path)):
+        with pytest.raises(SystemExit):
+            run(name, gpt2_dir, out, "--overwrite")
+        assert "is the working directory or contains it" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "work"] and not list(work.iterdir())
+
+
+def test_a_failed_move_aside_leaves_no_directory_behind(tmp_path, monkeypatch):
+    """Replacing an existing output moves it aside first; if that fails, the aside directory is removed too."""
+    from modeling_mom.workflows import common
+
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    staging.mkdir()
+    out.mkdir()
+    replace = os.replace
+
+    def failing_replace(source, target):
+        if Path(source) == out:
+            raise OSError("busy")
+        replace(source, target)
+
+    monkeypatch.setattr(common.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="busy"):
+        common.move_into_place(staging, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "staging"]
+
+
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_a_source_without_usable_weights_is_refused(name, gpt2_dir, tmp_path, capsys):
+    """A missing directory, a directory without weights and weights lacking layers (which would load randomly
+    initialised) are usage errors naming the problem; a GPT-2 saved without its head (`GPT2Model`) converts."""
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((gpt2_dir / "config.json").read_text())
+    fewer_layers = tmp_path / "fewer_layers"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=4, n_positions=16, n_embd=32, n_layer=1, n_head=4)).save_pretrained(
+        fewer_layers
+    )
+    (fewer_layers / "config.json").write_text((gpt2_dir / "config.json").read_text())  # says n_layer=2
+    cases = {
+        tmp_path / "missing": "is not a GPT-2 checkpoint directory or a reachable hub id",
+        no_weights: "cannot load GPT-2 weights from",
+        fewer_layers: "weights lack 12 tensor(s) its config needs: transformer.h.1.attn.c_attn.bias, ",
+    }
+    for source, message in cases.items():
+        with pytest.raises(SystemExit):
+            run(name, source, tmp_path / "out")
+        assert message in capsys.readouterr().err, source
+        assert not (tmp_path / "out").exists()
+    from transformers import GPT2Model
+
+    GPT2LMHeadModel.from_pretrained(gpt2_dir).transformer.save_pretrained(tmp_path / "base")
+    run(name, tmp_path / "base", tmp_path / "out")
+    ids = torch.tensor([[0, 1, 2, 3]])
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    expected = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()(ids).logits
+    assert isinstance(GPT2Model.from_pretrained(tmp_path / "base"), GPT2Model)
+    torch.testing.assert_close(converted(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_moeut_options_are_checked_by_name(gpt2_dir, tmp_path, capsys):
+    cases = {
+        ("--expert-size", "0"): "expert_size=0 must be a positive divisor of GPT-2's MLP width 128",
+        ("--expert-size", "-32"): "expert_size=-32 must be a positive divisor",
+        ("--num-unique-layers", "1"): "exact=True needs num_unique_layers = GPT-2's n_layer (2), got 1",
+        ("--num-unique-layers", "0"): "needs num_unique_layers = GPT-2's n_layer (2), got 0",
+    }
+    for options, message in cases.items():
+        with pytest.raises(SystemExit):
+            run("gpt2_to_moeut", gpt2_dir, tmp_path / "out", *options)
+        assert message in capsys.readouterr().err, options
     assert not (tmp_path / "out").exists()

@@ -551,6 +551,24 @@ def no_pad_tokenizer_model(workspace: Path) -> Path:
     return target
 
 
+def no_tokenizer_model(workspace: Path, tmp_path: Path) -> Path:
+    """The workspace's GPT-2 without its tokenizer files (transformers then builds an empty tokenizer from it)."""
+    target = tmp_path / "gpt2-no-tokenizer"
+    target.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(workspace / "gpt2" / name, target / name)
+    return target
+
+
+def test_convert_without_a_tokenizer_saves_none(workspace, tmp_path, capsys):
+    from modeling_mom.workflows.convert import main as convert_main
+
+    source, out = no_tokenizer_model(workspace, tmp_path), tmp_path / "mom"
+    convert_main(["mom", "--gpt2", str(source), "--out", str(out), "--exact"])
+    assert f"note: no tokenizer at {source}" in capsys.readouterr().out
+    assert not (out / "tokenizer.json").exists() and (out / "model.safetensors").exists()
+
+
 def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
     (tmp_path / "malformed.jsonl").write_text('{"text": "the cat ."}\n{"text": broken\n')
     (tmp_path / "no_config").mkdir()
@@ -576,6 +594,8 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
         "is not a GLUE task": ["glue", "--model", gpt2, "--task", "sst3", *sst2],
         "has no config.json": ["glue", "--model", str(tmp_path / "no_config"), "--task", "sst2", *sst2],
         "has no pad token": ["glue", "--model", str(no_pad_tokenizer_model(workspace)), "--task", "sst2", *sst2],
+        "(no tokenizer files: an empty vocabulary)": [
+            "pretrain", "--model", str(no_tokenizer_model(workspace, tmp_path)), "--dataset", corpus],
         "longer than the model allows": ["pretrain", "--model", gpt2, "--dataset", corpus, "--block-size", "65"],
         "max_position_embeddings=64": ["summarize", "--model", gpt2, "--max-length", "100",
                                        "--train-file", str(workspace / "sum_train.jsonl"),

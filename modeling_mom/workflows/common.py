@@ -71,6 +71,19 @@ def check_language_model(model: str, config: PreTrainedConfig, tokenizer) -> Non
         )
 
 
+def saved_tokenizer(source: str):
+    """`AutoTokenizer.from_pretrained(source)`; a WorkflowError where `source` holds no tokenizer. From a model
+    directory without tokenizer files transformers builds an empty tokenizer (its vocabulary is its special tokens
+    alone, so every text encodes to nothing); that counts as none."""
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as error:
+        raise WorkflowError(f"no tokenizer found at {source} ({error}).") from error
+    if len(tok.get_vocab()) <= len(tok.all_special_tokens):
+        raise WorkflowError(f"no tokenizer found at {source} (no tokenizer files: an empty vocabulary).")
+    return tok
+
+
 def load_tokenizer(model: str, tokenizer: str | None = None, needs_padding: bool = False, pad_token: str | None = None):
     """The tokenizer saved with `model` (or at `tokenizer`); with `needs_padding`, one that has a pad token.
 
@@ -78,11 +91,9 @@ def load_tokenizer(model: str, tokenizer: str | None = None, needs_padding: bool
     """
     source = tokenizer or model
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError) as error:
-        raise WorkflowError(
-            f"no tokenizer found at {source} ({error}); save one next to the model or pass --tokenizer."
-        ) from error
+        tok = saved_tokenizer(source)
+    except WorkflowError as error:
+        raise WorkflowError(f"{error} Save one next to the model or pass --tokenizer.") from error
     if pad_token is not None:
         if tok.convert_tokens_to_ids(pad_token) in (None, tok.unk_token_id):
             raise WorkflowError(f"--pad-token {pad_token!r} is not in the vocabulary of the tokenizer at {source}.")
@@ -194,11 +205,12 @@ def move_into_place(staging: Path, out: Path):
         os.replace(staging, out)
         return
     old = sibling_dir(out, "old")
-    os.replace(out, old / out.name)
     try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(old / out.name, out)
-        raise
+        os.replace(out, old / out.name)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            os.replace(old / out.name, out)
+            raise
     finally:
         shutil.rmtree(old, ignore_errors=True)

@@ -17,9 +17,7 @@ import pkgutil
 from pathlib import Path
 from types import ModuleType
 
-from transformers import AutoTokenizer
-
-from .common import HISTORY_FILE, WorkflowError, load_model_config, write_json
+from .common import HISTORY_FILE, WorkflowError, load_model_config, saved_tokenizer, write_json
 
 CONVERTER_PREFIX = "gpt2_to_"
 
@@ -42,8 +40,8 @@ def offers_exact(converter: ModuleType) -> bool:
 def gpt2_tokenizer(source: str):
     """The tokenizer saved with a GPT-2 checkpoint, with EOS as its pad token if it has none; None if absent."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError):
+        tokenizer = saved_tokenizer(source)
+    except WorkflowError:
         return None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
