@@ -9,6 +9,7 @@
 The model class provides `_expert_pools()`: `(layer index, "attention" | "mlp", experts)` per router, in call order.
 """
 
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -73,11 +74,18 @@ class ModuleFormerModularityMixin:
         """
         if keep_top_n is None and threshold is None:
             raise ValueError("prune_experts needs keep_top_n and/or threshold.")
-        if keep_top_n is not None and keep_top_n < 1:
-            raise ValueError(f"keep_top_n={keep_top_n} must be a positive integer.")
+        if keep_top_n is not None:
+            _check_positive_int("keep_top_n", keep_top_n)
         if threshold is not None and not 0 <= threshold < 1:
             raise ValueError(f"threshold={threshold} must be a share of selections in [0, 1).")
         pools = self._expert_pools()
+        for kind in POOL_KINDS:
+            layers = usage.get(kind) if isinstance(usage, dict) else None
+            if not isinstance(layers, (list, tuple)) or len(layers) != len(self.base_model.layers):
+                raise ValueError(
+                    f"usage[{kind!r}] must hold one entry per layer ({len(self.base_model.layers)}); pass the result "
+                    "of this model's expert_usage()."
+                )
         plans = []
         for layer_idx, kind, pool in pools:
             counts = self._checked_counts(usage, kind, layer_idx, pool.num_experts)
@@ -115,6 +123,8 @@ class ModuleFormerModularityMixin:
             raise ValueError(
                 f"usage[{kind!r}][{layer_idx}] has shape {tuple(counts.shape)}; the layer has {num_experts} experts."
             )
+        if counts.is_floating_point() or counts.is_complex() or bool((counts < 0).any()):
+            raise ValueError(f"usage[{kind!r}][{layer_idx}] = {counts.tolist()}; selection counts are integers >= 0.")
         return counts
 
     @torch.no_grad()
@@ -127,8 +137,7 @@ class ModuleFormerModularityMixin:
         also hold the new experts, have the gradient of their old rows zeroed by a hook. Exclude those tensors from
         weight decay, which would otherwise still shrink the frozen rows.
         """
-        if num_new < 1:
-            raise ValueError(f"num_new={num_new} must be a positive integer.")
+        _check_positive_int("num_new", num_new)
         std = self.config.initializer_range
         output_std = std / (2 * self.config.num_hidden_layers) ** 0.5
         if freeze_existing:
@@ -163,6 +172,11 @@ class ModuleFormerModularityMixin:
         self.config.mlp_experts_per_layer = counts["mlp"]
         self.config.pruned_attention_experts_per_layer = pruned["attention"] if any(pruned["attention"]) else None
         self.config.pruned_mlp_experts_per_layer = pruned["mlp"] if any(pruned["mlp"]) else None
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
 
 
 def _train_rows_only(param: torch.nn.Parameter, start: int, end: int):

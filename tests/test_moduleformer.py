@@ -423,6 +423,22 @@ def test_prune_rejects_bad_requests():
         model.prune_experts(usage, keep_top_n=1)
     with pytest.raises(ValueError, match="has shape"):
         model.prune_experts({"attention": [torch.ones(3)] * 2, "mlp": usage["mlp"]}, threshold=0.0)
+    with pytest.raises(ValueError, match="keep_top_n=2.5 must be a positive integer"):
+        model.prune_experts(usage, keep_top_n=2.5)
+    with pytest.raises(ValueError, match=r"one entry per layer \(2\)"):  # another model's usage, of more layers
+        model.prune_experts({kind: counts * 2 for kind, counts in usage.items()}, threshold=0.0)
+    negative = {"attention": usage["attention"], "mlp": [torch.tensor([-5, 1, 1, 1, 1, 1])] * 2}
+    with pytest.raises(ValueError, match=r"usage\['mlp'\]\[0\] = \[-5, 1, 1, 1, 1, 1\]; selection counts"):
+        model.prune_experts(negative, threshold=0.0)
+
+
+@pytest.mark.parametrize("num_new", [0, 1.5, True, "2"])
+def test_add_experts_refuses_anything_but_a_positive_count_before_changing_the_model(num_new):
+    model = tiny_model()
+    before = {name: (p.shape, p.requires_grad) for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=f"num_new={num_new!r} must be a positive integer"):
+        model.add_experts(num_new)
+    assert {name: (p.shape, p.requires_grad) for name, p in model.named_parameters()} == before
 
 
 def test_add_experts_trains_only_new_experts(tmp_path):
