@@ -59,13 +59,26 @@ def rename(key: str) -> str | None:
     raise ValueError(f"unexpected tensor {key!r} in the official checkpoint; not part of the ModuleFormer layout.")
 
 
-def load_official_state_dict(src: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an official checkpoint directory (single file or shards, safetensors or pickle)."""
+def _weight_files(src: Path) -> list[Path]:
+    """The checkpoint's weight files: those its shard index names (all must exist), else the single files found."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = src / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            absent = [name for name in names if not (src / name).is_file()]
+            if absent:
+                raise ValueError(f"{src} lacks the shard(s) {absent} that {index_name} lists.")
+            return [src / name for name in names]
     files = sorted(src.glob("model*.safetensors")) or sorted(src.glob("pytorch_model*.bin"))
     if not files:
-        raise FileNotFoundError(f"{src} has no model*.safetensors or pytorch_model*.bin weights.")
+        raise ValueError(f"{src} has no model*.safetensors or pytorch_model*.bin weights.")
+    return files
+
+
+def load_official_state_dict(src: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an official checkpoint directory (single file or shards, safetensors or pickle)."""
     state = {}
-    for file in files:
+    for file in _weight_files(src):
         if file.suffix == ".safetensors":
             state.update(load_file(file))
         else:
@@ -73,12 +86,19 @@ def load_official_state_dict(src: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+
+
 def convert(src: str | Path, dtype: torch.dtype | None = None) -> ModuleFormerForCausalLM:
     """Load the official checkpoint in `src` as a `ModuleFormerForCausalLM`.
 
-    `dtype` casts the weights (default: keep the checkpoint's, bf16 for MoLM).
+    `dtype` casts the weights (default: keep the checkpoint's, bf16 for MoLM). A ValueError names what does not fit:
+    no config.json, missing weight files or shards, tensors missing, unexpected or shaped unlike the config says.
     """
     src = Path(src)
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src} has no config.json; --src must be a local copy of an official MoLM checkpoint.")
     official = json.loads((src / "config.json").read_text())
     for key in ("architectures", "auto_map", "model_type"):
         official.pop(key, None)
@@ -90,9 +110,23 @@ def convert(src: str | Path, dtype: torch.dtype | None = None) -> ModuleFormerFo
             state[name] = tensor if dtype is None else tensor.to(dtype)
     with torch.device("meta"):
         model = ModuleFormerForCausalLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(state) - tied)
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match its config: missing {missing}, unexpected {unexpected}.")
+        raise ValueError(
+            f"checkpoint does not match its config: missing [{_listed(missing)}], unexpected [{_listed(unexpected)}]."
+        )
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    misshapen = [f"{name} {shape} (config: {expected[name]})" 
+                 for name, shape in shapes.items() if shape != expected[name]]
+    if misshapen:
+        raise ValueError(
+            f"the weights disagree with config.json's sizes (n_att_experts, n_mlp_experts, att_hidden, ffd_hidden, "
+            f"n_embd, vocab_size): {_listed(misshapen)}."
+        )
+    model.load_state_dict(state, strict=False, assign=True)
     return model.eval()
 
 

@@ -549,6 +549,37 @@ def test_official_checkpoint_loaded_directly_is_refused_with_the_conversion_comm
         AutoModelForCausalLM.from_pretrained(src)
 
 
+def test_official_checkpoint_that_does_not_fit_is_a_usage_error(tmp_path, capsys):
+    """A source without config.json or weights, with a shard its index lists missing, or with weights of other sizes
+    than its config says: a usage error naming the problem (tracebacks before), and nothing written."""
+    from conversion.molm_to_moduleformer import main
+
+    official = {**MOLM_700M_8B, "vocab_size": 50, "n_embd": 16, "n_layer": 2, "ffd_hidden": 12, "gating_size": 6,
+                "n_att_experts": 4, "n_mlp_experts": 5, "n_head": 2, "att_hidden": 8}  # fmt: skip
+    state = official_checkpoint(official)
+    sources = {name: tmp_path / name for name in ("no_weights", "missing_shard", "other_sizes")}
+    for src in sources.values():
+        src.mkdir()
+        (src / "config.json").write_text(json.dumps(official))
+    layer_1 = {k: v for k, v in state.items() if k.startswith("transformer.h.1.")}
+    torch.save({k: v for k, v in state.items() if k not in layer_1}, sources["missing_shard"] / "pytorch_model-1.bin")
+    index = {"weight_map": {k: "pytorch_model-2.bin" if k in layer_1 else "pytorch_model-1.bin" for k in state}}
+    (sources["missing_shard"] / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (sources["other_sizes"] / "config.json").write_text(json.dumps({**official, "n_att_experts": 3}))
+    torch.save(state, sources["other_sizes"] / "pytorch_model.bin")
+    cases = {
+        tmp_path / "absent": "has no config.json",
+        sources["no_weights"]: "has no model*.safetensors or pytorch_model*.bin weights",
+        sources["missing_shard"]: "lacks the shard(s) ['pytorch_model-2.bin'] that pytorch_model.bin.index.json lists",
+        sources["other_sizes"]: "disagree with config.json's sizes (n_att_experts, ",
+    }
+    for src, message in cases.items():
+        with pytest.raises(SystemExit):
+            main(["--src", str(src), "--out", str(tmp_path / "out")])
+        assert message in capsys.readouterr().err, src
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("shape", [{"n_head": 1, "att_hidden": 16}, {"n_head": 2, "att_hidden": 8}], ids=["molm", "kv"])
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_official_checkpoint_converts_to_the_official_function(shape, fmt, tmp_path):
