@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -202,7 +202,9 @@ class ModuleFormerAttention(ModuleFormerExperts):
         key = hidden_states if self.k_proj is None else self.k_proj(hidden_states)
         key = key.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, head_dim]
         if self.v_proj is None:
-            if cache is not None:
+            if isinstance(cache, QuantizedCache):  # it cannot quantize zero-wide values: it holds the keys twice
+                key, _ = cache.update(key, key, self.layer_idx)
+            elif cache is not None:
                 key, _ = cache.update(key, key[..., :0], self.layer_idx)
             return key, key
         value = self.v_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
@@ -298,6 +300,10 @@ class ModuleFormerPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, ModuleFor
         "AutoModelForSequenceClassification": "ModuleFormerForSequenceClassification",
     }
 
+    def init_continuous_batching(self, *args, **kwargs):
+        """Refused before any request is queued (continuous batching logs a failing forward and returns nothing)."""
+        refuse_cache("continuous batching (generate_batch, cache_implementation='paged') keeps them paged")
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
         """transformers' `from_pretrained`, refusing an official ModuleFormer / MoLM checkpoint (IBM's layout).
@@ -357,6 +363,14 @@ class ModuleFormerPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, ModuleFor
         ]
 
 
+def refuse_cache(reason: str):
+    raise ValueError(
+        "ModuleFormer keeps its keys and values in a DynamicCache, or another cache whose layers grow with the "
+        f"sequence (its attention reads every cached key and a 2-D key padding mask); {reason}. Generate with the "
+        "default cache (cache_implementation=None or 'dynamic')."
+    )
+
+
 def key_padding_mask_from(attention_mask: torch.Tensor | None, batch: int, key_len: int) -> torch.Tensor | None:
     """The `[B, S]` boolean mask of real keys (cached and current), or None when nothing is padded."""
     if attention_mask is None:
@@ -402,12 +416,8 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
-        if cache is not None and cache.is_compileable:
-            raise ValueError(
-                f"ModuleFormer keeps its keys and values in a DynamicCache only (its attention reads every cached key "
-                f"and a 2-D key padding mask); got {type(cache).__name__}, whose layers have a fixed size. Generate "
-                "with the default cache (cache_implementation=None or 'dynamic')."
-            )
+        if cache is not None and (not isinstance(cache, Cache) or cache.is_compileable):
+            refuse_cache(f"got {type(cache).__name__}, whose layers have a fixed size or are paged")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:

@@ -256,7 +256,7 @@ class MoEUTAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
         if cache is not None:
-            key, value = cache.update(key, value, cache_idx)
+            key, value = cache.update(key, value, cache_idx, kwargs=kwargs)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

@@ -184,7 +184,7 @@ class MoMAttention(MoMModulePool):
         # [B, T, 3d] -> 3 x [B, heads, T, head_dim]
         query, key, value = qkv.view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
-            key, value = cache.update(key, value, cache_idx)
+            key, value = cache.update(key, value, cache_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
