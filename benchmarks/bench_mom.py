@@ -90,7 +90,6 @@ def build_mom(args, routing_mode: str) -> MoMForCausalLM:
         routing_mode=routing_mode,
         num_modules_per_tok=1,
         enable_skip=args.enable_skip,
-        output_router_logits=routing_mode == "learned",
         attn_implementation="sdpa",
         **mom_structure(args.layers, args.modules),
     )

@@ -36,7 +36,8 @@ EXACT_SETTINGS = {"attention_function": "softmax", "position_embedding_type": "l
 
 
 def moduleformer_config(gpt2_config, exact: bool, slice_mlp: bool, **overrides) -> ModuleFormerConfig:
-    """The ModuleFormer config of a GPT-2 with the given expert settings (`overrides`: any config field)."""
+    """The ModuleFormer config of a GPT-2 with the given expert settings (`overrides`: config fields that GPT-2's
+    weights do not fix, i.e. not its sizes, vocabulary, activation, positions or head)."""
     settings = {"attention_function": "stickbreaking", "normalize_expert_gates": True, **overrides}
     if exact:
         conflicting = {k: v for k, v in overrides.items() if k in EXACT_SETTINGS and v != EXACT_SETTINGS[k]}
@@ -53,7 +54,7 @@ def moduleformer_config(gpt2_config, exact: bool, slice_mlp: bool, **overrides) 
         raise ValueError("only GPT-2's standard 1/sqrt(head_dim) attention scaling is supported.")
     if gpt2_config.n_head == 1:
         raise ValueError("a one-head GPT-2 would map to ModuleFormer's projection-free keys/values; not supported.")
-    return ModuleFormerConfig(
+    seeded = dict(
         vocab_size=gpt2_config.vocab_size,
         hidden_size=gpt2_config.n_embd,
         num_hidden_layers=gpt2_config.n_layer,
@@ -68,8 +69,14 @@ def moduleformer_config(gpt2_config, exact: bool, slice_mlp: bool, **overrides) 
         tie_word_embeddings=gpt2_config.tie_word_embeddings,
         bos_token_id=gpt2_config.bos_token_id,
         eos_token_id=gpt2_config.eos_token_id,
-        **settings,
     )
+    fixed = sorted(set(overrides) & set(seeded))
+    if fixed:
+        raise ValueError(
+            f"{fixed} follow the GPT-2 being converted ({ {k: seeded[k] for k in fixed} }) and cannot be overridden; "
+            "choose the experts with num_experts, num_attention_experts and their _per_tok counts."
+        )
+    return ModuleFormerConfig(**seeded, **settings)
 
 
 def _copies(weight: torch.Tensor, num: int, noise: float, generator: torch.Generator) -> torch.Tensor:

@@ -64,7 +64,7 @@ SEEDED_FIELDS = (
 
 def moeut_config(gpt2_config, exact: bool, num_unique_layers: int | None, expert_size: int, **overrides) -> MoEUTConfig:
     """The MoEUT config seeded from a GPT-2 config (`num_unique_layers` None: 2, or n_layer with `exact`;
-    `overrides`: any config field)."""
+    `overrides`: config fields other than `SEEDED_FIELDS`, which GPT-2's weights fix)."""
     layers, d, heads = gpt2_config.n_layer, gpt2_config.n_embd, gpt2_config.n_head
     inner = gpt2_config.n_inner or 4 * d
     if expert_size < 1 or inner % expert_size:

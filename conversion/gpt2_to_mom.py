@@ -20,7 +20,7 @@ chunk runs module h with weight 1: the converted model computes GPT-2's function
 rounding). ``--exact`` (``convert(..., exact=True)``) selects that form; with no chunk structure given it puts all
 GPT-2 layers into one chunk (no bottom, top or anchor layers), the simplest structure that fits any GPT-2. With
 learned routing (the default) the routers are newly initialised (``--seed``) and must be trained (the model adds
-its load-balancing loss to the loss in training).
+its load-balancing loss to the loss in training); a pool with a single choice (one module, no SKIP) has none.
 
 The checkpoint is written in float32, to a temporary directory next to DIR that is renamed into place only once
 complete. It loads with ``AutoModelForCausalLM`` after ``import modeling_mom``, or with ``trust_remote_code=True``
@@ -246,17 +246,19 @@ def summary(model: MoMForCausalLM) -> str:
         f"modules, {config.num_rounds} rounds, top-{config.num_modules_per_tok}"
         f"{', SKIP' if config.enable_skip else ''}]{' + anchor' if config.use_anchor_layers else ''}"
     )
+    routers = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
     if config.routing_mode == "sequential":
         exact = config.num_rounds == config.num_attention_modules == config.num_ffn_modules
         routing = "sequential (round h runs module h): " + (
             "computes GPT-2's function" if exact else f"runs {config.num_rounds} of each chunk's seeded layers"
         )
+    elif not routers:
+        routing = "no routers (single-choice pools: every round runs each pool's only module)"
     else:
         routing = (
             f"learned ({config.router_type} routers, {config.router_weighting} weights, newly initialised: train "
             f"them; balancing loss weight {config.router_aux_loss_coef})"
         )
-    routers = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
     return "\n".join(
         [
             (
@@ -282,7 +284,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--exact", action="store_true", help="function-preserving form: sequential routing, one round per module"
     )
-    structure = parser.add_argument_group("structure (MoMConfig fields; unset = the config's default)")
+    structure = parser.add_argument_group(
+        "structure (MoMConfig fields; unset = the config's default, or with --exact one chunk of all GPT-2 layers)"
+    )
     for name in ("num_bottom_layers", "num_top_layers", "num_chunks", "num_attention_modules", "num_ffn_modules"):
         structure.add_argument("--" + name.replace("_", "-"), type=int)
     structure.add_argument("--num-rounds", type=int, help="H (default: max(num_attention_modules, num_ffn_modules))")

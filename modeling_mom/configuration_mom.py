@@ -25,7 +25,8 @@ class MoMConfig(PreTrainedConfig):
 
     The layer stack is ``num_bottom_layers`` plain GPT-2 blocks, then ``num_chunks`` chunks (each followed by a
     plain "anchor" block when ``use_anchor_layers``), then ``num_top_layers`` plain blocks. A chunk holds a pool of
-    ``num_attention_modules`` attention modules and ``num_ffn_modules`` feed-forward modules plus two routers; for
+    ``num_attention_modules`` attention modules and ``num_ffn_modules`` feed-forward modules, each pool with a router
+    if it offers a choice (more than one module, or SKIP); for
     ``num_rounds`` rounds each token picks ``num_modules_per_tok`` modules of each pool (or SKIP), and the picked
     modules are assembled into that round's attention and feed-forward sub-layer.
 

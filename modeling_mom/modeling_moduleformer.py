@@ -197,7 +197,8 @@ class ModuleFormerAttention(ModuleFormerExperts):
 
     def _keys_and_values(self, hidden_states, cache):
         """Keys and values of the current positions, after the cached ones. When both are the hidden states (the
-        MoLM layout) the cache holds them once: its values are stored zero wide."""
+        MoLM layout) the cache holds them once: its values are stored zero wide (a `QuantizedCache`, which cannot
+        quantize an empty tensor, holds the keys twice)."""
         batch, seq, _ = hidden_states.shape
         key = hidden_states if self.k_proj is None else self.k_proj(hidden_states)
         key = key.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, head_dim]
@@ -327,8 +328,8 @@ class ModuleFormerPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, ModuleFor
 
     @property
     def router_losses_with_labels(self) -> bool:
-        """With labels, the router losses join the loss unasked when one has a positive weight (as the official
-        model always adds its auxiliary loss)."""
+        """In training with labels, the router losses join the loss unasked when one has a positive weight (as the
+        official model always adds its auxiliary loss)."""
         return self.config.router_aux_loss_coef > 0 or self.config.concentration_loss_coef > 0
 
     def router_losses(self, router_logits, batch_size, attention_mask):
@@ -470,8 +471,8 @@ def moduleformer_router_losses(
 class ModuleFormerForCausalLM(CausalLMWithRouterLosses, ModuleFormerPreTrainedModel, GenerationMixin):
     """ModuleFormer with its language-model head (untied in MoLM; tied if `tie_word_embeddings`).
 
-    `router_logits` holds every router's logits (per layer: attention router, then feed-forward router); with
-    labels, the router losses are computed whether or not they are returned (see `router_losses`).
+    `router_logits` holds every router's logits (per layer: attention router, then feed-forward router); in training
+    with labels, the router losses are computed whether or not they are returned (see `router_losses`).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}

@@ -9,7 +9,7 @@ A token's path, from `input_ids` to logits:
         layer = layers[step % G]
         x = x + SwitchHead(q/k and routers read LN1(x), values read x)     ("peri" LayerNorm)
         x = x + sigma-MoE(router reads LN2(x), experts read x)
-    logits = lm_head(norm(x))                              (untied, with bias)
+    logits = lm_head(norm(x))                              (by default untied, with bias)
 
 SwitchHead: shared dense Q and K; each head's value and output projections are mixtures of that head's experts,
 chosen per token by sigmoid top-k routers (no renormalisation). The sigma-MoE feed-forward block is a pool of small
@@ -403,12 +403,6 @@ class MoEUTModel(MoEUTPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
     @accepts_past_key_values
     @merge_with_config_defaults
     @capture_outputs
@@ -475,7 +469,8 @@ def moeut_aux_loss(config: MoEUTConfig, router_logits, batch_size: int, attentio
 
 
 class MoEUTForCausalLM(CausalLMWithRouterLosses, MoEUTPreTrainedModel, GenerationMixin):
-    """MoEUT with its untied, biased language-model head (as in the official code).
+    """MoEUT with its language-model head: by default untied and biased, as in the official code
+    (`tie_word_embeddings`, `lm_head_bias`; a GPT-2-seeded model takes GPT-2's tied head without bias).
 
     With `output_router_logits`, `router_logits` holds, per unrolled step, the [V router's, O router's,] FFN
     router's logits, and `aux_loss` the entropy regulariser (see `router_losses`).

@@ -5,15 +5,16 @@ A token's path, from `input_ids` to logits:
 
     embed_tokens(ids) + embed_positions(pos)
     for each unrolled step (a plain GPT-2 block, or one round of a chunk):
-        attention router (chunks only) picks K of the chunk's attention modules (or SKIP) per token
+        attention router (chunks, pools with a choice) picks K of the attention modules (or SKIP) per token
         x = x + assembled attention: per-token Q/K/V summed over the token's modules, one causal attention
             over the sequence, output = gate-weighted sum of the modules' output projections
         FFN router picks K FFN modules (or SKIP) per token
         x = x + gate-weighted sum of the picked FFN modules
-    norm -> lm_head (tied to embed_tokens)
+    norm -> lm_head (tied to embed_tokens when `tie_word_embeddings`, GPT-2's default)
 
 Every module owns its pre-LayerNorm; residuals stay outside the modules, so a chunk run in "sequential" routing
-mode (round h = module h, weight 1) is exactly a stack of GPT-2 blocks. Each unrolled step has its own KV-cache
+mode (round h = module h, weight 1) is exactly a stack of GPT-2 blocks (in training up to dropout: as in the
+authors' code, a chunk's FFN outputs skip `resid_dropout`). Each unrolled step has its own KV-cache
 slot (`config.num_hidden_layers` of them), which keeps cached decoding exact for any number of rounds.
 """
 
@@ -327,7 +328,7 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
 
     def module_parameters(self) -> tuple[list | None, list | None]:
         """Per pool, its per-module parameters (`MoMModulePool.module_parameters`) where each round uses one module
-        for every token (plain blocks, one-module pools, sequential routing), for the model to unbind once per
+        for every token (plain blocks, single-choice pools, sequential routing), for the model to unbind once per
         forward and pass to every round; else None. A pool wrapped by an adapter (peft's `ParamWrapper` changes the
         weights only inside the pool's own call) gets None: it indexes its module in each round instead."""
         pools = (self.attention, self.mlp)
@@ -510,7 +511,7 @@ class MoMModel(MoMPreTrainedModel):
 
 
 class MoMForCausalLM(CausalLMWithRouterLosses, MoMPreTrainedModel, GenerationMixin):
-    """MoM with the language-model head tied to the input embeddings (as in GPT-2).
+    """MoM with GPT-2's language-model head: tied to the input embeddings when `tie_word_embeddings` (the default).
 
     With `output_router_logits`, `router_logits` holds, per routed round, the attention router's then the FFN
     router's `[B * T, modules (+ SKIP)]` logits (of the pools that have a router), and `aux_loss` their Switch-style

@@ -257,7 +257,8 @@ class CausalLMWithRouterLosses(RouterLossesMixin):
         r"""
         labels: next-token targets (`-100` = ignored); the loss honours `num_items_in_batch` from the Trainer.
         output_router_logits: return the router logits (in execution order; see the model's `router_losses`) and
-            `aux_loss`; the weighted router losses are then added to the loss.
+            `aux_loss`. Asked or not, the weighted router losses are added to the loss in training mode with labels
+            (when a coefficient is positive).
         """
         outputs, output_router_logits = self._run_base_model(
             labels,

@@ -680,6 +680,9 @@ def test_gpt2_seeding_options():
         convert(gpt2, exact=True, expert_noise=0.1)
     with pytest.raises(ValueError, match="divide"):
         convert(gpt2, slice_mlp=True, num_experts=5)
+    fixed = r"\['hidden_size'\] follow the GPT-2 being converted \(\{'hidden_size': 32\}\)"
+    with pytest.raises(ValueError, match=fixed):
+        convert(gpt2, hidden_size=64)  # was a TypeError (a keyword given twice)
 
 
 def test_prune_then_extend_round_trips(tmp_path):

@@ -497,6 +497,20 @@ def test_moduleformer_card_describes_the_model_as_it_is(tmp_path):
     assert "routing loss `mi` with coefficient 0.01" in str(hub.render_card(str(tmp_path), "me/pruned"))
 
 
+def test_mom_without_routers_is_described_as_such(tmp_path):
+    """Pools of one module without SKIP have no router (a shared layer applied num_rounds times): the conversion
+    summary and the card said "learned (mlp routers ..., train them)"."""
+    from conversion.gpt2_to_mom import convert, summary
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=16, n_embd=16, n_layer=3, n_head=2))
+    model = convert(gpt2, num_bottom_layers=1, num_top_layers=1, num_chunks=1, num_attention_modules=1,
+                    num_ffn_modules=1, use_anchor_layers=False, enable_skip=False, num_rounds=3)  # fmt: skip
+    assert "no routers (single-choice pools" in summary(model) and "train them" not in summary(model)
+    model.save_pretrained(tmp_path)
+    card = str(hub.render_card(str(tmp_path), "me/shared"))
+    assert "no routers (every pool holds one module" in card and "mlp routers" not in card
+
+
 def test_push_to_hub_after_training(pipelines, workspace, tmp_path):
     with mock.patch("modeling_mom.workflows.hub.HfApi", FakeHfApi):
         record = pretrain.main(["--model", str(pipelines[ARCHS[0]]["out"] / "seeded"), "--block-size", "32",

@@ -123,8 +123,9 @@ def training_arguments(args, **overrides) -> TrainingArguments:
 class MoETrainer(Trainer):
     """The HF Trainer, logging the router aux loss (mean over micro-batches and processes) beside the loss.
 
-    With `router_aux_loss=True` it asks the model for router logits in training (`output_router_logits=True`, the
-    Mixtral convention), so that the model adds its balancing loss; with `lm_loss=True` (causal LMs) it also logs
+    With `router_aux_loss=True` it asks the model for router logits in training (`output_router_logits=True`), so
+    that `aux_loss` is returned and logged even where its coefficients are 0 (the models add the weighted router
+    losses to the loss themselves, in training with labels); with `lm_loss=True` (causal LMs) it also logs
     the language-modelling loss alone as `lm_loss`, and evaluates the language-modelling loss only, normalised by
     the number of predicted tokens for every model, so that `eval_loss` is comparable across architectures
     (perplexity = exp(eval_loss)).
