@@ -46,7 +46,7 @@ from modeling_mom.workflows import (
     summarize,
     training,
 )
-from modeling_mom.workflows.common import HISTORY_FILE, WorkflowError
+from modeling_mom.workflows.common import HISTORY_FILE, WorkflowError, load_tokenizer
 from modeling_mom.workflows.convert import converters, offers_exact
 from modeling_mom.workflows.training import last_complete_checkpoint
 
@@ -509,6 +509,18 @@ def test_mom_without_routers_is_described_as_such(tmp_path):
     model.save_pretrained(tmp_path)
     card = str(hub.render_card(str(tmp_path), "me/shared"))
     assert "no routers (every pool holds one module" in card and "mlp routers" not in card
+
+
+def test_demo_describes_a_model_whose_routers_do_not_run(workspace, tmp_path):
+    """`mom demo --convert-options mom="--exact"` (sequential routing) stopped at its last stage: the routing pictures
+    of a model with no router running. It now leaves them out."""
+    from conversion.gpt2_to_mom import convert
+    from modeling_mom.workflows import demo
+
+    convert(str(workspace / "gpt2"), exact=True).save_pretrained(tmp_path / "mom")
+    row = {"lm_checkpoint": str(tmp_path / "mom")}
+    demo.describe_model(row, load_tokenizer(str(workspace / "gpt2")), tmp_path / "out", routed=True)
+    assert row["sample"].startswith(demo.PROBE) and "routing" not in row
 
 
 def test_push_to_hub_after_training(pipelines, workspace, tmp_path):

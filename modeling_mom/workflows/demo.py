@@ -33,7 +33,7 @@ from . import embedded_data, glue, pretrain, summarize
 from .common import WorkflowError, check_positive, load_tokenizer
 from .convert import converters, gpt2_tokenizer, offers_exact
 from .convert import main as convert_main
-from .routing import active_parameters, inspect_model
+from .routing import active_parameters, inspect_model, route_text
 
 # Demo sizes, so that the whole demo runs in minutes on a CPU; architectures not listed use their converter's
 # defaults. Override with --convert-options ARCH="--flag value ...".
@@ -157,7 +157,7 @@ def train_and_evaluate(name: str, model_dir: str, out: Path, data: dict, args) -
 
 
 def describe_model(row: dict, tokenizer, out: Path, routed: bool) -> None:
-    """Parameters, active parameters, a generated sample and (for routed models) the routing pictures."""
+    """Parameters, active parameters, a generated sample and (for models whose routers run) the routing pictures."""
     model = AutoModelForCausalLM.from_pretrained(row["lm_checkpoint"], dtype=torch.float32).eval()
     probe = tokenizer(PROBE, return_tensors="pt")["input_ids"]
     row["params"] = model.num_parameters()
@@ -165,7 +165,7 @@ def describe_model(row: dict, tokenizer, out: Path, routed: bool) -> None:
     with torch.no_grad():
         sample = model.generate(probe, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     row["sample"] = tokenizer.decode(sample[0], skip_special_tokens=True)
-    if routed:
+    if routed and route_text(model, tokenizer, PROBE)[1]:  # a MoM with fixed routing or single-choice pools has none
         texts = embedded_data.corpus(50, seed=6)
         row["routing"] = {k: v for k, v in inspect_model(model, tokenizer, str(out / "routing.png"), text=PROBE,
                                                              texts=texts).items() if k != "markdown"}
