@@ -78,10 +78,14 @@ def check_resumable(args) -> None:
     checkpoint = last_complete_checkpoint(args.out)
     if checkpoint is None:
         raise WorkflowError(f"--resume: no complete checkpoint-N directory in {args.out} to resume from.")
-    steps = checkpoint_steps(checkpoint)
-    if 0 < args.max_steps < steps:
-        raise WorkflowError(f"--resume with --max-steps {args.max_steps}: {checkpoint} has already taken {steps} "
-                            "steps; give --max-steps of at least that.")
+    state = TrainerState.load_from_json(os.path.join(checkpoint, COMPLETE_MARKER))
+    if args.max_steps > 0 and args.max_steps != state.max_steps:  # its learning-rate schedule ends at that step
+        raise WorkflowError(
+            f"--resume with --max-steps {args.max_steps}: the run in {args.out} was planned for {state.max_steps} "
+            f"steps ({checkpoint} has taken {state.global_step}), and resuming continues its learning-rate schedule, "
+            f"which ends there; resume with --max-steps {state.max_steps}, or start a new run from {checkpoint} "
+            "(as --model, with another --out) to train longer."
+        )
 
 
 def bf16_available() -> bool:
@@ -188,10 +192,6 @@ def last_complete_checkpoint(out: str) -> str | None:
         if (match := CHECKPOINT_PATTERN.match(name)) and os.path.isfile(os.path.join(out, name, COMPLETE_MARKER))
     ]
     return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
-
-
-def checkpoint_steps(checkpoint: str) -> int:
-    return TrainerState.load_from_json(os.path.join(checkpoint, COMPLETE_MARKER)).global_step
 
 
 class TrainingComplete(Exception):
