@@ -10,7 +10,7 @@ The model class provides `_expert_pools()`: `(layer index, "attention" | "mlp", 
 """
 
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -23,8 +23,8 @@ class ModuleFormerModularityMixin:
         """Counts of each expert's selections on `batches`, per router, over non-padding tokens.
 
         Args:
-            batches: an iterable of `input_ids` tensors, or of dicts with `input_ids` and optionally
-                `attention_mask` (e.g. a DataLoader of a task's data).
+            batches: an iterable of `input_ids` tensors, or of mappings with `input_ids` and optionally
+                `attention_mask` (a tokenizer's output, or a DataLoader of a task's data with a padding collator).
 
         Returns:
             `{"attention": [...], "mlp": [...]}` with one int64 tensor per layer, as long as the layer has experts;
@@ -38,7 +38,7 @@ class ModuleFormerModularityMixin:
         self.eval()
         try:
             for batch in batches:
-                batch = batch if isinstance(batch, dict) else {"input_ids": batch}
+                batch = batch if isinstance(batch, Mapping) else {"input_ids": batch}
                 mask = batch.get("attention_mask")
                 outputs = self.base_model(
                     input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, output_router_logits=True

@@ -407,12 +407,17 @@ def check_remote_load(model, path):
 
 
 def test_expert_usage_counts_real_tokens():
+    """Batches as tensors, dicts or a tokenizer's / collator's `BatchEncoding` (which is not a dict)."""
+    from transformers import BatchEncoding
+
     model = tiny_model()
     ids, mask, _ = left_padded_batch()
-    usage = model.expert_usage([{"input_ids": ids, "attention_mask": mask}, ids[:1]])
+    usage = model.expert_usage([BatchEncoding({"input_ids": ids, "attention_mask": mask}), ids[:1]])
     assert [len(c) for c in usage["attention"]] == [4, 4] and [len(c) for c in usage["mlp"]] == [6, 6]
     for counts in usage["attention"] + usage["mlp"]:
         assert counts.sum() == (13 + 8) * 2  # real tokens x k
+    as_dicts = model.expert_usage([{"input_ids": ids, "attention_mask": mask}, ids[:1]])
+    assert all(torch.equal(a, b) for kind in usage for a, b in zip(usage[kind], as_dicts[kind]))
 
 
 @pytest.mark.parametrize("normalize", [False, True], ids=["official_gates", "normalized_gates"])
