@@ -208,6 +208,23 @@ def test_convert_writes_all_or_nothing(workspace, tmp_path, capsys):
                         "options": ["--gpt2", gpt2, "--out", str(out), "--expert-size", "64"]}]
 
 
+def test_convert_records_a_local_source_by_its_full_path(workspace, tmp_path, monkeypatch, capsys):
+    """A relative --gpt2 was recorded as given, and a card rendered from another directory took it for a Hub id
+    (`base_model`). An --out that is a file is refused as such (it suggested --overwrite, which then refused)."""
+    from modeling_mom.workflows.convert import main as convert_main
+
+    monkeypatch.chdir(workspace)
+    convert_main(["mom", "--gpt2", "gpt2", "--out", str(tmp_path / "mom"), "--exact"])
+    history = json.loads((tmp_path / "mom" / HISTORY_FILE).read_text())
+    assert history[0]["source"] == str((workspace / "gpt2").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert "base_model" not in str(hub.render_card(str(tmp_path / "mom"), "me/mom")).split("---")[1]
+    (tmp_path / "file.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        cli.main(["convert", "mom", "--gpt2", str(workspace / "gpt2"), "--out", str(tmp_path / "file.txt")])
+    assert "exists and is not a directory; name a directory" in capsys.readouterr().err
+
+
 def test_convert_takes_the_architecture_first(capsys, tmp_path):
     """An unknown architecture, or options before the architecture (they were dropped silently), are refused by
     name before anything is written."""
@@ -630,6 +647,8 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
         "no complete checkpoint": ["pretrain", "--model", gpt2, "--dataset", corpus, "--resume"],
         "not a valid repository id": ["pretrain", "--model", gpt2, "--dataset", corpus, "--push-to-hub", "a/b/c"],
         "--gpt2 missing_gpt2: no such directory": ["convert", "moeut", "--gpt2", "missing_gpt2"],
+        "--validation-mismatched-file is for MNLI only; 'sst2' has one": [
+            "glue", "--model", gpt2, "--task", "sst2", *sst2, "--validation-mismatched-file", "x.jsonl"],
         "--block-size 0 must be >= 1": ["pretrain", "--model", gpt2, "--dataset", corpus, "--block-size", "0"],
         "--max-eval-samples 0 must be >= 1": ["glue", "--model", gpt2, "--task", "sst2", *sst2,
                                               "--max-eval-samples", "0"],

@@ -72,7 +72,9 @@ def main(argv=None) -> None:
     if args.gpt2 is not None:
         load_model_config(args.gpt2, "--gpt2")  # a missing or config-less source fails here, before converting
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if out.exists() and not out.is_dir():
+        raise WorkflowError(f"--out {out} exists and is not a directory; name a directory (absent or empty).")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise WorkflowError(f"--out {out} exists and is not an empty directory; pass --overwrite to replace it.")
     options = [arg for arg in converter_argv if arg != "--overwrite"]  # what made the model, for its history
 
@@ -89,4 +91,5 @@ def _add_tokenizer_and_history(checkpoint: Path, out: Path, gpt2: str, arch: str
         print(f"note: no tokenizer at {gpt2}; pass --tokenizer to the training commands or save one in {out}")
     else:
         tokenizer.save_pretrained(checkpoint)
-    write_json(checkpoint / HISTORY_FILE, [{"command": "convert", "arch": arch, "source": gpt2, "options": options}])
+    source = str(Path(gpt2).resolve()) if Path(gpt2).exists() else gpt2  # a local path, not a Hub id, from any cwd
+    write_json(checkpoint / HISTORY_FILE, [{"command": "convert", "arch": arch, "source": source, "options": options}])

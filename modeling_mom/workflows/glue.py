@@ -115,11 +115,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_splits(task: GlueTask, args) -> dict:
     """`{"train": Dataset, <eval split>: Dataset, ...}` from local files or the Hub, checked for the task's columns."""
     columns = [*task.text_columns, "label"]
+    if args.validation_mismatched_file and len(task.eval_splits) == 1:
+        raise WorkflowError(f"--validation-mismatched-file is for MNLI only; {task.name!r} has one validation set.")
     if args.train_file or args.validation_file:
         if not (args.train_file and args.validation_file):
             raise WorkflowError("local GLUE data needs both --train-file and --validation-file.")
         files = {"train": args.train_file, task.eval_splits[0]: args.validation_file}
-        if len(task.eval_splits) > 1 and args.validation_mismatched_file:
+        if args.validation_mismatched_file:
             files[task.eval_splits[1]] = args.validation_mismatched_file
         splits = {split: load_local_split(path, columns) for split, path in files.items()}
     else:
