@@ -378,10 +378,13 @@ def test_all_nine_glue_tasks_from_local_files(workspace, tmp_path):
     for name, task in glue.GLUE_TASKS.items():
         files = {split: embedded_data.write_jsonl(glue_rows(task, 6, rng), tmp_path / name / f"{split}.jsonl")
                  for split in ("train", "validation", "mismatched")}
+        mismatched = ["--validation-mismatched-file", files["mismatched"]] if len(task.eval_splits) > 1 else []
         record = glue.main(["--model", str(workspace / "gpt2"), "--task", name, "--train-file", files["train"],
-                            "--validation-file", files["validation"], "--validation-mismatched-file",
-                            files["mismatched"], "--max-length", "24", *short_training(tmp_path / name / "out", 1)])
+                            "--validation-file", files["validation"], *mismatched, "--max-length", "24",
+                            *short_training(tmp_path / name / "out", 1)])
         assert list(record["results"]) == list(task.eval_splits)
+        assert record["validation_files"] == dict(zip(task.eval_splits, [files["validation"], files["mismatched"]]))
+        assert record["eval_examples"] == dict.fromkeys(task.eval_splits, 6)
         for metrics in record["results"].values():
             assert list(metrics) == list(task.metrics)
             assert all(np.isfinite(v) for v in metrics.values())
@@ -488,6 +491,8 @@ def test_push_uploads_weights_code_tokenizer_and_card(pipelines, workspace, arch
     (result,) = metadata["model-index"][0]["results"]
     accuracy = pipelines[arch]["glue"]["results"]["validation"]["accuracy"]
     assert result["metrics"] == [{"type": "accuracy", "value": accuracy}]
+    assert result["dataset"]["name"] == "GLUE SST-2 (local file sst2_eval.jsonl)"  # not the official split
+    assert f"evaluated on 16 examples of `{workspace / 'sst2_eval.jsonl'}`" in (repo / "README.md").read_text()
     card = (workspace / "hub" / "tester" / f"{arch}-xsum" / "README.md").read_text()
     assert "TL;DR:" in card and "ROUGE-2" in card and "Continued pretraining" in card
     assert f"evaluated on `{workspace / 'corpus_eval.jsonl'}`" in card

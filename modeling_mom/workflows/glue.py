@@ -112,6 +112,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser, steps=-1, epochs=3, lr=2e-5, batch_size=32, warmup=0, weight_decay=0.0)
 
 
+def local_files(task: GlueTask, args) -> dict[str, str]:
+    """`{"train": path, <eval split>: path, ...}` of the local data files given (empty for the Hub's data set)."""
+    files = {"train": args.train_file, task.eval_splits[0]: args.validation_file}
+    if args.validation_mismatched_file:
+        files[task.eval_splits[1]] = args.validation_mismatched_file
+    return files if args.train_file else {}
+
+
 def load_splits(task: GlueTask, args) -> dict:
     """`{"train": Dataset, <eval split>: Dataset, ...}` from local files or the Hub, checked for the task's columns."""
     columns = [*task.text_columns, "label"]
@@ -120,10 +128,7 @@ def load_splits(task: GlueTask, args) -> dict:
     if args.train_file or args.validation_file:
         if not (args.train_file and args.validation_file):
             raise WorkflowError("local GLUE data needs both --train-file and --validation-file.")
-        files = {"train": args.train_file, task.eval_splits[0]: args.validation_file}
-        if args.validation_mismatched_file:
-            files[task.eval_splits[1]] = args.validation_mismatched_file
-        splits = {split: load_local_split(path, columns) for split, path in files.items()}
+        splits = {split: load_local_split(path, columns) for split, path in local_files(task, args).items()}
     else:
         from datasets import load_dataset
 
@@ -234,6 +239,8 @@ def run(args) -> dict:
         "task_title": task.title,
         "dataset": HUB_DATASET if not args.train_file else args.train_file,
         "train_examples": len(splits["train"]),
+        "validation_files": {split: path for split, path in local_files(task, args).items() if split != "train"},
+        "eval_examples": {split: len(splits[split]) for split in metrics},
         "max_length": args.max_length,
         "learning_rate": args.learning_rate,
         "steps": trainer.state.global_step,

@@ -75,9 +75,12 @@ def eval_results(record: dict) -> list[EvalResult]:
         dataset, name = "local", f"local file {Path(validation).name}"
     results = record.get("results", {})
     if record["command"] == "glue":
+        files = record.get("validation_files", {})  # local files scored instead of the Hub's splits
         return [
             EvalResult(task_type="text-classification", task_name="Text Classification",
-                       dataset_type=dataset, dataset_name=f"GLUE {record['task_title']}",
+                       dataset_type="local" if split in files else dataset,
+                       dataset_name=f"GLUE {record['task_title']}"
+                       + (f" (local file {Path(files[split]).name})" if split in files else ""),
                        dataset_config=record["task"], dataset_split=split, metric_type=metric, metric_value=value)
             for split, metrics in results.items()
             for metric, value in metrics.items()
@@ -111,6 +114,11 @@ def describe_step(record: dict) -> str:
             text += f"; evaluated on {record['held_out']}"
     elif command == "glue":
         text = f"- **Fine-tuned** on GLUE {record['task_title']} (`{record['dataset']}`): {settings}"
+        files = record.get("validation_files", {})
+        scored = [f"{n} examples of " + (f"`{files[split]}`" if split in files else f"the {split} split")
+                  for split, n in record.get("eval_examples", {}).items()]
+        if scored:
+            text += "; evaluated on " + ", ".join(scored)
     elif command == "summarize":
         text = (f"- **Fine-tuned for summarization** on `{record['dataset']}`: {settings}; format "
                 f"`{record['prompt_format']}`, {record['loss']}; decoding {record['decoding']}")
