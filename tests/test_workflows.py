@@ -500,6 +500,23 @@ def test_push_uploads_weights_code_tokenizer_and_card(pipelines, workspace, arch
     assert {entry["dataset"]["name"] for entry in rouge_entries} == {"local file sum_eval.jsonl"}  # not the train file
 
 
+def test_push_reports_an_unreachable_hub_as_a_usage_error(pipelines, capsys):
+    """An offline or failing Hub gave a traceback (after exporting the model); now one error line, before that."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    class OfflineHfApi(FakeHfApi):
+        def create_repo(self, repo_id, **kwargs):
+            raise OfflineModeIsEnabled("Cannot reach the Hub: offline mode is enabled.")
+
+    checkpoint = pipelines[ARCHS[0]]["glue"]["checkpoint"]
+    with mock.patch("modeling_mom.workflows.hub.HfApi", OfflineHfApi), pytest.raises(SystemExit) as exit_info:
+        cli.main(["push", checkpoint, "tester/offline"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == ("mom push: error: pushing to tester/offline failed: OfflineModeIsEnabled: Cannot reach the Hub: "
+                     "offline mode is enabled.")
+
+
 def test_moduleformer_card_describes_the_model_as_it_is(tmp_path):
     """After pruning and adding experts the card gave the configured counts (the real ones are per layer), and it
     named a routing loss that a zero coefficient leaves out of training."""

@@ -9,6 +9,7 @@ checkpoint's last step as `model-index`. The training commands' `--push-to-hub R
 """
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -190,22 +191,33 @@ def export(checkpoint: str, folder: str) -> None:
         shutil.copyfile(Path(checkpoint) / HISTORY_FILE, Path(folder) / HISTORY_FILE)
 
 
+@contextlib.contextmanager
+def hub_errors(repo_id: str):
+    """The Hub's errors (offline mode, no connection, HTTP errors such as a missing token) as a WorkflowError."""
+    try:
+        yield
+    except OSError as error:  # huggingface_hub's HTTP and offline errors are OSErrors
+        raise WorkflowError(f"pushing to {repo_id} failed: {type(error).__name__}: {error}") from error
+
+
 def push(checkpoint: str, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Upload `checkpoint` to `repo_id` in one commit; returns the commit URL."""
     check_push_target(repo_id, load_model_config(checkpoint, "checkpoint"))
     card = render_card(checkpoint, repo_id)
     api = HfApi(token=token)
+    with hub_errors(repo_id):  # before the export, so that an unreachable Hub costs nothing
+        api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         export(checkpoint, folder)
         card.save(Path(folder) / "README.md")
-        api.create_repo(repo_id, private=private, exist_ok=True)
         operations = [
             CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
             for path in sorted(Path(folder).rglob("*"))
             if path.is_file()
         ]
-        commit = api.create_commit(repo_id=repo_id, operations=operations,
-                                   commit_message=f"Upload {Path(checkpoint).name} with `mom push`")
+        with hub_errors(repo_id):
+            commit = api.create_commit(repo_id=repo_id, operations=operations,
+                                       commit_message=f"Upload {Path(checkpoint).name} with `mom push`")
     print(f"pushed {checkpoint} to {repo_id}: {commit.commit_url}")
     return commit.commit_url
 
