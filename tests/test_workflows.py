@@ -300,6 +300,15 @@ def losses(out: Path) -> list[tuple]:
     return [(e["step"], e["loss"], e["aux_loss"]) for e in state["log_history"] if "loss" in e]
 
 
+def test_pretraining_counts_the_tokens_it_trained_on(pipelines, workspace, tmp_path):
+    """One epoch whose last batch is partial: the record counted full batches (steps x batch x block)."""
+    model = pipelines[ARCHS[0]]["out"] / "seeded"
+    args = pretrain_args(workspace, model, tmp_path, "--max-steps", "-1", "--epochs", "1", "--batch-size", "8")
+    record = pretrain.run(args)
+    blocks = len(pretrain.load_blocks(args, load_tokenizer(str(model)), 32)[0])
+    assert blocks % 8 and record["tokens"] == blocks * 32 and record["steps"] == -(-blocks // 8)
+
+
 def test_resume_gives_the_losses_of_an_uninterrupted_run(pipelines, workspace, tmp_path):
     model = pipelines[ARCHS[0]]["out"] / "seeded"
     pretrain.run(pretrain_args(workspace, model, tmp_path / "straight"))

@@ -136,7 +136,7 @@ def run(args, callbacks=None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     trainer = MoETrainer(
         model=model,
-        args=training_arguments(args, adam_beta2=0.95, adam_epsilon=1e-5),
+        args=training_arguments(args, adam_beta2=0.95, adam_epsilon=1e-5, include_num_input_tokens_seen="all"),
         train_dataset=train_blocks,
         eval_dataset=eval_blocks,
         data_collator=default_data_collator,
@@ -162,7 +162,7 @@ def run(args, callbacks=None) -> dict:
         "validation_file": args.validation_file,
         "held_out": held_out_data(args) if eval_blocks is not None else None,
         "steps": trainer.state.global_step,
-        "tokens": trainer.state.global_step * batch_size * block_size,
+        "tokens": trainer.state.num_input_tokens_seen,  # an epoch's last batch may be partial
         "learning_rate": args.learning_rate,
         "warmup_steps": args.warmup_steps,
         "batch_size": batch_size,
