@@ -90,6 +90,11 @@ class MoMPoolNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_modules, hidden_size))
         self.bias = nn.Parameter(torch.zeros(num_modules, hidden_size))
 
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gains and biases, read through a call: hooks that hold the weights only during a module's own call
+        (accelerate's offloading) load them for it."""
+        return self.weight, self.bias
+
 
 class MoMModulePool(nn.Module):
     """Parameters shared by both pool types: each module's own pre-LayerNorm (`norm`, `[N, d]` gains and biases).
@@ -98,17 +103,29 @@ class MoMModulePool(nn.Module):
     parametrization of one (e.g. a LoRA delta that peft's `target_parameters` applies) is seen.
     """
 
-    pool_tensor_names: tuple[str, ...] = ("norm.weight", "norm.bias")
+    projection_names: tuple[str, ...] = ()  # the pool type's own stacked tensors, attributes of the pool
+
+    @property
+    def pool_tensor_names(self) -> tuple[str, ...]:
+        return ("norm.weight", "norm.bias") + self.projection_names
 
     def __init__(self, config: MoMConfig, num_modules: int):
         super().__init__()
         self.num_modules = num_modules
         self.norm = MoMPoolNorm(num_modules, config.hidden_size, config.layer_norm_epsilon)
 
-    def pool_tensor(self, name: str) -> torch.Tensor:
-        """The stacked tensor `name` (one of `pool_tensor_names`), as the module's attribute reads it now."""
-        owner, _, attribute = name.rpartition(".")  # a parametrized tensor is an attribute, not a parameter
-        return getattr(self.get_submodule(owner), attribute)
+    def pool_tensors(self) -> dict[str, torch.Tensor]:
+        """The stacked tensors of `pool_tensor_names`, as the module's attributes read them now (a parametrized
+        tensor is an attribute, not a parameter)."""
+        norm_weight, norm_bias = self.norm()
+        return {"norm.weight": norm_weight, "norm.bias": norm_bias} | {
+            name: getattr(self, name) for name in self.projection_names
+        }
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether the weights are off-loaded (on `meta`), to be loaded only for the pool's own call."""
+        return any(p.is_meta for p in self.parameters())
 
     def module_parameters(self) -> list[dict[str, torch.Tensor]]:
         """Each module's parameters, `{name: view}`, unbound from the pool's tensors at once.
@@ -117,15 +134,15 @@ class MoMModulePool(nn.Module):
         instead would give each round's backward a full pool-sized gradient, quadratic in the pool size (1.65x
         GPT-2's training time with 24 modules, against ~1x).
         """
-        pools = [self.pool_tensor(name).unbind(0) for name in self.pool_tensor_names]
+        pools = [tensor.unbind(0) for tensor in self.pool_tensors().values()]
         return [dict(zip(self.pool_tensor_names, views)) for views in zip(*pools)]
 
     def single_module(self, route: ModuleRoute) -> dict[str, torch.Tensor]:
         """The parameters of `route`'s one module: the views unbound for this forward, else indexed here (a pool
-        wrapped by an adapter, whose change to the weights exists only inside this module's call)."""
+        wrapped by an adapter or offloaded, whose weights exist only inside this module's call)."""
         if route.module_parameters is not None:
             return route.module_parameters[route.module]
-        return {name: self.pool_tensor(name)[route.module] for name in self.pool_tensor_names}
+        return {name: tensor[route.module] for name, tensor in self.pool_tensors().items()}
 
     def norm_single(self, x: torch.Tensor, module: dict[str, torch.Tensor]) -> torch.Tensor:
         """One module's LayerNorm applied to all rows `[T, d]` (GPT-2's `ln_1` / `ln_2`)."""
@@ -133,10 +150,9 @@ class MoMModulePool(nn.Module):
 
     def norm_routed(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """`[T, d]` -> `[S, d]`: each sorted (token, module) pair normalised with that module's LayerNorm."""
+        weight, bias = self.norm()
         normed = gather_rows(F.layer_norm(x, x.shape[-1:], eps=self.norm.eps), plan)
-        return normed * self.norm.weight.index_select(0, plan.expert_index) + self.norm.bias.index_select(
-            0, plan.expert_index
-        )
+        return normed * weight.index_select(0, plan.expert_index) + bias.index_select(0, plan.expert_index)
 
 
 class MoMAttention(MoMModulePool):
@@ -148,7 +164,7 @@ class MoMAttention(MoMModulePool):
     A token that selected only SKIP has zero query, key and value, and zero output.
     """
 
-    pool_tensor_names = MoMModulePool.pool_tensor_names + ("qkv_proj", "qkv_bias", "out_proj", "out_bias")
+    projection_names = ("qkv_proj", "qkv_bias", "out_proj", "out_bias")
 
     def __init__(self, config: MoMConfig, num_modules: int):
         super().__init__(config, num_modules)
@@ -215,7 +231,7 @@ class MoMFeedForward(MoMModulePool):
     `output_dropout` is GPT-2's `resid_pdrop` in plain blocks and 0 in chunks, as in the authors' code.
     """
 
-    pool_tensor_names = MoMModulePool.pool_tensor_names + ("up_proj", "up_bias", "down_proj", "down_bias")
+    projection_names = ("up_proj", "up_bias", "down_proj", "down_bias")
 
     def __init__(self, config: MoMConfig, num_modules: int, output_dropout: float):
         super().__init__(config, num_modules)
@@ -330,10 +346,13 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
         """Per pool, its per-module parameters (`MoMModulePool.module_parameters`) where each round uses one module
         for every token (plain blocks, single-choice pools, sequential routing), for the model to unbind once per
         forward and pass to every round; else None. A pool wrapped by an adapter (peft's `ParamWrapper` changes the
-        weights only inside the pool's own call) gets None: it indexes its module in each round instead."""
+        weights only inside the pool's own call) or offloaded (accelerate loads its weights only for that call) gets
+        None: it indexes its module in each round instead."""
         pools = (self.attention, self.mlp)
         return tuple(
-            pools[i].module_parameters() if isinstance(pools[i], MoMModulePool) and self._router(i) is None else None
+            pools[i].module_parameters()
+            if isinstance(pools[i], MoMModulePool) and not pools[i].offloaded and self._router(i) is None
+            else None
             for i in range(2)
         )
 

@@ -369,6 +369,23 @@ def test_save_and_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
 
 
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_layers_offloaded_to_disk_run(tmp_path, routing):
+    """accelerate's offloading loads a module's weights only for its own call (MoMPoolNorm's too), so a pool must
+    read them there, not unbind them once per forward in the model as it does when they are in memory."""
+    torch.manual_seed(0)
+    model = MoMForCausalLM(tiny_config(**routing)).eval()
+    ids, mask = left_padded_batch()
+    model.save_pretrained(tmp_path / "model")
+    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.embed_positions", "model.norm", "lm_head")}
+    device_map.update({f"model.layers.{i}": "disk" for i in range(len(model.model.layers))})
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload"
+    ).eval()
+    assert offloaded.model.layers[1].mlp.up_proj.is_meta
+    torch.testing.assert_close(offloaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
 def test_remote_code_load_without_the_package(tmp_path):
     torch.manual_seed(0)
     model = MoMForCausalLM(tiny_config(router_type="gru", num_modules_per_tok=2)).eval()
