@@ -28,6 +28,7 @@ import torch
 import yaml
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     TrainerCallback,
@@ -46,7 +47,7 @@ from modeling_mom.workflows import (
     summarize,
     training,
 )
-from modeling_mom.workflows.common import HISTORY_FILE, WorkflowError, load_tokenizer
+from modeling_mom.workflows.common import HISTORY_FILE, WorkflowError, load_local_split, load_tokenizer
 from modeling_mom.workflows.convert import converters, offers_exact
 from modeling_mom.workflows.training import last_complete_checkpoint
 
@@ -309,6 +310,32 @@ def test_pretraining_counts_the_tokens_it_trained_on(pipelines, workspace, tmp_p
     assert blocks % 8 and record["tokens"] == blocks * 32 and record["steps"] == -(-blocks // 8)
 
 
+def test_streamed_held_out_blocks_stay_out_of_training_in_every_pass(pipelines, workspace, tmp_path):
+    """The Trainer reshuffles a stream at every pass (`set_epoch`): held out from the shuffled stream, the "held-out"
+    blocks were trained on from the second pass on."""
+    import datasets
+
+    model = str(pipelines[ARCHS[0]]["out"] / "seeded")
+    args = pretrain_args(workspace, model, tmp_path, "--eval-blocks", "4")
+    args.dataset = "someone/corpus"  # a Hub data set, streamed: the local corpus stands in for it
+
+    def stream(name, config, split, streaming):
+        return load_dataset("json", data_files=str(workspace / "corpus.jsonl"), split="train", streaming=streaming)
+
+    load_dataset = datasets.load_dataset
+    with mock.patch.object(datasets, "load_dataset", stream):
+        train, held_out = pretrain.load_blocks(args, load_tokenizer(model), 32)
+
+    def windows(blocks, n=16):
+        return {tuple(b["input_ids"][i : i + n]) for b in blocks for i in range(len(b["input_ids"]) - n + 1)}
+
+    held = windows(held_out)
+    assert len(list(held_out)) == 4
+    for epoch in range(3):
+        train.set_epoch(epoch)
+        assert not held & windows(train)
+
+
 def test_resume_gives_the_losses_of_an_uninterrupted_run(pipelines, workspace, tmp_path):
     model = pipelines[ARCHS[0]]["out"] / "seeded"
     pretrain.run(pretrain_args(workspace, model, tmp_path / "straight"))
@@ -399,6 +426,35 @@ def test_all_nine_glue_tasks_from_local_files(workspace, tmp_path):
             assert all(np.isfinite(v) for v in metrics.values())
 
 
+def test_tsv_cells_are_read_verbatim(tmp_path):
+    """GLUE's TSVs hold unmatched quotes; read with CSV quoting, a cell opening with one swallowed the rows after it."""
+    rows = [("the cat sees .", '"no , he said .', 0), ('"yes," she said .', "a dog .", 1), ("the moon .", "up .", 1)]
+    path = tmp_path / "rte_dev.tsv"
+    path.write_text("sentence1\tsentence2\tlabel\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in rows))
+    data = load_local_split(str(path), ["sentence1", "sentence2", "label"])
+    assert [(r["sentence1"], r["sentence2"], r["label"]) for r in data] == rows
+
+
+def test_glue_pairs_keep_both_sentences_when_truncated():
+    """A long first sentence is cut, not the second: joined into one text and cut from the right, the separator and
+    the whole second sentence were lost (an RTE premise of 180 tokens at --max-length 128)."""
+    tokenizer = embedded_data.build_tokenizer()
+    premise, hypothesis = "the cat sees the river . " * 30, "the dog likes a red ball ."
+    encode = glue.encode(glue.glue_task("RTE"), tokenizer, max_length=24)
+    ids = encode({"sentence1": [premise], "sentence2": [hypothesis], "label": [1]})["input_ids"][0]
+    second = tokenizer(f"{tokenizer.eos_token} {hypothesis}", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 24 and ids[-len(second):] == second
+
+
+def test_training_batches_pad_on_the_right_whatever_the_saved_tokenizer_says(tmp_path):
+    """GPT-2 takes positions 0.. from the left edge: a tokenizer saved with left padding shifted them in GLUE
+    batches (STS-B Pearson 0.07 instead of 0.25 on a tiny GPT-2)."""
+    embedded_data.build_tokenizer().save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tmp_path, padding_side="left").save_pretrained(tmp_path)
+    assert load_tokenizer(str(tmp_path), needs_padding=True).padding_side == "right"
+    assert load_tokenizer(str(tmp_path)).padding_side == "left"
+
+
 def test_glue_metrics_are_the_official_ones():
     labels = np.array([0, 1, 1, 0, 1])
     perfect = np.eye(2)[labels]
@@ -437,7 +493,7 @@ def test_summarize_reports_rouge_with_its_protocol(pipelines, arch):
     assert set(record["results"]) == {"eval_loss", "rouge1", "rouge2", "rougeL"}
     assert all(0.0 <= record["results"][k] <= 1.0 for k in summarize.ROUGE_TYPES)
     assert record["prompt_format"] == "{document} TL;DR: {summary}<|endoftext|>"
-    assert record["decoding"]["num_beams"] == 2 and record["eval_examples"] == 4
+    assert record["decoding"]["num_beams"] == 2 and record["eval_examples"] == record["validation_examples"] == 4
     predictions = json.loads((pipelines[arch]["out"] / "summarize" / "predictions.json").read_text())
     assert summarize.rouge([p["generated"] for p in predictions], [p["reference"] for p in predictions]) == {
         k: pytest.approx(record["results"][k]) for k in summarize.ROUGE_TYPES
@@ -448,6 +504,15 @@ def test_summarize_reports_rouge_with_its_protocol(pipelines, arch):
         ("ROUGE-L", record["results"]["rougeL"]),
     ]
     assert {e.dataset_name for e in entries} == {f"local file {Path(record['validation_file']).name}"}
+    assert {e.dataset_split for e in entries} == {"validation"}  # all 4 examples of the file
+
+
+def test_summarize_card_names_the_subset_it_scored(pipelines, arch="mom"):
+    """`--max-eval-samples` scores the first N examples: the card says so (it presented them as the whole split)."""
+    record = dict(pipelines[arch]["summarize"], dataset="EdinburghNLP/xsum", validation_file=None,
+                  validation_examples=11332, eval_examples=500)
+    assert {e.dataset_split for e in hub.eval_results(record)} == {"validation[:500]"}
+    assert "evaluated on 500 of the 11332 examples of the validation split" in hub.describe_step(record)
 
 
 # -------------------------------------------------------------------------------------------------- inspect

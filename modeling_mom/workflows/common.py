@@ -4,6 +4,7 @@ Every check here runs before any training and raises `WorkflowError` with one me
 what is allowed; the `mom` command prints it and exits with status 2.
 """
 
+import csv
 import json
 import os
 import shutil
@@ -85,9 +86,12 @@ def saved_tokenizer(source: str):
 
 
 def load_tokenizer(model: str, tokenizer: str | None = None, needs_padding: bool = False, pad_token: str | None = None):
-    """The tokenizer saved with `model` (or at `tokenizer`); with `needs_padding`, one that has a pad token.
+    """The tokenizer saved with `model` (or at `tokenizer`); with `needs_padding`, one that has a pad token and pads
+    on the right.
 
-    `pad_token` (e.g. GPT-2's `<|endoftext|>`) sets the pad token to a token already in the vocabulary.
+    The batches it pads are for training, scoring and routing statistics, where left padding would shift the
+    positions of a model that does not derive them from the attention mask (GPT-2); generation pads on the left
+    explicitly. `pad_token` (e.g. GPT-2's `<|endoftext|>`) sets the pad token to a token already in the vocabulary.
     """
     source = tokenizer or model
     try:
@@ -104,6 +108,8 @@ def load_tokenizer(model: str, tokenizer: str | None = None, needs_padding: bool
             f"pass --pad-token (for GPT-2 tokenizers the usual choice is its EOS, --pad-token "
             f"{tok.eos_token or '<|endoftext|>'!r}) or save the tokenizer with one."
         )
+    if needs_padding:
+        tok.padding_side = "right"
     return tok
 
 
@@ -141,7 +147,8 @@ def load_local_split(path: str, columns: list[str]):
         )
     if not file.is_file():
         raise WorkflowError(f"data file {path} does not exist.")
-    options = {"delimiter": "\t"} if file.suffix.lower() == ".tsv" else {}
+    # a TSV cell is its text verbatim (GLUE's files hold unmatched quotes): CSV quoting would merge rows
+    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if file.suffix.lower() == ".tsv" else {}
     try:
         data = load_dataset(builder, data_files=str(file), split="train", **options)
     except (DatasetGenerationError, ValueError, json.JSONDecodeError) as error:

@@ -5,7 +5,8 @@
 
 Local files hold the Hub data set's columns (e.g. `sentence1`, `sentence2`, `label` for RTE). The model is
 `AutoModelForSequenceClassification` (a decoder-only classifier pools the last real token); sentence pairs are
-joined with the tokenizer's separator token (SEP, else EOS). Each task is scored on its validation split(s) with
+encoded as pairs, truncated longest first, with the tokenizer's separator token (SEP, else EOS) between them where
+the tokenizer puts none. Each task is scored on its validation split(s) with
 its official GLUE metric, computed by scikit-learn / SciPy: Matthews correlation (CoLA), Pearson and Spearman
 correlation (STS-B), F1 and accuracy (MRPC, QQP), accuracy (the others; MNLI on matched and mismatched). The
 results are written to OUT/results.json and into the checkpoint's history (hence its model card).
@@ -177,18 +178,27 @@ def check_head(model: str, config, task: GlueTask) -> None:
 
 
 def encode(task: GlueTask, tokenizer, max_length: int):
-    """Batched map function: the example's text (pairs joined by SEP or EOS) tokenised and truncated, plus label."""
-    separator = tokenizer.sep_token or tokenizer.eos_token
-    if len(task.text_columns) == 2 and separator is None:
-        raise WorkflowError("the tokenizer has neither a SEP nor an EOS token to join sentence pairs with.")
+    """Batched map function: the example's text tokenised and truncated, plus label.
+
+    A sentence pair is encoded as a pair, truncated longest first (as transformers' `run_glue`), so that a long first
+    sentence cannot push the second out of the input. A tokenizer that does not separate pairs itself (GPT-2's
+    concatenates them) gets its SEP or EOS token at the start of the second sentence.
+    """
+    pair = len(task.text_columns) == 2
+    separator = ""
+    if pair and tokenizer.num_special_tokens_to_add(pair=True) == tokenizer.num_special_tokens_to_add(pair=False):
+        separator = tokenizer.sep_token or tokenizer.eos_token
+        if separator is None:
+            raise WorkflowError("the tokenizer has neither a SEP nor an EOS token to join sentence pairs with.")
+        separator += " "
 
     def apply(batch):
-        if len(task.text_columns) == 1:
-            texts = text_cells(batch, task.text_columns[0])
-        else:
+        if pair:
             first, second = (text_cells(batch, c) for c in task.text_columns)
-            texts = [f"{a} {separator} {b}" for a, b in zip(first, second)]
-        encoded = tokenizer(texts, truncation=True, max_length=max_length)
+            second = [separator + text for text in second]
+            encoded = tokenizer(first, second, truncation="longest_first", max_length=max_length)
+        else:
+            encoded = tokenizer(text_cells(batch, task.text_columns[0]), truncation=True, max_length=max_length)
         encoded["labels"] = [float(x) if task.num_labels == 1 else int(x) for x in batch["label"]]
         return encoded
 

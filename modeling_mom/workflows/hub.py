@@ -89,7 +89,7 @@ def eval_results(record: dict) -> list[EvalResult]:
     if record["command"] == "summarize":
         return [
             EvalResult(task_type="summarization", task_name="Summarization", dataset_type=dataset,
-                       dataset_name=name, dataset_split="validation", metric_type="rouge",
+                       dataset_name=name, dataset_split=summarized_split(record), metric_type="rouge",
                        metric_name=rouge.upper().replace("ROUGE", "ROUGE-"), metric_value=results[rouge])
             for rouge in ("rouge1", "rouge2", "rougeL")
             if rouge in results
@@ -99,6 +99,13 @@ def eval_results(record: dict) -> list[EvalResult]:
                            dataset_name=name, dataset_split="validation" if validation else "held-out",
                            metric_type="perplexity", metric_value=results["perplexity"])]
     return []
+
+
+def summarized_split(record: dict) -> str:
+    """The validation examples a summarization run scored, in `datasets`' slicing syntax: "validation[:500]" when
+    `--max-eval-samples` took the first 500."""
+    scored, size = record["eval_examples"], record["validation_examples"]
+    return "validation" if scored == size else f"validation[:{scored}]"
 
 
 def describe_step(record: dict) -> str:
@@ -122,7 +129,10 @@ def describe_step(record: dict) -> str:
             text += "; evaluated on " + ", ".join(scored)
     elif command == "summarize":
         text = (f"- **Fine-tuned for summarization** on `{record['dataset']}`: {settings}; format "
-                f"`{record['prompt_format']}`, {record['loss']}; decoding {record['decoding']}")
+                f"`{record['prompt_format']}`, {record['loss']}; decoding {record['decoding']}; evaluated on "
+                f"{record['eval_examples']} of the {record['validation_examples']} "
+                f"examples of " + (f"`{record['validation_file']}`" if record.get("validation_file")
+                                   else "the validation split"))
     else:
         text = f"- `{command}`: {settings}"
     return f"{text}. Results: {format_results(record.get('results', {}))}."

@@ -42,6 +42,7 @@ from .training import (
 )
 
 DEFAULT_DATASET = "Skylion007/openwebtext"
+STREAM_SHUFFLE_BUFFER = 10_000  # documents
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +77,31 @@ def pack_blocks(data, tokenizer, text_column: str, block_size: int):
     return data.map(group, batched=True, remove_columns=[text_column])
 
 
+def split_stream(raw, tokenizer, args, block_size: int):
+    """(train, eval) blocks of a streamed data set: `--eval-blocks` blocks of its first documents in stored order,
+    and the later documents, shuffled, for training.
+
+    The split is made before shuffling, by documents: the Trainer reshuffles a streamed data set at every pass
+    (`set_epoch`), so blocks held out from a shuffled stream would be among the training blocks from the second pass
+    on. Reads the first documents once, to count how many the held-out blocks take.
+    """
+    needed, tokens, documents = args.eval_blocks * block_size, 0, 0
+    for document in raw.iter(batch_size=1):
+        if tokens >= needed:
+            break
+        text = text_cells(document, args.text_column)[0]
+        tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + EOS, as pack_blocks
+        documents += 1
+    else:
+        raise WorkflowError(
+            f"--dataset {args.dataset} holds {tokens} tokens; holding out --eval-blocks {args.eval_blocks} of "
+            f"{block_size} tokens leaves none to train on. Lower --eval-blocks or --block-size."
+        )
+    held_out = pack_blocks(raw.take(documents), tokenizer, args.text_column, block_size).take(args.eval_blocks)
+    train = raw.skip(documents).shuffle(seed=args.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+    return pack_blocks(train, tokenizer, args.text_column, block_size), held_out
+
+
 def load_blocks(args, tokenizer, block_size: int):
     """(train, eval or None) blocks, from a local file or a (streamed) Hub data set."""
     if is_local_data(args.dataset):
@@ -90,7 +116,10 @@ def load_blocks(args, tokenizer, block_size: int):
         except Exception as error:  # datasets raises many types for a bad name, config or split
             raise WorkflowError(f"--dataset {args.dataset}: cannot load it ({error}).") from error
         check_columns(raw, [args.text_column], f"data set {args.dataset}")
-        raw = raw.shuffle(seed=args.seed, buffer_size=10_000) if streaming else raw
+    if streaming and not args.validation_file and args.eval_blocks > 0:
+        return split_stream(raw, tokenizer, args, block_size)
+    if streaming:
+        raw = raw.shuffle(seed=args.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
     blocks = pack_blocks(raw, tokenizer, args.text_column, block_size)
     if args.validation_file:
         held_out = pack_blocks(load_local_split(args.validation_file, [args.text_column]), tokenizer,
@@ -101,8 +130,6 @@ def load_blocks(args, tokenizer, block_size: int):
         return blocks, held_out
     if args.eval_blocks == 0:
         return blocks, None
-    if streaming:
-        return blocks.skip(args.eval_blocks), blocks.take(args.eval_blocks)
     if len(blocks) <= args.eval_blocks:
         raise WorkflowError(
             f"--dataset {args.dataset} gives {len(blocks)} blocks of {block_size} tokens; holding out "

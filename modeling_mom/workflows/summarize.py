@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-summary-tokens", type=int, help="reference summaries cut to this (default: min(64, max-length / 2))"
     )
     data.add_argument("--max-train-samples", type=int)
-    data.add_argument("--max-eval-samples", type=int, default=500, help="validation examples to generate for")
+    data.add_argument("--max-eval-samples", type=int, default=500,
+                      help="score the first N validation examples (a number above the split's size scores all)")
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--num-beams", type=int, default=4)
     decoding.add_argument("--max-new-tokens", type=int, default=64)
@@ -113,6 +114,7 @@ class SummaryFormat:
 
 
 def load_splits(args) -> tuple:
+    """(train, validation, the validation split's size before `--max-eval-samples` took its first examples)."""
     columns = [args.document_column, args.summary_column]
     if args.train_file or args.validation_file:
         if not (args.train_file and args.validation_file):
@@ -130,9 +132,10 @@ def load_splits(args) -> tuple:
         check_columns(train_data, columns, f"data set {args.dataset}")
     if args.max_train_samples:
         train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
+    validation_size = len(eval_data)
     if args.max_eval_samples:
-        eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
-    return train_data, eval_data
+        eval_data = eval_data.select(range(min(args.max_eval_samples, validation_size)))
+    return train_data, eval_data, validation_size
 
 
 def decoding_settings(args) -> dict:
@@ -185,7 +188,7 @@ def run(args) -> dict:
 
         check_push_target(args.push_to_hub, config)
     fmt = SummaryFormat(tokenizer, args.separator, args.max_length, args.max_summary_tokens, args.max_new_tokens)
-    train_data, eval_data = load_splits(args)
+    train_data, eval_data, validation_size = load_splits(args)
 
     def encode(batch):
         documents = text_cells(batch, args.document_column)
@@ -224,6 +227,7 @@ def run(args) -> dict:
         "max_length": args.max_length,
         "decoding": decoding,
         "eval_examples": len(predictions),
+        "validation_examples": validation_size,
         "steps": trainer.state.global_step,
         "learning_rate": args.learning_rate,
         "results": results,
