@@ -24,6 +24,23 @@ def gpt2_config_of(gpt2: str | os.PathLike | GPT2LMHeadModel) -> GPT2Config:
     return config
 
 
+def check_convertible(config: GPT2Config) -> None:
+    """A ValueError naming the field for a GPT-2 computation no converted model has: attention scaled other than by
+    1/sqrt(head_dim), or cross-attention layers (GPT-2 as an encoder-decoder's decoder), whose weights would be
+    dropped."""
+    if not config.scale_attn_weights or config.scale_attn_by_inverse_layer_idx:
+        raise ValueError(
+            "the converted attention is scaled by 1/sqrt(head_dim) only; this GPT-2 has scale_attn_weights="
+            f"{config.scale_attn_weights}, scale_attn_by_inverse_layer_idx={config.scale_attn_by_inverse_layer_idx} "
+            "(required: True, False)."
+        )
+    if config.add_cross_attention:
+        raise ValueError(
+            "this GPT-2 has add_cross_attention=True (it is an encoder-decoder's decoder); the converted models are "
+            "decoder-only and would drop its cross-attention weights (required: False)."
+        )
+
+
 def load_gpt2(gpt2: str | os.PathLike | GPT2LMHeadModel) -> GPT2LMHeadModel:
     """`gpt2` as a float32 `GPT2LMHeadModel` (loaded if it is a path or hub id), after `gpt2_config_of`'s checks; a
     ValueError where the weights cannot be loaded or lack tensors its config needs."""

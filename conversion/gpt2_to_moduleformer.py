@@ -12,7 +12,8 @@ ModuleFormer leaves them un-normalised): the k selected experts start identical,
 compute one GPT-2 layer. ``--exact`` (``convert(..., exact=True)``) also selects softmax attention and GPT-2's learned
 positions, so the model computes GPT-2's function exactly (logits equal within fp32 rounding). Without it the model
 uses ModuleFormer's stick-breaking attention and no positions, which changes the function; continue training before
-fine-tuning on a task.
+fine-tuning on a task. GPT-2's token ids (BOS, EOS, pad) and its embedding and residual dropout rates are carried
+over (the latter two can be overridden).
 
 Measured (benchmarks/results/upcycling.md, `python -m benchmarks.upcycling`, small demo GPT-2): stick-breaking with
 copied experts starts 0.045 nats above GPT-2's held-out loss and reaches the exact form's loss after 200 steps of
@@ -30,7 +31,7 @@ from transformers import GPT2LMHeadModel
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
-from .gpt2_source import copy_embeddings_and_head, gpt2_config_of, load_gpt2
+from .gpt2_source import check_convertible, copy_embeddings_and_head, gpt2_config_of, load_gpt2
 
 EXACT_SETTINGS = {"attention_function": "softmax", "position_embedding_type": "learned", "normalize_expert_gates": True}
 
@@ -38,7 +39,12 @@ EXACT_SETTINGS = {"attention_function": "softmax", "position_embedding_type": "l
 def moduleformer_config(gpt2_config, exact: bool, slice_mlp: bool, **overrides) -> ModuleFormerConfig:
     """The ModuleFormer config of a GPT-2 with the given expert settings (`overrides`: config fields that GPT-2's
     weights do not fix, i.e. not its sizes, vocabulary, activation, positions or head)."""
-    settings = {"attention_function": "stickbreaking", "normalize_expert_gates": True, **overrides}
+    carried = dict(  # GPT-2's, unless overridden
+        pad_token_id=gpt2_config.pad_token_id,
+        embd_dropout=gpt2_config.embd_pdrop,
+        resid_dropout=gpt2_config.resid_pdrop,
+    )
+    settings = {"attention_function": "stickbreaking", "normalize_expert_gates": True, **carried, **overrides}
     if exact:
         conflicting = {k: v for k, v in overrides.items() if k in EXACT_SETTINGS and v != EXACT_SETTINGS[k]}
         if conflicting:
@@ -50,8 +56,7 @@ def moduleformer_config(gpt2_config, exact: bool, slice_mlp: bool, **overrides) 
         if inner % num_experts:
             raise ValueError(f"--slice-mlp needs num_experts={num_experts} to divide GPT-2's MLP width {inner}.")
         inner //= num_experts
-    if gpt2_config.scale_attn_by_inverse_layer_idx or not gpt2_config.scale_attn_weights:
-        raise ValueError("only GPT-2's standard 1/sqrt(head_dim) attention scaling is supported.")
+    check_convertible(gpt2_config)
     if gpt2_config.n_head == 1:
         raise ValueError("a one-head GPT-2 would map to ModuleFormer's projection-free keys/values; not supported.")
     seeded = dict(

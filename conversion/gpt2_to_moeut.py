@@ -32,6 +32,9 @@ has); the factor 2 of a 0.5 gate is folded into the down-projections here as wel
 larger than GPT-2's. Fields that the copied weights fix (shapes, biases, positions, the head) cannot be
 overridden.
 
+GPT-2's token ids (BOS, EOS, pad) are carried over; its dropout rates are not: MoEUT has dropout only on the
+attention output (``attention_output_dropout``, 0 as in the paper), and none on the embeddings or the FFN output.
+
 Recipe after an upcycling conversion (measured in benchmarks/results/upcycling.md, `python -m benchmarks.upcycling`):
 the seeded model is not usable as is (held-out loss +0.46 nats above GPT-2's with G = 6 of 12 layers, +1.9 with
 G = 2, on the small demo GPT-2); continue LM pretraining (`mom pretrain`, AdamW lr 1e-3 with warm-up, all parameters)
@@ -50,7 +53,7 @@ from transformers import GPT2LMHeadModel
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
-from .gpt2_source import copy_embeddings_and_head, gpt2_config_of, load_gpt2
+from .gpt2_source import check_convertible, copy_embeddings_and_head, gpt2_config_of, load_gpt2
 
 DEFAULT_NUM_UNIQUE_LAYERS = 2  # G without --exact
 GATE_AT_ZERO = 0.5  # sigmoid(0): the gate of a zero router, folded out of the down-projections as 1 / 0.5
@@ -69,8 +72,7 @@ def moeut_config(gpt2_config, exact: bool, num_unique_layers: int | None, expert
     inner = gpt2_config.n_inner or 4 * d
     if expert_size < 1 or inner % expert_size:
         raise ValueError(f"expert_size={expert_size} must be a positive divisor of GPT-2's MLP width {inner}.")
-    if gpt2_config.scale_attn_by_inverse_layer_idx or not gpt2_config.scale_attn_weights:
-        raise ValueError("only GPT-2's standard 1/sqrt(head_dim) attention scaling is supported.")
+    check_convertible(gpt2_config)
     if exact and num_unique_layers not in (None, layers):
         raise ValueError(f"exact=True needs num_unique_layers = GPT-2's n_layer ({layers}), got {num_unique_layers}.")
     groups = num_unique_layers if num_unique_layers is not None else layers if exact else DEFAULT_NUM_UNIQUE_LAYERS
@@ -103,6 +105,7 @@ def moeut_config(gpt2_config, exact: bool, num_unique_layers: int | None, expert
         lm_head_bias=False,
         bos_token_id=gpt2_config.bos_token_id,
         eos_token_id=gpt2_config.eos_token_id,
+        pad_token_id=gpt2_config.pad_token_id,
     )
     seeded = {k: v for k, v in overrides.items() if k in SEEDED_FIELDS and v != fields[k]}
     if seeded:

@@ -39,7 +39,7 @@ from modeling_mom.configuration_mom import ROUTER_TYPES, ROUTER_WEIGHTINGS, ROUT
 from modeling_mom.modeling_mom import layer_schedule
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
-from .gpt2_source import copy_embeddings_and_head, gpt2_config_of, load_gpt2
+from .gpt2_source import check_convertible, copy_embeddings_and_head, gpt2_config_of, load_gpt2
 
 # MoMConfig fields `convert` accepts; the rest (widths, vocabulary, activation, ...) are GPT-2's.
 STRUCTURE_FIELDS = (
@@ -142,12 +142,7 @@ def mom_config(gpt2_config: GPT2Config, **structure) -> MoMConfig:
     unknown = sorted(set(structure) - set(STRUCTURE_FIELDS))
     if unknown:
         raise ValueError(f"unknown structure option(s) {unknown}; allowed: {', '.join(STRUCTURE_FIELDS)}.")
-    if not gpt2_config.scale_attn_weights or gpt2_config.scale_attn_by_inverse_layer_idx:
-        raise ValueError(
-            "MoM's attention is scaled by 1/sqrt(head_dim) only; this GPT-2 has scale_attn_weights="
-            f"{gpt2_config.scale_attn_weights}, scale_attn_by_inverse_layer_idx="
-            f"{gpt2_config.scale_attn_by_inverse_layer_idx} (required: True, False)."
-        )
+    check_convertible(gpt2_config)
     structure = dict(structure)
     if "num_rounds" not in structure:  # one round per seeded layer: the unrolled depth stays GPT-2's
         structure["num_rounds"] = max(

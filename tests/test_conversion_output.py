@@ -1,6 +1,7 @@
-"""Every converter's command line writes its checkpoint all or nothing (`conversion/checkpoint_writer.py`): a
-non-empty `--out` is replaced only with `--overwrite`, and a failure while writing leaves neither a partial checkpoint
-nor a damaged earlier one, nor the staging directory."""
+"""What every converter does alike: its command line writes the checkpoint all or nothing
+(`conversion/checkpoint_writer.py`: a non-empty `--out` is replaced only with `--overwrite`, and a failure while
+writing leaves neither a partial checkpoint nor a damaged earlier one, nor the staging directory); it refuses sources
+it cannot convert, naming the problem; and it carries GPT-2's token ids over."""
 
 import importlib
 import os
@@ -161,3 +162,48 @@ def test_moeut_options_are_checked_by_name(gpt2_dir, tmp_path, capsys):
             run("gpt2_to_moeut", gpt2_dir, tmp_path / "out", *options)
         assert message in capsys.readouterr().err, options
     assert not (tmp_path / "out").exists()
+
+
+EXACT = {  # converter module -> convert() keywords of its exact form for a GPT-2 of n_embd 32
+    "gpt2_to_mom": dict(exact=True),
+    "gpt2_to_moeut": dict(exact=True, expert_size=32),
+    "gpt2_to_moduleformer": dict(exact=True, num_experts=4),
+}
+
+
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_token_ids_are_carried_so_generation_infers_the_same_mask(name, tmp_path):
+    """Without an attention mask, `generate` masks `config.pad_token_id`: MoEUT's and ModuleFormer's conversions
+    dropped GPT-2's pad id, so they attended to a left-padded row's padding and decoded other tokens."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=61, n_positions=40, n_embd=32, n_layer=2, n_head=4, initializer_range=0.3,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    gpt2 = GPT2LMHeadModel(config).eval()
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    model = importlib.import_module(f"conversion.{name}").convert(tmp_path / "gpt2", **EXACT[name])
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (1, 2, 0)
+    ids = torch.randint(3, 61, (2, 8), generator=torch.Generator().manual_seed(1))
+    ids[1, :4] = 0
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, **settings), gpt2.generate(ids, **settings))
+
+
+@pytest.mark.parametrize("name", CONVERTERS)
+@pytest.mark.parametrize(
+    "field, value", [("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                     ("add_cross_attention", True)]
+)  # fmt: skip
+def test_a_gpt2_computation_no_converted_model_has_is_refused_by_name(name, field, value, tmp_path):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=8, n_positions=16, n_embd=32, n_layer=2, n_head=4, **{field: value})
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        importlib.import_module(f"conversion.{name}").convert(tmp_path / "gpt2", **EXACT[name])
+
+
+def test_moduleformer_conversion_keeps_gpt2s_dropout(tmp_path):
+    """ModuleFormer's embedding and residual dropouts are GPT-2's `embd_pdrop` and `resid_pdrop` (reset to 0 before)."""
+    from conversion.gpt2_to_moduleformer import moduleformer_config
+
+    config = moduleformer_config(GPT2Config(n_layer=2, embd_pdrop=0.15, resid_pdrop=0.2), exact=True, slice_mlp=False)
+    assert (config.embd_dropout, config.resid_dropout) == (0.15, 0.2)
