@@ -57,7 +57,8 @@ class ModuleFormerConfig(PreTrainedConfig):
         position_embedding_type: "none" (the official model: order comes from stick-breaking alone) or "learned"
             (GPT-2's absolute positions, up to ``max_position_embeddings``).
         stick_breaking_chunk_size: query rows per block of the stick-breaking kernel (memory O(chunk * keys)).
-        embd_dropout, resid_dropout, router_dropout: official ``embd_pdrop``, ``resid_pdrop``, ``moe_pdrop``.
+        embd_dropout, resid_dropout, router_dropout: official ``embd_pdrop``, ``resid_pdrop``, ``moe_pdrop``
+            (``router_dropout`` acts on the "mlp" router's hidden layer; the "linear" router has none).
             ``attention_dropout`` (``attn_pdrop``) is accepted and unused, as in the official code.
         aux_loss_type: "mi" (official default: per router, ``H(e|x) - H(e)``, i.e. minus the mutual information
             between tokens and experts) or "switch" (per router, Switch load balancing plus
@@ -66,8 +67,8 @@ class ModuleFormerConfig(PreTrainedConfig):
         router_z_loss_coef: weight of the z-loss inside the "switch" auxiliary loss (official: 0.1).
         concentration_loss_coef: weight of the load-concentration loss (marginal routing entropy over the batch;
             see ``routing_losses.concentration_loss``) added to the training loss, for task fine-tuning.
-        output_router_logits: return every router's logits (``[batch * seq, experts]``, attention router then
-            feed-forward router for each layer) and the auxiliary loss.
+        output_router_logits: the causal LM returns every router's logits (``[batch * seq, experts]``, attention
+            router then feed-forward router for each layer) and the auxiliary loss; the classifier returns neither.
         attention_experts_per_layer, mlp_experts_per_layer: per-layer expert counts, set by
             ``prune_experts`` / ``add_experts``; ``None`` means ``num_attention_experts`` / ``num_experts`` everywhere.
         pruned_attention_experts_per_layer, pruned_mlp_experts_per_layer: per-layer count of pruned experts whose
@@ -219,6 +220,11 @@ class ModuleFormerConfig(PreTrainedConfig):
             smallest = 0 if name.startswith("pruned") else 1
             for layer_idx, count in enumerate(per_layer or []):
                 require(count >= smallest, f"{name}[{layer_idx}]={count} must be >= {smallest}.")
+            require(
+                not (name.startswith("pruned") and any(per_layer or []) and self.normalize_expert_gates),
+                f"{name}={per_layer} keeps pruned experts' router rows for the softmax normaliser, which "
+                "normalize_expert_gates=True divides out; allowed with normalize_expert_gates=True: None or zeros.",
+            )
         for layer_idx in range(self.num_hidden_layers):
             num_attention, _, num_mlp, _ = self.layer_experts(layer_idx)
             require(

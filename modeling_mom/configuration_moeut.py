@@ -79,10 +79,12 @@ class MoEUTConfig(PreTrainedConfig):
         layer_norm_eps: LayerNorm epsilon.
         rope_theta: RoPE base.
         partial_rotary_factor: fraction of each head's dims (the first ones) that get RoPE; the rotated width is
-            rounded down to even. 0 disables positions entirely.
+            rounded down to even. 0 disables RoPE (with ``position_embedding_type="rope"``, the model then has no
+            positions at all).
         router_aux_loss_coef, attention_router_aux_loss_coef: weights (gamma, delta) of the entropy regulariser of
             the FFN routers and of the attention V/O routers.
-        output_router_logits: return the router logits and the weighted regulariser (``aux_loss``). Training with
+        output_router_logits: the causal LM returns the router logits and the weighted regulariser (``aux_loss``;
+            the classifier returns neither). Training with
             labels adds the regulariser to the loss whenever a coefficient is positive, asked or not (as the official
             code does); evaluation losses never include it.
         position_embedding_type: "rope" (the paper; partial RoPE only) or "learned_absolute" (adds GPT-2-style learned
@@ -92,8 +94,10 @@ class MoEUTConfig(PreTrainedConfig):
         attention_bias: biases on Q, K, V (per value expert) and the attention output (GPT-2 seeding; the paper has
             none).
         mlp_bias: per-expert biases on both expert projections (GPT-2 seeding; the paper has none).
-        initializer_range: the official init scale: weights get std ``initializer_range / sqrt(fan_in)``;
-            None means ``sqrt(2 / num_hidden_layers)``.
+        initializer_range: the official init scale: weights get std ``initializer_range / sqrt(fan_in)``, with the
+            whole bank's fan-in for the experts' output side (``num_experts * moe_intermediate_size``, ``heads *
+            head_dim``); embeddings get std ``1 / sqrt(d)`` and the head PyTorch's default. None means
+            ``sqrt(2 / num_hidden_layers)``.
         lm_head_bias: the output layer has a bias (untied from the embedding, as in the paper).
     """
 
@@ -150,18 +154,23 @@ class MoEUTConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MoEUTConfig":
-        """The paper's configuration `name` (see :meth:`preset_names`); keyword arguments override any field."""
+        """The paper's configuration `name` (see :meth:`preset_names`); keyword arguments override its fields or set
+        any other field or attribute of the config (e.g. `num_labels`); a name that is neither (a typo) is refused."""
         if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"Unknown MoEUT preset {name!r}; allowed: {cls.preset_names()}.")
-        unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(cls)})
+        config = cls(**PRESETS[name])
+        fields = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(k for k in overrides if k not in fields and not hasattr(config, k))
         if unknown:
-            raise ValueError(f"from_preset({name!r}): {unknown} are not MoEUTConfig fields; the preset sets "
-                             f"{sorted(PRESETS[name])}, and any other field of MoEUTConfig can be given too.")
+            raise ValueError(
+                f"from_preset({name!r}): {unknown} are neither fields nor attributes of MoEUTConfig; the preset sets "
+                f"{sorted(PRESETS[name])}, and any other field of MoEUTConfig can be given too."
+            )
         return cls(**{**PRESETS[name], **overrides})
 
     def num_rotary_dims(self) -> int:
         """Leading dims of each head that get RoPE: ``partial_rotary_factor * head_dim``, rounded down to even."""
-        rotary = int(self.partial_rotary_factor * self.head_dim)
+        rotary = int(self.partial_rotary_factor * self.head_dim + 1e-9)  # 2 / head_dim * head_dim may be 1.999...
         return rotary - rotary % 2
 
     num_rotary_dims = derived_property(num_rotary_dims, "partial_rotary_factor * head_dim, rounded down to even")
@@ -199,7 +208,8 @@ class MoEUTConfig(PreTrainedConfig):
         require(
             self.partial_rotary_factor == 0 or self.num_rotary_dims > 0,
             f"partial_rotary_factor={self.partial_rotary_factor} rotates no dims of a head of head_dim={self.head_dim} "
-            f"(the rotated width is rounded down to even); allowed: 0 (no RoPE) or at least {2 / self.head_dim:g}.",
+            f"(the rotated width is rounded down to even); allowed: 0 (no RoPE) or at least 2 / head_dim = "
+            f"{2 / self.head_dim!r}.",
         )
         require(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0.")
         rope_parameters = getattr(self, "rope_parameters", None)  # also set by a `rope_scaling` keyword

@@ -67,7 +67,8 @@ class MoMConfig(PreTrainedConfig):
             kept but not run).
         router_aux_loss_coef: weight of the Switch-style load-balancing loss, added to the loss in training with
             labels (as the authors' model does; 0 turns it off).
-        output_router_logits: return the routers' logits and the balancing loss (``aux_loss``).
+        output_router_logits: the causal LM returns the routers' logits and the balancing loss (``aux_loss``); the
+            classifier returns neither.
         num_hidden_layers: the unrolled depth (one per attention application, i.e. one KV-cache slot each);
             derived from the structure, and checked if given.
     """

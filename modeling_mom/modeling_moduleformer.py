@@ -472,7 +472,8 @@ class ModuleFormerForCausalLM(CausalLMWithRouterLosses, ModuleFormerPreTrainedMo
     """ModuleFormer with its language-model head (untied in MoLM; tied if `tie_word_embeddings`).
 
     `router_logits` holds every router's logits (per layer: attention router, then feed-forward router); in training
-    with labels, the router losses are computed whether or not they are returned (see `router_losses`).
+    with labels, the router losses with a positive coefficient (`router_aux_loss_coef`, `concentration_loss_coef`)
+    are computed and added whether or not they are returned (see `router_losses`).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}

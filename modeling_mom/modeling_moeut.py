@@ -342,7 +342,9 @@ class MoEUTPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel)
     @torch.no_grad()
     def _init_weights(self, module):
         """The official initialisation: std `initializer_range / sqrt(fan_in)` (initializer_range defaults to
-        sqrt(2 / num_hidden_layers)), router rows renormalised, embedding std 1/sqrt(d), PyTorch's default head.
+        sqrt(2 / num_hidden_layers)), where the fan-in of an expert bank's output side is the whole bank's (the FFN
+        down-projections: num_experts * moe_intermediate_size; SwitchHead's output experts: heads * head_dim), router
+        rows renormalised, embedding std 1/sqrt(d), PyTorch's default head.
 
         Each parameter is initialised by the module that owns it directly: transformers skips custom-code modules
         without direct parameters.
@@ -449,15 +451,13 @@ class MoEUTModel(MoEUTPreTrainedModel):
         return with_cache(MoeModelOutputWithPast, cache if use_cache else None, last_hidden_state=last_hidden_state)
 
 
-def moeut_aux_loss(config: MoEUTConfig, router_logits, batch_size: int, attention_mask) -> torch.Tensor | None:
+def moeut_aux_loss(config: MoEUTConfig, router_logits, batch_size: int, attention_mask) -> torch.Tensor:
     """The paper's regulariser: for each shared layer, the entropy loss of its FFN router (times
     `router_aux_loss_coef`) and of its V and O routers (times `attention_router_aux_loss_coef`), each pooled over
     positions and over all repeats of the layer; summed over layers (not averaged), as in the official code.
 
-    `router_logits` is in call order: per unrolled step, [V router, O router,] FFN router.
+    `router_logits` (not empty) is in call order: per unrolled step, [V router, O router,] FFN router.
     """
-    if not router_logits:
-        return None
     per_step = 3 if config.num_attention_experts > 1 else 1
     coefs = [config.attention_router_aux_loss_coef] * (per_step - 1) + [config.router_aux_loss_coef]
     calls_per_layer = per_step * config.num_unique_layers

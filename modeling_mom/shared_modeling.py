@@ -148,7 +148,8 @@ def last_token_pooling(
 def position_ids_from_mask(
     inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None
 ) -> torch.Tensor:
-    """`[B, T]` positions that count real tokens only (as `generate` does), so left padding does not shift them."""
+    """`[B, T]` positions that count real tokens only (as `generate` does), so left padding does not shift them;
+    `[1, T]`, the same for every row, without a 2-D mask."""
     seq = inputs_embeds.shape[1]
     if attention_mask is not None and attention_mask.dim() == 2:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]

@@ -302,6 +302,7 @@ def test_official_molm_config_keys_load(tmp_path):
         ({"resid_pdrop": 1.5}, "resid_dropout=1.5"),
         ({"sample_topk": 1}, "sample_topk=1"),
         ({"gate_type": "gmm"}, "router_type=.gmm."),
+        ({"normalize_expert_gates": True, "pruned_mlp_experts_per_layer": [2, 2]}, "pruned_mlp_experts_per_layer=.2"),
     ],
 )
 def test_config_rejects_bad_values(bad, message):

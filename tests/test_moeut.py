@@ -7,6 +7,7 @@ order 1); we allow 1e-5. Token sequences must be identical.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -101,6 +102,16 @@ def test_rotated_width_is_rounded_down_to_even():
     assert tiny_config(head_dim=9, partial_rotary_factor=1.0).num_rotary_dims == 8
 
 
+def test_the_smallest_rotary_fraction_the_error_names_is_accepted():
+    """2 / head_dim rotates 2 dims: float rounding made it (and the error's printed minimum) rotate none."""
+    for head_dim in range(2, 257):
+        assert tiny_config(head_dim=head_dim, partial_rotary_factor=2 / head_dim).num_rotary_dims == 2
+    with pytest.raises(ValueError) as error:
+        tiny_config(head_dim=7, partial_rotary_factor=0.2)
+    minimum = float(re.search(r"at least 2 / head_dim = ([0-9.]+[0-9])", str(error.value)).group(1))
+    assert tiny_config(head_dim=7, partial_rotary_factor=minimum).num_rotary_dims == 2
+
+
 # Parameter counts at vocabulary 8000 (moeut.md section 3.1, computed from the official sweeps).
 PAPER_PARAMETERS = {
     "moeut-44m": 44.35e6,
@@ -123,6 +134,9 @@ def test_presets_match_the_paper_parameter_counts():
         assert abs(count - expected) / expected < 0.005, (name, count)
     assert MoEUTConfig.from_preset("moeut-728m").hidden_size == 1280  # not the official profile's 1024
     assert MoEUTConfig.from_preset("moeut-44m", vocab_size=50257).vocab_size == 50257
+    assert MoEUTConfig.from_preset("moeut-44m", num_labels=3).num_labels == 3  # a config attribute, not a field
+    with pytest.raises(ValueError, match="num_expert_per_tok"):
+        MoEUTConfig.from_preset("moeut-44m", num_expert_per_tok=4)
     with pytest.raises(ValueError, match="moeut-45m"):
         MoEUTConfig.from_preset("moeut-45m")
 
