@@ -3,25 +3,28 @@
     python -m benchmarks.bench_models --json models.json --markdown models.md [--dtype bf16]
     OMP_NUM_THREADS=1 python -m benchmarks.bench_models --threads 1 --tiny --repeats 1   # smoke test
 
-Pairs (the baseline first; ratios are model / baseline, times measured alternately in the same run):
+Pairs (the baseline first; times measured alternately in the same run; speed-ups are baseline time / model time):
 - MoM with sequential and with learned (K=1) routing vs HF `GPT2LMHeadModel` of the same shape and unrolled depth;
-- MoEUT-44M (`MoEUTConfig.from_preset("moeut-44m")`) vs a dense pre-LN GPT-2 of its depth and width, MLP widened
-  to match its parameters (`bench_moeut.matched_gpt2`);
+- MoEUT-44M (`MoEUTConfig.from_preset("moeut-44m")`) vs a dense pre-LN GPT-2 of its depth and width, with an
+  untied head like MoEUT's, MLP widened to match its parameters (`bench_moeut.matched_gpt2`);
 - a MoEUT-244M-shaped layer stack (the preset's two shared layers applied `--stack-layers` times instead of 18) vs
   as many layers of the dense GPT-2 matched to the full 244M preset (d=1024, MLP ~4096 wide): per layer
-  application, the two models' costs are the full models';
+  application, the two models' costs are the full models' (both keep their full-size output head, a larger share of
+  a 4-layer stack than of the full models);
 - a MoLM-shaped ModuleFormer (16 attention experts, k=2; 32 FFN experts, k=2; fewer, narrower layers) vs a dense
-  GPT-2 of equal total parameters (`bench_moduleformer.build_dense`).
+  GPT-2 of equal non-embedding parameters (`bench_moduleformer.build_dense`).
 
 Per model: training step (forward + backward) tokens/s, activation memory (bytes autograd saves for backward in one
 step, the part of training memory that grows with the batch), prefill tokens/s (batch 1), cached greedy decoding
-tokens/s at batch 1 and 8, forward FLOPs per token (counted by `torch.utils.flop_counter` on a training-length
-forward: matmuls, the dispatch's grouped matmuls and attention, so shared layers count once per application) and
-KV-cache bytes per token (measured on the model's own cache after a prefill).
+tokens/s at batch 1 and 8 (the time of `generate`, its prompt's prefill included), forward FLOPs per token
+(counted by `torch.utils.flop_counter` on a training-length forward: matmuls, the dispatch's grouped matmuls and
+attention, so shared layers count once per application) and KV-cache bytes per token (measured on the model's own
+cache after a prefill).
 
 `--scaling` measures instead how the training step's time per token grows with the sequence length (256 to 2048
-tokens, the batch shrinking so that each step has about the same number of tokens): the attention's share grows
-with the length, and stick-breaking (ModuleFormer) is a different kernel from the baselines' SDPA.
+tokens, batch `max(1, --scaling-tokens // T)`: a step holds `--scaling-tokens` tokens, or one sequence of T where T
+is longer): the attention's share grows with the length, and stick-breaking (ModuleFormer) is a different kernel
+from the baselines' SDPA.
 
     python -m benchmarks.bench_models --scaling --json scaling.json --markdown scaling.md
 """
