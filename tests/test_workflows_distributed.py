@@ -1,7 +1,8 @@
 """`mom pretrain` under `accelerate launch` with 2 CPU processes (DDP over gloo) on a tiny routed model.
 
 The first optimizer step sees the same 4 blocks whether they come as one batch of 4 or as 2 processes x 2, so its
-language-modelling loss must agree within 1e-5 (fp32; the mean is taken in another order). Later steps differ
+language-modelling loss must agree within 1e-5 (fp32; the mean is taken in another order). The GPT-2 has no dropout
+(the conversion carries GPT-2's rates over, and each process would draw its own masks). Later steps differ
 legitimately: a router balancing loss is a nonlinear function of its batch, which DDP computes per process.
 """
 
@@ -27,6 +28,7 @@ def routed_model(tmp_path_factory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_inner=128, n_layer=12, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
     arch, converter = next(iter(converters().items()))
