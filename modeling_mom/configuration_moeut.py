@@ -84,9 +84,8 @@ class MoEUTConfig(PreTrainedConfig):
         router_aux_loss_coef, attention_router_aux_loss_coef: weights (gamma, delta) of the entropy regulariser of
             the FFN routers and of the attention V/O routers.
         output_router_logits: the causal LM returns the router logits and the weighted regulariser (``aux_loss``;
-            the classifier returns neither). Training with
-            labels adds the regulariser to the loss whenever a coefficient is positive, asked or not (as the official
-            code does); evaluation losses never include it.
+            the classifier returns neither). Training with labels adds the regulariser to the loss whenever a
+            coefficient is positive, asked or not (as the official code does); evaluation losses never include it.
         position_embedding_type: "rope" (the paper; partial RoPE only) or "learned_absolute" (adds GPT-2-style learned
             positions to the embeddings, for function-preserving GPT-2 seeding; set ``partial_rotary_factor=0`` to
             drop RoPE).

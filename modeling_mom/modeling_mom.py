@@ -99,15 +99,12 @@ class MoMPoolNorm(nn.Module):
 class MoMModulePool(nn.Module):
     """Parameters shared by both pool types: each module's own pre-LayerNorm (`norm`, `[N, d]` gains and biases).
 
-    `pool_tensor_names` lists the stacked tensors (`[N, ...]`, module n at index n); they are read by name, so that a
-    parametrization of one (e.g. a LoRA delta that peft's `target_parameters` applies) is seen.
+    `pool_tensors` returns the stacked tensors (`[N, ...]`, module n at index n): the LayerNorm's, then the pool
+    type's `projection_names`, read as attributes so that a parametrization of one (e.g. a LoRA delta that peft's
+    `target_parameters` applies) is seen.
     """
 
-    projection_names: tuple[str, ...] = ()  # the pool type's own stacked tensors, attributes of the pool
-
-    @property
-    def pool_tensor_names(self) -> tuple[str, ...]:
-        return ("norm.weight", "norm.bias") + self.projection_names
+    projection_names: tuple[str, ...] = ()
 
     def __init__(self, config: MoMConfig, num_modules: int):
         super().__init__()
@@ -115,8 +112,8 @@ class MoMModulePool(nn.Module):
         self.norm = MoMPoolNorm(num_modules, config.hidden_size, config.layer_norm_epsilon)
 
     def pool_tensors(self) -> dict[str, torch.Tensor]:
-        """The stacked tensors of `pool_tensor_names`, as the module's attributes read them now (a parametrized
-        tensor is an attribute, not a parameter)."""
+        """`{name: [N, ...] tensor}`, as the module's attributes read them now (a parametrized tensor is an attribute,
+        not a parameter)."""
         norm_weight, norm_bias = self.norm()
         return {"norm.weight": norm_weight, "norm.bias": norm_bias} | {
             name: getattr(self, name) for name in self.projection_names
@@ -134,8 +131,8 @@ class MoMModulePool(nn.Module):
         instead would give each round's backward a full pool-sized gradient, quadratic in the pool size (1.65x
         GPT-2's training time with 24 modules, against ~1x).
         """
-        pools = [tensor.unbind(0) for tensor in self.pool_tensors().values()]
-        return [dict(zip(self.pool_tensor_names, views)) for views in zip(*pools)]
+        tensors = self.pool_tensors()
+        return [dict(zip(tensors, views)) for views in zip(*(tensor.unbind(0) for tensor in tensors.values()))]
 
     def single_module(self, route: ModuleRoute) -> dict[str, torch.Tensor]:
         """The parameters of `route`'s one module: the views unbound for this forward, else indexed here (a pool

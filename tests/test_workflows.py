@@ -334,6 +334,9 @@ def test_streamed_held_out_blocks_stay_out_of_training_in_every_pass(pipelines, 
     for epoch in range(3):
         train.set_epoch(epoch)
         assert not held & windows(train)
+    args.eval_blocks = 10_000
+    with mock.patch.object(datasets, "load_dataset", stream), pytest.raises(WorkflowError, match="--eval-blocks 10000"):
+        pretrain.load_blocks(args, load_tokenizer(model), 32)
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(pipelines, workspace, tmp_path):
