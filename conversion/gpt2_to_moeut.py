@@ -36,9 +36,9 @@ GPT-2's token ids (BOS, EOS, pad) are carried over; its dropout rates are not: M
 attention output (``attention_output_dropout``, 0 as in the paper), and none on the embeddings or the FFN output.
 
 Recipe after an upcycling conversion (measured in benchmarks/results/upcycling.md, `python -m benchmarks.upcycling`):
-the seeded model is not usable as is (held-out loss +0.46 nats above GPT-2's with G = 6 of 12 layers, +1.9 with
+the seeded model is not usable as is (held-out loss +0.44 nats above GPT-2's with G = 6 of 12 layers, +1.9 with
 G = 2, on the small demo GPT-2); continue LM pretraining (`mom pretrain`, AdamW lr 1e-3 with warm-up, all parameters)
-before any task fine-tuning. 200 short steps there closed all but 0.02-0.05 nats of the gap to the unshared model.
+before any task fine-tuning. 200 short steps there closed all but 0.03-0.05 nats of the gap to the unshared model.
 Prefer the largest G the memory allows (less sharing, smaller gap); ``--norm-scheme peri`` did slightly better
 than GPT-2's pre-LN after training.
 """
