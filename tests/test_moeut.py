@@ -154,6 +154,28 @@ def test_layers_are_shared_and_unrolled():
     assert len(getattr(out, CACHE_FIELD).layers) == config.num_hidden_layers
 
 
+
+@pytest.mark.parametrize("scheme", ["peri", "pre", "post"])
+def test_layer_places_its_layernorms_by_norm_scheme(scheme):
+    """moeut.md 1.2: peri-LN feeds the normalised residual to Q, K and the routers, but the raw residual to V and to
+    the experts' up-projection; pre-LN normalises every input; post-LN normalises after each residual sum."""
+    torch.manual_seed(0)
+    model = MoEUTModel(tiny_config(norm_scheme=scheme)).eval()
+    layer = model.layers[0]
+    ln1, ln2, attention, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.attention, layer.mlp
+    x = torch.randn(1, 6, 32)
+    position_embeddings = model.rotary_emb(x, torch.arange(6)[None])
+    mask = torch.full((6, 6), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        if scheme == "post":
+            h = ln1(x + attention(x, x, position_embeddings, mask)[0])
+            expected = ln2(h + mlp(h, h))
+        else:
+            h = x + attention(ln1(x), x if scheme == "peri" else ln1(x), position_embeddings, mask)[0]
+            expected = h + mlp(h if scheme == "peri" else ln2(h), ln2(h))
+        torch.testing.assert_close(layer(x, position_embeddings, attention_mask=mask), expected, atol=1e-6, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------- cached decoding
 
 
@@ -546,7 +568,7 @@ def test_exact_conversion_equals_gpt2(gpt2_overrides, tmp_path):
 
 def test_shared_conversion_holds_every_gpt2_layer_as_experts():
     """G=2 of 4 GPT-2 layers: shared layer g's experts are the union of layers g and g+2 (upcycling, not identity)."""
-    from conversion.gpt2_to_moeut import convert
+    from conversion.gpt2_to_moeut import GATE_AT_ZERO, convert
 
     gpt2 = tiny_gpt2()
     model = convert(gpt2, num_unique_layers=2, expert_size=64)
@@ -558,6 +580,19 @@ def test_shared_conversion_holds_every_gpt2_layer_as_experts():
     torch.testing.assert_close(up[5], blocks[1].mlp.c_fc.weight[:, 64:128])
     v = layer.attention.v_experts  # [H * 2, d, dh]: expert h * 2 + r = head h of block r
     torch.testing.assert_close(v[2 * 3 + 1], blocks[1].attn.c_attn.weight[:, 64 + 3 * 8 : 64 + 4 * 8])
+    attention, experts, d, dh = layer.attention, layer.mlp.experts, 32, 8
+    for r, block in enumerate(blocks):
+        for h in range(4):  # output expert h * 2 + r: head h's rows of block r's output projection
+            torch.testing.assert_close(attention.o_experts[h * 2 + r], block.attn.c_proj.weight[h * dh : (h + 1) * dh])
+        # each block's output bias, spread over its 4 experts and divided by the gate of a zero router
+        spread_bias = experts.down_proj_bias[4 * r : 4 * r + 4].sum(0) * GATE_AT_ZERO
+        torch.testing.assert_close(spread_bias, block.mlp.c_proj.bias)
+        torch.testing.assert_close(experts.down_proj[4 * r + 1] * GATE_AT_ZERO, block.mlp.c_proj.weight[64:128])
+    torch.testing.assert_close(attention.q_proj.weight, blocks[0].attn.c_attn.weight[:, :d].T)  # the group's first
+    torch.testing.assert_close(attention.k_proj.weight, blocks[0].attn.c_attn.weight[:, d : 2 * d].T)
+    torch.testing.assert_close(attention.o_bias, (blocks[0].attn.c_proj.bias + blocks[1].attn.c_proj.bias) / 2)
+    torch.testing.assert_close(layer.input_layernorm.weight, (blocks[0].ln_1.weight + blocks[1].ln_1.weight) / 2)
+    torch.testing.assert_close(layer.post_attention_layernorm.bias, (blocks[0].ln_2.bias + blocks[1].ln_2.bias) / 2)
     ids = torch.randint(2, VOCAB, (2, 9))
     assert torch.isfinite(model(ids, labels=ids).loss)
     model = convert(gpt2, num_unique_layers=2, expert_size=64, num_experts_per_tok=2, norm_scheme="peri")  # allowed

@@ -240,6 +240,74 @@ def test_straight_through_forward_equals_renormalize():
     torch.testing.assert_close(model(ids).logits, straight, atol=0, rtol=0)
 
 
+
+def _reference_route(router, x, k, weighting, temperature):
+    """mom.md 2.4 per token: softmax of the router's scores over modules and SKIP, top-k, weights."""
+    probs = (router.out(torch.relu(router.fc(x))) / temperature).softmax(-1)
+    top, selected = probs.topk(k, -1)
+    return (top if weighting == "probability" else top / top.sum(-1, keepdim=True)), selected.tolist()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+@pytest.mark.parametrize("weighting", ["renormalize", "probability", "straight_through"])
+def test_learned_round_equals_a_per_token_reference(weighting, temperature):
+    """One learned round (K=2, SKIP on) against mom.md 2.4-2.6 computed token by token: each token's Q, K, V are the
+    unweighted sum of its chosen attention modules' projections, one attention over the round, each chosen output
+    projection weighted; the FFN output is the weighted sum of the chosen modules; SKIP contributes nothing."""
+    torch.manual_seed(0)
+    config = tiny_config(
+        num_bottom_layers=0, num_top_layers=0, use_anchor_layers=False, num_rounds=1, num_modules_per_tok=2,
+        enable_skip=True,
+        router_weighting=weighting, router_temperature=temperature,
+    )
+    model = MoMModel(config).eval()
+    layer = model.layers[0]
+    with torch.no_grad():  # spread the scores so tokens choose different modules and SKIP
+        layer.attention_router.out.weight.normal_(0, 1.0)
+        layer.mlp_router.out.weight.normal_(0, 1.0)
+    seq, d, heads = 7, config.hidden_size, config.num_attention_heads
+    ids = torch.randint(1, VOCAB, (1, seq))
+    attention, mlp = layer.attention, layer.mlp
+
+    def pool_norm(pool, m, x):
+        return torch.nn.functional.layer_norm(x, (d,), pool.norm.weight[m], pool.norm.bias[m], pool.norm.eps)
+
+    with torch.no_grad():
+        h = model.embed_tokens(ids)[0] + model.embed_positions(torch.arange(seq))
+        weights, selected = _reference_route(layer.attention_router, h, 2, weighting, temperature)
+        qkv = torch.zeros(seq, 3 * d)
+        for t in range(seq):
+            for m in selected[t]:
+                if m < config.num_attention_modules:
+                    qkv[t] += pool_norm(attention, m, h[t]) @ attention.qkv_proj[m] + attention.qkv_bias[m]
+        q, k, v = qkv.view(seq, 3, heads, d // heads).permute(1, 2, 0, 3)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).reshape(seq, d)
+        for t in range(seq):
+            for j, m in enumerate(selected[t]):
+                if m < config.num_attention_modules:
+                    h[t] += weights[t, j] * (a[t] @ attention.out_proj[m] + attention.out_bias[m])
+        weights, selected = _reference_route(layer.mlp_router, h, 2, weighting, temperature)
+        ffn = torch.zeros(seq, d)
+        for t in range(seq):
+            for j, m in enumerate(selected[t]):
+                if m < config.num_ffn_modules:
+                    inner = mlp.act(pool_norm(mlp, m, h[t]) @ mlp.up_proj[m] + mlp.up_bias[m])
+                    ffn[t] += weights[t, j] * (inner @ mlp.down_proj[m] + mlp.down_bias[m])
+        expected = model.norm(h + ffn)
+        assert any(config.num_attention_modules in row for row in selected), "no token chose SKIP: spread the scores"
+        torch.testing.assert_close(model(ids).last_hidden_state[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gru_router_state_restarts_at_each_chunk():
+    model = MoMModel(tiny_config(router_type="gru", num_chunks=2, num_rounds=3)).eval()
+    starts = []  # per attention-router call: whether it got no state (a fresh start)
+    for layer in model.layers:
+        if layer.attention_router is not None:
+            layer.attention_router.register_forward_pre_hook(lambda module, args: starts.append(args[1] is None))
+    model(torch.randint(1, VOCAB, (2, 5)))
+    assert starts == [True, False, False] * 2
+
+
 # --------------------------------------------------------------------------------------- training
 
 
