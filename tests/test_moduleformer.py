@@ -229,7 +229,7 @@ def test_mutual_information_loss_by_hand():
 
 
 def test_model_aux_losses_sum_over_routers():
-    model = tiny_model(router_aux_loss_coef=0.5)
+    model = tiny_model(router_aux_loss_coef=0.5, num_attention_experts_per_tok=1)  # each router's own k below
     ids, mask, _ = left_padded_batch()
     out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
     assert [r.shape[-1] for r in out.router_logits] == [4, 6, 4, 6]
@@ -243,7 +243,7 @@ def test_model_aux_losses_sum_over_routers():
 
     model.config.aux_loss_type = "switch"
     out = model(ids, attention_mask=mask, output_router_logits=True)
-    k = [2, 2, 2, 2]
+    k = [1, 2, 1, 2]  # attention, MLP per layer
     expected = sum(
         switch_load_balancing_loss([r], k[i], mask) + 0.1 * router_z_loss(r, mask)
         for i, r in enumerate(out.router_logits)
@@ -438,6 +438,17 @@ def test_pruned_model_keeps_logits_and_round_trips(normalize, tmp_path):
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
     if not normalize:  # one subprocess is enough: the remote code path is the same for both gate modes
         check_remote_load(model, tmp_path / "pruned")
+
+
+def test_prune_threshold_is_a_share_of_each_routers_selections():
+    model = tiny_model()  # 4 attention experts, 6 MLP experts, k = 2 each
+    usage = {"attention": [torch.tensor([5, 4, 1, 0])] * 2, "mlp": [torch.tensor([6, 3, 1, 0, 0, 0])] * 2}
+    kept = model.prune_experts(usage, threshold=0.15)  # shares 0.5, 0.4, 0.1, 0 and 0.6, 0.3, 0.1, 0, ...
+    assert [k.tolist() for k in kept["attention"] + kept["mlp"]] == [[0, 1]] * 4
+    assert model.config.mlp_experts_per_layer == [2, 2] and model.config.attention_experts_per_layer == [2, 2]
+    for threshold in (1.0, -0.1):
+        with pytest.raises(ValueError, match=f"threshold={threshold} must be a share of selections in"):
+            tiny_model().prune_experts(usage, threshold=threshold)
 
 
 def test_prune_rejects_bad_requests():
@@ -679,6 +690,9 @@ def test_gpt2_seeding_options():
     assert sliced.config.attention_function == "stickbreaking" and sliced.config.position_embedding_type == "none"
     mlp, c_fc = sliced.model.layers[1].mlp, gpt2.transformer.h[1].mlp.c_fc
     torch.testing.assert_close(torch.cat(list(mlp.input_proj.unbind(0)), dim=1), c_fc.weight, atol=0, rtol=0)
+    torch.testing.assert_close(mlp.input_bias.flatten(), c_fc.bias, atol=0, rtol=0)
+    c_proj = gpt2.transformer.h[1].mlp.c_proj.weight  # [inner * 4, d]: expert e holds rows e * inner ...
+    torch.testing.assert_close(torch.cat(list(mlp.output_proj.unbind(0)), dim=0), c_proj, atol=0, rtol=0)
     noisy = convert(gpt2, expert_noise=0.01)
     experts = noisy.model.layers[0].self_attn.input_proj
     assert not torch.equal(experts[0], experts[1])
