@@ -25,6 +25,7 @@ from modeling_mom.modeling_moeut import (
 from modeling_mom.routing_losses import sequence_entropy_loss
 from modeling_mom.shared_modeling import CACHE_FIELD
 
+from .cache_contract import assert_caches_generate_what_the_dynamic_cache_does
 from .remote_contract import assert_remote_code_load_matches
 from .trainer_contract import assert_accumulation_equals_big_batch
 
@@ -219,6 +220,13 @@ def test_generate_with_cache_equals_without(variant, num_beams):
     kwargs = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, num_beams=num_beams)
     assert torch.equal(model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs))
 
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:2], ids=variant_id)
+def test_static_and_quantized_caches_generate_what_the_dynamic_cache_does(variant):
+    torch.manual_seed(0)
+    model = MoEUTForCausalLM(tiny_config(**variant)).eval()
+    assert_caches_generate_what_the_dynamic_cache_does(model, *left_padded_batch(), pad_token_id=0)
 
 def test_left_padding_gives_no_nan_and_does_not_change_a_rows_continuation():
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ from modeling_mom.modeling_mom import ModuleRoute, MoMModulePool
 from modeling_mom.routing_losses import switch_load_balancing_loss
 from modeling_mom.shared_modeling import CACHE_FIELD
 
+from .cache_contract import assert_caches_generate_what_the_dynamic_cache_does
 from .remote_contract import assert_remote_code_load_matches
 from .trainer_contract import assert_accumulation_equals_big_batch
 
@@ -168,6 +169,12 @@ def test_generate_with_cache_equals_without(routing, num_beams):
     uncached = model.generate(ids, use_cache=False, **kwargs)
     assert torch.equal(cached, uncached)
 
+
+
+def test_static_and_quantized_caches_generate_what_the_dynamic_cache_does():
+    torch.manual_seed(0)
+    model = MoMForCausalLM(tiny_config(router_type="gru", num_modules_per_tok=2, enable_skip=True)).eval()
+    assert_caches_generate_what_the_dynamic_cache_does(model, *left_padded_batch(), pad_token_id=0)
 
 def test_left_padding_does_not_change_a_rows_continuation():
     torch.manual_seed(0)
