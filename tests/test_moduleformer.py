@@ -205,8 +205,10 @@ def test_sequence_classifier_left_padding_and_loss():
     ce = F.cross_entropy(out.logits, torch.tensor([0, 2]))
     torch.testing.assert_close(out.loss, ce)  # evaluation: the task loss alone
     trained = model.train()(ids, attention_mask=mask, labels=torch.tensor([0, 2]))
+    router_logits = model.model(ids, attention_mask=mask, output_router_logits=True).router_logits
+    router_loss = sum(mutual_information_loss(r, mask) for r in router_logits)  # training: the router loss is added
     ce = F.cross_entropy(trained.logits, torch.tensor([0, 2]))
-    assert trained.loss.item() != pytest.approx(ce.item())  # training: the weighted router loss is added
+    torch.testing.assert_close(trained.loss, ce + 0.1 * router_loss)
     trained.loss.backward()
     assert model.model.layers[0].mlp.router.fc.weight.grad.abs().sum() > 0
 
@@ -364,6 +366,15 @@ def test_trainer_resume_loads_every_weight_without_missing_keys(tied, tmp_path):
     for name, weight in trained.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], weight), name
 
+
+
+def test_a_mask_that_is_not_a_2d_padding_mask_is_refused_by_shape():
+    model = tiny_model()
+    ids = torch.randint(3, 53, (2, 5))
+    causal = torch.ones(2, 1, 5, 5).tril()
+    for mask in (causal, torch.ones(2, 4)):
+        with pytest.raises(ValueError, match=r"needs a 2-D padding mask of shape \(batch, past \+ current length\)"):
+            model(ids, attention_mask=mask)
 
 def test_a_fixed_size_cache_is_refused_clearly():
     """A static cache returns all its slots, filled or not, and generation turns the mask 4-D for it: refused by name

@@ -415,19 +415,23 @@ def test_classifier_losses(num_labels, problem_type, labels):
     config = tiny_config(num_labels=num_labels, problem_type=problem_type)
     model = MoMForSequenceClassification(config).eval()
     ids = torch.randint(1, VOCAB, (2, 7))
+
+    def task_loss(logits):
+        if num_labels == 1:
+            return torch.nn.functional.mse_loss(logits.squeeze(-1), labels)
+        if problem_type == "multi_label_classification":
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        return torch.nn.functional.cross_entropy(logits, labels)
+
     out = model(ids, labels=labels)
-    if num_labels == 1:
-        expected = torch.nn.functional.mse_loss(out.logits.squeeze(-1), labels)
-    elif problem_type == "multi_label_classification":
-        expected = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels)
-    else:
-        expected = torch.nn.functional.cross_entropy(out.logits, labels)
-    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.loss, task_loss(out.logits))
     assert out.logits.shape == (2, num_labels)
     evaluated = model(ids, labels=labels, output_router_logits=True)
-    torch.testing.assert_close(evaluated.loss, expected)  # the balancing loss joins in training only
-    trained = model.train()(ids, labels=labels, output_router_logits=True)
-    assert trained.loss > out.loss
+    torch.testing.assert_close(evaluated.loss, task_loss(out.logits))  # the balancing loss joins in training only
+    trained = model.train()(ids, labels=labels)
+    router_logits = model.model(ids, output_router_logits=True).router_logits  # attention, FFN per round
+    balancing = switch_load_balancing_loss(router_logits[0::2], 1) + switch_load_balancing_loss(router_logits[1::2], 1)
+    torch.testing.assert_close(trained.loss, task_loss(trained.logits) + config.router_aux_loss_coef * balancing)
 
 
 # ----------------------------------------------------------------------------------------- save / load

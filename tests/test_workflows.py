@@ -28,6 +28,7 @@ import torch
 import yaml
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
@@ -396,9 +397,18 @@ def test_glue_fine_tunes_and_scores_a_classifier(pipelines, arch):
     record = pipelines[arch]["glue"]
     written = json.loads((pipelines[arch]["out"] / "glue" / "results.json").read_text())
     assert written["results"] == record["results"]
-    assert 0.0 <= record["results"]["validation"]["accuracy"] <= 1.0
     config = json.loads((Path(record["checkpoint"]) / "config.json").read_text())
     assert config["architectures"][0].endswith("ForSequenceClassification")
+    # the recorded accuracy is the saved classifier's, scored here one example at a time
+    classifier = AutoModelForSequenceClassification.from_pretrained(record["checkpoint"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(record["checkpoint"])
+    examples = [json.loads(line) for line in Path(record["validation_files"]["validation"]).read_text().splitlines()]
+    correct = 0
+    for example in examples:
+        ids = tokenizer(example["sentence"], truncation=True, max_length=record["max_length"], return_tensors="pt")
+        with torch.no_grad():
+            correct += int(classifier(**ids).logits.argmax(-1).item() == example["label"])
+    assert record["results"]["validation"]["accuracy"] == pytest.approx(correct / len(examples), abs=1e-12)
 
 
 def glue_rows(task: glue.GlueTask, count: int, rng: np.random.Generator) -> list[dict]:
