@@ -32,14 +32,20 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """`out` as a Path, after checking it may be written: absent, an empty directory, or `overwrite`."""
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None) -> Path:
+    """`out` as a Path, after checking it may be written: absent, an empty directory, or `overwrite`; never the
+    working directory, nor the `source` checkpoint directory (or one that contains it), which replacing would delete."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory.")
+    nearest = next(path for path in (out.absolute(), *out.absolute().parents) if path.exists())
+    if not nearest.is_dir():
+        raise ValueError(f"--out {out}: {nearest} exists and is not a directory.")
     cwd = Path.cwd()
     if out.resolve() in (cwd, *cwd.parents):  # it is renamed into place, which the working directory cannot be
         raise ValueError(f"--out {out} is the working directory or contains it; name a new directory instead.")
+    if source is not None and Path(source).is_dir():
+        source_dir = Path(source).resolve()
+        if out.resolve() in (source_dir, *source_dir.parents):
+            raise ValueError(f"--out {out} is the source checkpoint {source} or contains it; name another directory.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it.")
     return out
@@ -71,7 +77,7 @@ def save_converted(
     more files into the checkpoint before the rename (`mom convert` adds its tokenizer and history record). Returns
     the tokenizer files copied.
     """
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, tokenizer_source)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = sibling_dir(out, "partial")
     try:
@@ -97,7 +103,7 @@ def convert_and_save(
     all or nothing (with `add_files`, see :func:`save_converted`). A ValueError (bad options, a source that does not
     fit) becomes the parser's usage error. Returns the model and the tokenizer files copied."""
     try:
-        check_output_dir(args.out, args.overwrite)
+        check_output_dir(args.out, args.overwrite, tokenizer_source)
         model = build()
         return model, save_converted(model, args.out, tokenizer_source, args.overwrite, add_files)
     except ValueError as error:

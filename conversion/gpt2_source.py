@@ -5,6 +5,7 @@ load report to say so); and the parts every converter copies the same way (embed
 import os
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
 
@@ -19,9 +20,17 @@ def gpt2_config_of(gpt2: str | os.PathLike | GPT2LMHeadModel) -> GPT2Config:
             config = AutoConfig.from_pretrained(gpt2)
         except OSError as error:  # a missing directory, or a hub id that is not reachable
             raise ValueError(f"{gpt2} is not a GPT-2 checkpoint directory or a reachable hub id ({error}).") from error
+        except StrictDataclassError as error:  # a field of the wrong type, e.g. "n_layer": 4.0
+            raise ValueError(f"{gpt2} has an invalid config.json: {error}") from error
     if not isinstance(config, GPT2Config):
         raise ValueError(f"{gpt2} is a {config.model_type!r} checkpoint; a GPT-2 ('gpt2') is required.")
     return config
+
+
+def check_seed(seed: int) -> None:
+    """The converters' `seed` (of the routers' initialisation, or of expert noise): the range the Trainer accepts."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32 - 1].")
 
 
 def check_convertible(config: GPT2Config) -> None:

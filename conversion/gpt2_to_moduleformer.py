@@ -24,6 +24,7 @@ GPT-2's function as is.
 
 import argparse
 import functools
+import math
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from transformers import GPT2LMHeadModel
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
-from .gpt2_source import check_convertible, copy_embeddings_and_head, gpt2_config_of, load_gpt2
+from .gpt2_source import check_convertible, check_seed, copy_embeddings_and_head, gpt2_config_of, load_gpt2
 
 EXACT_SETTINGS = {"attention_function": "softmax", "position_embedding_type": "learned", "normalize_expert_gates": True}
 
@@ -107,6 +108,9 @@ def convert(
     `config_overrides` set ModuleFormer config fields, e.g. `num_attention_experts`, `num_attention_experts_per_tok`,
     `num_experts`, `num_experts_per_tok`, `router_hidden_size`, `attention_function`.
     """
+    check_seed(seed)
+    if not (math.isfinite(expert_noise) and expert_noise >= 0):
+        raise ValueError(f"expert_noise={expert_noise} must be a finite number >= 0.")
     if exact and (slice_mlp or expert_noise):
         raise ValueError("exact=True needs identical expert copies: no slice_mlp and no expert_noise.")
     config = moduleformer_config(gpt2_config_of(gpt2), exact, slice_mlp, **config_overrides)

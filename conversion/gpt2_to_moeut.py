@@ -53,7 +53,7 @@ from transformers import GPT2LMHeadModel
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
-from .gpt2_source import check_convertible, copy_embeddings_and_head, gpt2_config_of, load_gpt2
+from .gpt2_source import check_convertible, check_seed, copy_embeddings_and_head, gpt2_config_of, load_gpt2
 
 DEFAULT_NUM_UNIQUE_LAYERS = 2  # G without --exact
 GATE_AT_ZERO = 0.5  # sigmoid(0): the gate of a zero router, folded out of the down-projections as 1 / 0.5
@@ -183,6 +183,7 @@ def convert(
     `num_unique_layers` is G (default 2; `exact` needs G = n_layer, its default); `config_overrides` set MoEUT config
     fields, e.g. `num_experts_per_tok`, `num_attention_experts_per_tok`, `norm_scheme`, `output_router_logits`.
     """
+    check_seed(seed)
     config = moeut_config(gpt2_config_of(gpt2), exact, num_unique_layers, expert_size, **config_overrides)
     gpt2 = load_gpt2(gpt2)
     torch.manual_seed(seed)  # the routers keep their random initialisation (zeroed below for exact)

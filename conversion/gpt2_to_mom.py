@@ -39,7 +39,7 @@ from modeling_mom.configuration_mom import ROUTER_TYPES, ROUTER_WEIGHTINGS, ROUT
 from modeling_mom.modeling_mom import layer_schedule
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
-from .gpt2_source import check_convertible, copy_embeddings_and_head, gpt2_config_of, load_gpt2
+from .gpt2_source import check_convertible, check_seed, copy_embeddings_and_head, gpt2_config_of, load_gpt2
 
 # MoMConfig fields `convert` accepts; the rest (widths, vocabulary, activation, ...) are GPT-2's.
 STRUCTURE_FIELDS = (
@@ -215,6 +215,7 @@ def convert(
     (the only weights not taken from GPT-2). Raises ValueError for a structure that does
     not fit the GPT-2 (the message suggests structures that do), before the weights are loaded.
     """
+    check_seed(seed)
     gpt2_config = gpt2_config_of(gpt2)
     if exact:
         structure = exact_structure(gpt2_config.n_layer, **structure)

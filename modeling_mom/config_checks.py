@@ -1,12 +1,32 @@
 """Field checks shared by the three configurations.
 
 Each check raises a `ValueError` that names the field, its value and what is allowed. A configuration runs its checks
-(`validate_architecture`) when it is built, `@strict` runs them again when it is saved, and the models run them again
-before building any layer, so that a field changed after construction (`from_pretrained(path, field=value)` sets
-overrides on the built configuration) is caught there too.
+(`validate_architecture`) when it is built, when `from_pretrained` has applied its keyword overrides, and before
+it is saved (`ValidatedConfigMixin`); the models run them again before building any layer, so that a field set as
+an attribute after construction is caught there too.
 """
 
+import math
+
 from transformers.activations import ACT2FN
+
+
+class ValidatedConfigMixin:
+    """Runs the configuration's checks where transformers does not: after `from_dict` has applied the keyword
+    overrides of `from_pretrained(path, field=value)` (set as attributes, unchecked), and before `save_pretrained`
+    writes anything (transformers copies the code files first and validates when it writes `config.json`, so a field
+    made invalid after construction left a directory of code files without a configuration)."""
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).validate_architecture()  # (config, unused kwargs)
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.validate_architecture()  # a plain ValueError for this package's fields
+        self.validate()  # every other check transformers makes when it writes config.json
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 def require(ok: bool, message: str) -> None:
@@ -44,7 +64,14 @@ def check_positive(config, names) -> None:
 def check_non_negative(config, names) -> None:
     for name in names:
         value = getattr(config, name)
-        require(value >= 0, f"{name}={value} must be >= 0.")
+        require(math.isfinite(value) and value >= 0, f"{name}={value} must be a finite number >= 0.")
+
+
+def check_finite_positive(config, names) -> None:
+    """Real-valued fields that must be > 0 and finite (an infinite epsilon or temperature gives constant outputs)."""
+    for name in names:
+        value = getattr(config, name)
+        require(math.isfinite(value) and value > 0, f"{name}={value} must be a finite number > 0.")
 
 
 def check_dropouts(config, names) -> None:
@@ -66,6 +93,6 @@ def check_common(config, epsilon: str) -> None:
         config.hidden_act in ACT2FN,
         f"hidden_act={config.hidden_act!r} is not a transformers activation; allowed: {sorted(ACT2FN)}.",
     )
-    require(getattr(config, epsilon) > 0, f"{epsilon}={getattr(config, epsilon)} must be > 0.")
+    check_finite_positive(config, (epsilon,))
     check_derived_set(config, ("initializer_range",))
-    require(config.initializer_range >= 0, f"initializer_range={config.initializer_range} must be >= 0.")
+    check_non_negative(config, ("initializer_range",))

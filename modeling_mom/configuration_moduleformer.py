@@ -4,6 +4,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .config_checks import (
+    ValidatedConfigMixin,
     check_choices,
     check_common,
     check_derived_set,
@@ -21,7 +22,7 @@ AUX_LOSS_TYPES = ("mi", "switch")
 
 
 @strict
-class ModuleFormerConfig(PreTrainedConfig):
+class ModuleFormerConfig(ValidatedConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a ModuleFormer causal language model: every layer is a mixture of attention heads (MoA: each
     attention expert owns a query and an output projection, keys and values are shared) followed by a mixture of
@@ -225,13 +226,14 @@ class ModuleFormerConfig(PreTrainedConfig):
                 f"{name}={per_layer} keeps pruned experts' router rows for the softmax normaliser, which "
                 "normalize_expert_gates=True divides out; allowed with normalize_expert_gates=True: None or zeros.",
             )
-        for layer_idx in range(self.num_hidden_layers):
-            num_attention, _, num_mlp, _ = self.layer_experts(layer_idx)
+        # per-layer counts when given, else the one count every layer has (no loop over an unchecked layer count)
+        for layer_idx, num_attention in enumerate(self.attention_experts_per_layer or [self.num_attention_experts]):
             require(
                 self.num_attention_experts_per_tok <= num_attention,
                 f"num_attention_experts_per_tok={self.num_attention_experts_per_tok} (k_att) is larger than the "
                 f"{num_attention} attention experts of layer {layer_idx}; allowed: 1..{num_attention}.",
             )
+        for layer_idx, num_mlp in enumerate(self.mlp_experts_per_layer or [self.num_experts]):
             require(
                 self.num_experts_per_tok <= num_mlp,
                 f"num_experts_per_tok={self.num_experts_per_tok} (k_mlp) is larger than the {num_mlp} feed-forward "

@@ -7,9 +7,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .config_checks import (
+    ValidatedConfigMixin,
     check_choices,
     check_common,
     check_dropouts,
+    check_finite_positive,
     check_non_negative,
     check_positive,
     derived_property,
@@ -38,7 +40,7 @@ PRESETS = {
 
 
 @strict
-class MoEUTConfig(PreTrainedConfig):
+class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a MoEUT causal language model.
 
@@ -210,7 +212,7 @@ class MoEUTConfig(PreTrainedConfig):
             f"(the rotated width is rounded down to even); allowed: 0 (no RoPE) or at least 2 / head_dim = "
             f"{2 / self.head_dim!r}.",
         )
-        require(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0.")
+        check_finite_positive(self, ("rope_theta",))
         rope_parameters = getattr(self, "rope_parameters", None)  # also set by a `rope_scaling` keyword
         require(
             rope_parameters is None,

@@ -4,10 +4,12 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .config_checks import (
+    ValidatedConfigMixin,
     check_choices,
     check_common,
     check_derived_set,
     check_dropouts,
+    check_finite_positive,
     check_non_negative,
     check_positive,
     require,
@@ -19,7 +21,7 @@ ROUTING_MODES = ("learned", "sequential")
 
 
 @strict
-class MoMConfig(PreTrainedConfig):
+class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a Mixture-of-Modules causal language model.
 
@@ -147,7 +149,7 @@ class MoMConfig(PreTrainedConfig):
             self.hidden_size % self.num_attention_heads == 0,
             f"hidden_size={self.hidden_size} must be divisible by num_attention_heads={self.num_attention_heads}.",
         )
-        require(self.router_temperature > 0, f"router_temperature={self.router_temperature} must be > 0.")
+        check_finite_positive(self, ("router_temperature",))
         pool_sizes = [n for n in (self.num_attention_modules, self.num_ffn_modules) if n > 1]
         most_choices = max(self.num_attention_modules, self.num_ffn_modules) + int(self.enable_skip)
         require(

@@ -82,6 +82,8 @@ class RemoteCodeMixin:
                 cls._auto_class = auto_class
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        self.config.validate_architecture()  # before the code files are copied (see `ValidatedConfigMixin`)
+        self.config.validate()
         module = type(self).__module__.rsplit(".", 1)[-1]
         config_class = type(self.config)
         self.config.auto_map = {
@@ -150,8 +152,13 @@ def position_ids_from_mask(
 ) -> torch.Tensor:
     """`[B, T]` positions that count real tokens only (as `generate` does), so left padding does not shift them;
     `[1, T]`, the same for every row, without a 2-D mask."""
-    seq = inputs_embeds.shape[1]
+    batch, seq = inputs_embeds.shape[:2]
     if attention_mask is not None and attention_mask.dim() == 2:
+        if attention_mask.shape[0] != batch or attention_mask.shape[1] < seq:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; a 2-D padding mask needs one row per "
+                f"sequence ({batch}) and a column per cached and current token (at least the {seq} current ones)."
+            )
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
     past_seen = cache.get_seq_length() if cache is not None else 0
     return torch.arange(seq, device=inputs_embeds.device).unsqueeze(0) + past_seen

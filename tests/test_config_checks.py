@@ -2,9 +2,11 @@
 construction, and (for fields set after construction, like `from_pretrained(path, field=value)` overrides) when a
 model is built from the configuration, before any layer is."""
 
+import math
 import warnings
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_mom import ModuleFormerForCausalLM, MoEUTConfig, MoEUTForCausalLM, MoMForCausalLM
@@ -21,8 +23,11 @@ ARCHS = {
 def common_bad_values(epsilon: str):
     return [
         ({"hidden_act": "gelu_nwe"}, "hidden_act='gelu_nwe' is not a transformers activation"),
-        ({epsilon: 0.0}, f"{epsilon}=0.0 must be > 0"),
-        ({"initializer_range": -0.1}, "initializer_range=-0.1 must be >= 0"),
+        ({epsilon: 0.0}, f"{epsilon}=0.0 must be a finite number > 0"),
+        ({epsilon: math.inf}, f"{epsilon}=inf must be a finite number > 0"),  # gave constant logits
+        ({"initializer_range": -0.1}, "initializer_range=-0.1 must be a finite number >= 0"),
+        ({"initializer_range": math.inf}, "initializer_range=inf must be a finite number >= 0"),  # gave NaN logits
+        ({"router_aux_loss_coef": math.inf}, "router_aux_loss_coef=inf must be a finite number >= 0"),
     ]
 
 
@@ -36,11 +41,15 @@ def test_common_fields_are_checked_at_construction(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_overrides_after_construction_are_checked_before_the_model_is_built(arch, tmp_path):
+    """Keyword overrides of `from_pretrained` are set on the loaded configuration as attributes: checked once set,
+    by the configuration's `from_pretrained` as by the model's."""
     make_config, model_class, epsilon = ARCHS[arch]
     model_class(make_config()).save_pretrained(tmp_path)
     for overrides, message in common_bad_values(epsilon):
         with pytest.raises(ValueError, match=message):
             AutoModelForCausalLM.from_pretrained(tmp_path, **overrides)
+        with pytest.raises(ValueError, match=message):
+            type(make_config()).from_pretrained(tmp_path, **overrides)
     config = make_config()
     config.hidden_act = "nope"
     with pytest.raises(ValueError, match="hidden_act='nope'"):
@@ -64,8 +73,11 @@ def test_mom_dropouts_and_positions():
         test_mom.tiny_config(embd_dropout=1.5)
     with pytest.raises(ValueError, match="max_position_embeddings=0 must be a positive integer"):
         test_mom.tiny_config(max_position_embeddings=0)
-    with pytest.raises(ValueError, match="router_aux_loss_coef=-1.0 must be >= 0"):
+    with pytest.raises(ValueError, match="router_aux_loss_coef=-1.0 must be a finite number >= 0"):
         test_mom.tiny_config(router_aux_loss_coef=-1.0)
+    for temperature in (0.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=f"router_temperature={temperature} must be a finite number > 0"):
+            test_mom.tiny_config(router_temperature=temperature)
 
 
 def test_moeut_partial_rope_that_rotates_nothing():
@@ -73,14 +85,22 @@ def test_moeut_partial_rope_that_rotates_nothing():
     with pytest.raises(ValueError, match="partial_rotary_factor=0.05 rotates no dims"):
         test_moeut.tiny_config(partial_rotary_factor=0.05)
     assert test_moeut.tiny_config(partial_rotary_factor=0.0).num_rotary_dims == 0  # explicitly no RoPE: allowed
+    with pytest.raises(ValueError, match="rope_theta=inf must be a finite number > 0"):
+        test_moeut.tiny_config(rope_theta=math.inf)
 
 
-def test_saving_a_config_changed_into_a_bad_one_fails(tmp_path):
-    config = test_moeut.tiny_config()
-    config.num_experts_per_tok = 99
-    with pytest.raises(Exception, match="num_experts_per_tok=99"):  # `@strict` wraps the ValueError in its own error
-        config.save_pretrained(tmp_path / "config")
-    assert not (tmp_path / "config" / "config.json").exists()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_saving_a_config_changed_into_a_bad_one_fails_before_writing_anything(arch, tmp_path):
+    """transformers copies the code files before it validates the configuration (when writing config.json): a
+    directory of code files without a configuration was left behind, by the config's and the model's save."""
+    make_config, model_class, _ = ARCHS[arch]
+    config = make_config()
+    model = model_class(config)
+    config.router_aux_loss_coef = -1
+    for saved in (config, model):
+        with pytest.raises(ValueError, match="router_aux_loss_coef=-1"):
+            saved.save_pretrained(tmp_path / type(saved).__name__)
+        assert not (tmp_path / type(saved).__name__).exists()
 
 
 DERIVED = {"mom": ("intermediate_size", "num_hidden_layers"), "moeut": ("initializer_range",),
@@ -141,3 +161,14 @@ def test_moeut_refuses_rope_scaling_it_would_ignore():
     config.rope_parameters = {"rope_type": "linear", "factor": 2.0}
     with pytest.raises(ValueError, match="rope_parameters"):
         MoEUTForCausalLM(config)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_padding_mask_of_the_wrong_shape_is_refused_by_shape(arch):
+    """A mask one column short used to fail inside a broadcast (MoM, MoEUT)."""
+    make_config, model_class, _ = ARCHS[arch]
+    model = model_class(make_config()).eval()
+    ids = torch.randint(3, 50, (2, 5))
+    for mask in (torch.ones(2, 4), torch.ones(3, 5)):
+        with pytest.raises(ValueError, match=rf"attention_mask has shape \({mask.shape[0]}, {mask.shape[1]}\)"):
+            model(ids, attention_mask=mask)

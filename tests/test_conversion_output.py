@@ -96,6 +96,48 @@ def test_the_working_directory_is_refused_as_output(name, gpt2_dir, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "work"] and not list(work.iterdir())
 
 
+
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_outputs_that_cannot_be_written_or_would_delete_the_source_are_refused(name, gpt2_dir, tmp_path, capsys):
+    """`--overwrite` into the source GPT-2 (or a directory holding it) replaced the source with the conversion; an
+    `--out` below a file failed with a FileExistsError after converting. Both are refused first, and nothing moves."""
+    (tmp_path / "afile").write_text("")
+    before = sorted(p.name for p in gpt2_dir.iterdir())
+    cases = {
+        str(gpt2_dir): "is the source checkpoint",
+        str(tmp_path): "is the source checkpoint",
+        str(tmp_path / "afile" / "sub"): "afile exists and is not a directory",
+    }
+    for out, message in cases.items():
+        with pytest.raises(SystemExit):
+            run(name, gpt2_dir, out, "--overwrite")
+        assert message in capsys.readouterr().err, out
+    assert sorted(p.name for p in gpt2_dir.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "gpt2"]
+
+
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_seed_and_a_wrongly_typed_gpt2_config_are_refused_by_name(name, gpt2_dir, tmp_path, capsys):
+    for seed in ("-1", str(2**32)):
+        with pytest.raises(SystemExit):
+            run(name, gpt2_dir, tmp_path / "out", "--seed", seed)
+        assert f"seed={seed} must be an integer in [0, 2**32 - 1]" in capsys.readouterr().err
+    config = (gpt2_dir / "config.json").read_text()
+    (gpt2_dir / "config.json").write_text(config.replace('"n_layer": 2', '"n_layer": 2.0'))
+    with pytest.raises(SystemExit):
+        run(name, gpt2_dir, tmp_path / "out")
+    assert f"{gpt2_dir} has an invalid config.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_moduleformer_expert_noise_must_be_finite_and_non_negative(gpt2_dir, tmp_path, capsys):
+    """-1 and nan were taken as 0 (no noise), inf wrote non-finite weights."""
+    for noise in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            run("gpt2_to_moduleformer", gpt2_dir, tmp_path / "out", "--expert-noise", noise)
+        assert f"expert_noise={float(noise)} must be a finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
 def test_a_failed_move_aside_leaves_no_directory_behind(tmp_path, monkeypatch):
     """Replacing an existing output moves it aside first; if that fails, the aside directory is removed too."""
     from modeling_mom.workflows import common
