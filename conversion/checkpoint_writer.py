@@ -14,7 +14,7 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from transformers import PreTrainedModel
 
-from modeling_mom.workflows.common import move_into_place, sibling_dir
+from modeling_mom.workflows.common import check_can_be_directory, move_into_place, sibling_dir
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -36,9 +36,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False, source: st
     """`out` as a Path, after checking it may be written: absent, an empty directory, or `overwrite`; never the
     working directory, nor the `source` checkpoint directory (or one that contains it), which replacing would delete."""
     out = Path(out)
-    nearest = next(path for path in (out.absolute(), *out.absolute().parents) if path.exists())
-    if not nearest.is_dir():
-        raise ValueError(f"--out {out}: {nearest} exists and is not a directory.")
+    check_can_be_directory(out, f"--out {out}")
     cwd = Path.cwd()
     if out.resolve() in (cwd, *cwd.parents):  # it is renamed into place, which the working directory cannot be
         raise ValueError(f"--out {out} is the working directory or contains it; name a new directory instead.")

@@ -731,6 +731,10 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
     (tmp_path / "word_labels.jsonl").write_text('{"sentence": "good", "label": "positive"}\n')
     (tmp_path / "null_text.jsonl").write_text('{"text": "the cat ."}\n{"text": null}\n')
     (tmp_path / "one_line.jsonl").write_text('{"text": "the cat ."}\n')
+    sums = ["--train-file", str(workspace / "sum_train.jsonl"), "--validation-file", str(workspace / "sum_eval.jsonl"),
+            "--max-new-tokens", "16"]
+    lm = ["--dataset", corpus, "--block-size", "32"]  # with the bad values below, commands that would train
+    wrong_type = mom_config_with(tmp_path / "wrong_type", workspace, num_rounds=4.0)
     out = tmp_path / "out"
     cases = {
         "does not exist": ["pretrain", "--model", gpt2, "--dataset", str(tmp_path / "missing.jsonl")],
@@ -763,6 +767,32 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
                                               "--max-eval-samples", "0"],
         "--max-samples 0 must be >= 1": ["inspect", "--model", gpt2, "--dataset", corpus, "--max-samples", "0"],
         "--pretrain-steps 0 must be >= 1": ["demo", "--pretrain-steps", "0"],
+        # non-finite or negative training settings trained to NaN weights or failed inside the Trainer or torch
+        "--learning-rate inf must be a finite number > 0": ["pretrain", "--model", gpt2, *lm, "--learning-rate", "inf"],
+        "--learning-rate nan must be a finite number > 0": ["glue", "--model", gpt2, "--task", "sst2", *sst2,
+                                                            "--learning-rate", "nan"],
+        "--weight-decay nan must be a finite number >= 0": ["pretrain", "--model", gpt2, *lm, "--weight-decay", "nan"],
+        "--weight-decay -5.0 must be a finite number >= 0": [
+            "summarize", "--model", gpt2, *sums, "--weight-decay", "-5"],
+        "--epochs inf must be a finite number > 0": [
+            "glue", "--model", gpt2, "--task", "sst2", *sst2, "--epochs", "inf"],
+        "--epochs nan must be a finite number > 0": [
+            "pretrain", "--model", gpt2, *lm, "--max-steps", "-1", "--epochs", "nan"],
+        "--seed -1 is out of range; allowed: 0..4294967295": ["pretrain", "--model", gpt2, *lm, "--seed", "-1"],
+        "--no-repeat-ngram-size -1 must be >= 0": ["summarize", "--model", gpt2, *sums, "--no-repeat-ngram-size", "-1"],
+        "--length-penalty nan must be a finite number": [
+            "summarize", "--model", gpt2, *sums, "--length-penalty", "nan"],
+        # a wrong-typed config field raised huggingface_hub's StrictDataclassFieldValidationError (no ValueError)
+        f"{wrong_type / 'config.json'} is invalid (Validation error for field 'num_rounds'": [
+            "pretrain", "--model", str(wrong_type), *lm],
+        # the demo checked these only when it reached them, after writing its data and training its GPT-2
+        "--glue-task 'nonsense' is not a GLUE task; allowed: cola": ["demo", "--glue-task", "nonsense"],
+        "--glue-task 'rte' needs --hub-data": ["demo", "--glue-task", "rte"],
+        "--convert-options mom='--num-chunks -1': num_chunks=-1": ["demo", "--convert-options", "mom=--num-chunks -1"],
+        "--convert-options mom='--bogus': unrecognized arguments: --bogus": [
+            "demo", "--convert-options", "mom=--bogus"],
+        "--convert-options mom='--out x': the demo sets --out itself": ["demo", "--convert-options", "mom=--out x"],
+        f"--gpt2 {tmp_path / 'missing_gpt2'}: no such directory": ["demo", "--gpt2", str(tmp_path / "missing_gpt2")],
     }
     for message, argv in cases.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -771,6 +801,80 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
         assert exit_info.value.code == 2, argv
         assert error.startswith(f"mom {argv[0]}: error:") and message in error, (message, error)
         assert not out.exists(), argv  # nothing trained, nothing written
+
+
+def mom_config_with(path: Path, workspace: Path, **fields) -> Path:
+    """A MoM config (no weights) for the workspace's GPT-2, saved to `path` with `fields` written into its JSON."""
+    from conversion.gpt2_to_mom import mom_config
+
+    mom_config(GPT2Config.from_pretrained(workspace / "gpt2")).save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **fields}))
+    return path
+
+
+def test_outputs_in_place_of_a_file_and_overlong_texts_are_refused_before_loading(workspace, tmp_path, capsys):
+    """A file where --out's directory goes failed in the Trainer's first save or in `mkdir`, after loading
+    (FileExistsError, NotADirectoryError); a --text longer than the model's positions failed in the position
+    embedding (IndexError); a wrong-typed config field in `mom inspect` gave a traceback."""
+    from modeling_mom.workflows.convert import main as convert_main
+
+    gpt2, corpus = str(workspace / "gpt2"), str(workspace / "corpus.jsonl")
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    wrong_type = mom_config_with(tmp_path / "wrong_type", workspace, num_rounds=4.0)
+    routed = str(tmp_path / "mom")
+    convert_main(["mom", "--gpt2", gpt2, "--out", routed])
+    picture = str(tmp_path / "pictures" / "routing.png")
+    cases = {
+        f"--out {afile}: {afile} exists and is not a directory": [
+            "pretrain", "--model", gpt2, "--dataset", corpus, "--block-size", "32", "--out", str(afile)],
+        f"--out {afile / 'sub'}: {afile} exists and is not a directory": [
+            "glue", "--model", gpt2, "--task", "sst2", "--train-file", str(workspace / "sst2_train.jsonl"),
+            "--validation-file", str(workspace / "sst2_eval.jsonl"), "--out", str(afile / "sub")],
+        f"--out {afile / 'x.png'}: {afile} exists and is not a directory": [
+            "inspect", "--model", routed, "--text", "the cat", "--out", str(afile / "x.png")],
+        "--text has 120 tokens; the model allows at most 64.": [
+            "inspect", "--model", routed, "--text", "the cat sees the river . " * 20, "--out", picture],
+        f"{wrong_type / 'config.json'} is invalid (Validation error for field 'num_rounds': TypeError: ": [
+            "inspect", "--model", str(wrong_type), "--text", "the cat", "--out", picture],
+    }
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert exit_info.value.code == 2, argv
+        assert error.startswith(f"mom {argv[0]}: error:") and message in error, (message, error)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "mom", "wrong_type"]  # nothing written
+
+
+def test_a_run_in_out_is_replaced_only_with_overwrite(workspace, tmp_path):
+    """Training again into the --out of a run replaced its final model silently and mixed its checkpoints with the
+    new run's (a later --resume took the old run's newest). Refused now unless --resume continues it or --overwrite
+    replaces it, as `mom convert` refuses a non-empty --out; --overwrite starts without the old checkpoints."""
+    gpt2 = workspace / "gpt2"
+    pretrain.run(pretrain_args(workspace, gpt2, tmp_path, "--max-steps", "4", "--save-steps", "2"))
+    final = (tmp_path / "final" / "model.safetensors").read_bytes()
+    message = r"already holds a run \(checkpoint-2, checkpoint-4, final\); pass --resume to continue it or --overwrite"
+    with pytest.raises(WorkflowError, match=message):
+        pretrain.run(pretrain_args(workspace, gpt2, tmp_path, "--max-steps", "2", "--save-steps", "2"))
+    with pytest.raises(WorkflowError, match="--resume continues the run in --out and --overwrite replaces it"):
+        pretrain.run(pretrain_args(workspace, gpt2, tmp_path, "--resume", "--overwrite"))
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == final
+    pretrain.run(pretrain_args(workspace, gpt2, tmp_path, "--max-steps", "2", "--save-steps", "2", "--overwrite"))
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() != final
+
+
+def test_demo_trains_again_into_its_own_out(workspace, tmp_path):
+    """`mom demo` run again into the same --out replaces its earlier runs (its training commands pass --overwrite)."""
+    from modeling_mom.workflows import demo
+
+    data = {"corpus": str(workspace / "corpus.jsonl"), "corpus_eval": str(workspace / "corpus_eval.jsonl")}
+    for _ in range(2):
+        demo.train_small_gpt2(tmp_path, data, SimpleNamespace(block_size=32, gpt2_steps=2))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-2", "final", "init"]
 
 
 def test_language_model_commands_refuse_a_classifier_or_a_smaller_vocabulary(pipelines, workspace, tmp_path, capsys):

@@ -11,6 +11,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -30,8 +31,21 @@ def check_positive(args, *names: str) -> None:
             raise WorkflowError(f"--{name.replace('_', '-')} {value} must be >= 1.")
 
 
+def check_can_be_directory(directory: str | Path, option: str) -> None:
+    """`directory` is one, or can be made: the nearest existing path of it and its parents must be a directory. A
+    file there failed only when the first file was written, after the model had loaded (FileExistsError,
+    NotADirectoryError). `option` names the argument in the message, e.g. "--out runs/x"."""
+    directory = Path(directory)
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise WorkflowError(
+            f"{option}: {existing} exists and is not a directory; name a directory (an existing one or a new one)."
+        )
+
+
 def load_model_config(model: str, option: str = "--model") -> PreTrainedConfig:
-    """The config of `model` (a checkpoint directory or a Hub id, given as `option`); checks that it is one."""
+    """The config of `model` (a checkpoint directory or a Hub id, given as `option`); checks that it is one, with a
+    valid config (a wrong-typed field raises huggingface_hub's `StrictDataclassError`, which is no ValueError)."""
     path = Path(model)
     if path.exists():
         if not path.is_dir():
@@ -43,10 +57,12 @@ def load_model_config(model: str, option: str = "--model") -> PreTrainedConfig:
             )
     try:
         return AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, TypeError, StrictDataclassError) as error:
+        reason = " ".join(str(error).split())  # on one line
+        if path.exists():
+            raise WorkflowError(f"{option} {model}: {path / 'config.json'} is invalid ({reason}).") from error
         raise WorkflowError(
-            f"{option} {model}: no such directory, and it cannot be loaded as a Hub model id either "
-            f"({' '.join(str(error).split())})."  # on one line
+            f"{option} {model}: no such directory, and it cannot be loaded as a Hub model id either ({reason})."
         ) from error
 
 

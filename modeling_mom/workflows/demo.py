@@ -16,6 +16,8 @@
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -30,7 +32,7 @@ import transformers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from . import embedded_data, glue, pretrain, summarize
-from .common import WorkflowError, check_positive, load_tokenizer
+from .common import WorkflowError, check_can_be_directory, check_positive, load_model_config, load_tokenizer
 from .convert import converters, gpt2_tokenizer, offers_exact
 from .convert import main as convert_main
 from .routing import active_parameters, inspect_model, route_text
@@ -40,6 +42,7 @@ from .routing import active_parameters, inspect_model, route_text
 DEMO_CONVERT_OPTIONS = {"moduleformer": "--num-experts 8 --num-attention-experts 4"}
 DEMO_GPT2 = {"n_layer": 12, "n_embd": 64, "n_head": 4, "n_positions": 128}
 PROBE = "the cat sees the river near the lake . the dog"
+SET_BY_DEMO = ("--gpt2", "--out", "--overwrite", "-h", "--help")  # converter options --convert-options cannot set
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command_args(module, argv: list[str]) -> argparse.Namespace:
+    """A training command's options, with --overwrite: a demo run into an earlier one's --out replaces its runs (as
+    `seed` replaces its conversions)."""
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
-    return parser.parse_args([str(a) for a in argv])
+    return parser.parse_args([str(a) for a in [*argv, "--overwrite"]])
 
 
 def write_embedded_data(folder: Path) -> dict[str, str]:
@@ -79,14 +84,16 @@ def write_embedded_data(folder: Path) -> dict[str, str]:
     }
 
 
+def small_gpt2_config(tokenizer) -> GPT2Config:
+    return GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **DEMO_GPT2)
+
+
 def train_small_gpt2(out: Path, data: dict, args) -> str:
     """A randomly initialised small GPT-2 with the embedded tokenizer, trained with `mom pretrain`."""
     tokenizer = embedded_data.build_tokenizer()
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **DEMO_GPT2,
-    ))
+    model = GPT2LMHeadModel(small_gpt2_config(tokenizer))
     model.save_pretrained(out / "init")
     tokenizer.save_pretrained(out / "init")
     record = pretrain.run(command_args(pretrain, [
@@ -258,6 +265,71 @@ def parse_convert_options(values: list[str], archs: list[str]) -> dict[str, str]
     return options
 
 
+def check_gpt2(source: str) -> None:
+    """--gpt2 must be a GPT-2 checkpoint (a directory or a Hub id) saved with its tokenizer."""
+    config = load_model_config(source, "--gpt2")
+    if not isinstance(config, GPT2Config):
+        raise WorkflowError(f"--gpt2 {source} is a {config.model_type!r} model; expected a GPT-2 ('gpt2').")
+    if gpt2_tokenizer(source) is None:
+        raise WorkflowError(f"--gpt2 {source} has no tokenizer; save one with the model.")
+
+
+class ConversionChecked(Exception):
+    """Stops a trial conversion once its checkpoint is complete, before it is renamed into place."""
+
+
+def check_conversion(arch: str, converter, flags: str, gpt2: str, out: Path) -> None:
+    """Run the converter's command line with `flags` on `gpt2`, into `out`, stopped before the rename (nothing stays
+    there): an option it does not take, or a structure that does not fit the GPT-2, is refused now, naming
+    --convert-options, not after the small GPT-2 is trained."""
+    given = f"--convert-options {arch}={flags!r}"
+    for name in (flag.partition("=")[0] for flag in flags.split()):
+        if name in SET_BY_DEMO:
+            raise WorkflowError(f"{given}: the demo sets {name} itself; allowed: the converter's other options.")
+
+    def stop(checkpoint: Path) -> None:
+        raise ConversionChecked
+
+    with contextlib.redirect_stderr(io.StringIO()) as errors:
+        try:
+            converter.main(["--gpt2", gpt2, "--out", str(out), *flags.split()], add_files=stop)
+        except ConversionChecked:
+            return
+        except SystemExit:  # the converter's usage error: "usage: ...", then "PROG: error: MESSAGE"
+            message = " ".join(errors.getvalue().partition(": error: ")[2].split())
+            raise WorkflowError(f"{given}: {message}") from None
+
+
+def check_conversions(available: dict, archs: list[str], options: dict[str, str], gpt2: str | None) -> None:
+    """Every architecture's conversion tried on --gpt2 (or a random GPT-2 of the small one's shape, which is trained
+    later) in a temporary directory; with a large --gpt2 this costs one more conversion per architecture."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if gpt2 is None:
+            gpt2 = str(Path(tmp) / "gpt2")
+            GPT2LMHeadModel(small_gpt2_config(embedded_data.build_tokenizer())).save_pretrained(gpt2)
+        for arch in archs:
+            check_conversion(arch, available[arch], options.get(arch, ""), gpt2, Path(tmp) / arch)
+
+
+def check_arguments(args, available: dict) -> tuple[list[str], dict[str, str]]:
+    """Every option checked before anything is written; returns the architectures and their converter options."""
+    steps = ("gpt2_steps", "pretrain_steps", "glue_steps", "summarize_steps")
+    check_positive(args, "block_size", "eval_summaries", *steps)
+    check_can_be_directory(args.out, f"--out {args.out}")
+    archs = args.archs.split(",") if args.archs else list(available)
+    unknown = [a for a in archs if a not in available]
+    if unknown:
+        raise WorkflowError(f"--archs {unknown}: no converter; allowed: {', '.join(available)}.")
+    options = parse_convert_options(args.convert_options, archs)
+    task = glue.glue_task(args.glue_task, "--glue-task")
+    if task.name != "sst2" and not args.hub_data:
+        raise WorkflowError(f"--glue-task {args.glue_task!r} needs --hub-data; the embedded data is SST-2 only.")
+    if args.gpt2:
+        check_gpt2(args.gpt2)
+    check_conversions(available, archs, options, args.gpt2)
+    return archs, options
+
+
 def quiet_libraries() -> None:
     """Only the Trainer's progress bars and logs: no weight-loading bars, data set bars or load-time notices."""
     import datasets
@@ -269,15 +341,9 @@ def quiet_libraries() -> None:
 
 
 def run(args) -> list[dict]:
-    steps = ("gpt2_steps", "pretrain_steps", "glue_steps", "summarize_steps")
-    check_positive(args, "block_size", "eval_summaries", *steps)
     available = converters()
-    archs = args.archs.split(",") if args.archs else list(available)
-    unknown = [a for a in archs if a not in available]
-    if unknown:
-        raise WorkflowError(f"--archs {unknown}: no converter; allowed: {', '.join(available)}.")
-    options = parse_convert_options(args.convert_options, archs)
     quiet_libraries()
+    archs, options = check_arguments(args, available)
     started = time.perf_counter()
     out = Path(args.out)
     data = {} if args.hub_data else write_embedded_data(out / "data")
@@ -286,8 +352,6 @@ def run(args) -> list[dict]:
     if args.gpt2:
         gpt2_dir = args.gpt2
         tokenizer = gpt2_tokenizer(gpt2_dir)
-        if tokenizer is None:
-            raise WorkflowError(f"--gpt2 {gpt2_dir} has no tokenizer.")
         local = out / "gpt2" / "source"
         GPT2LMHeadModel.from_pretrained(gpt2_dir).save_pretrained(local)
         tokenizer.save_pretrained(local)

@@ -78,11 +78,11 @@ GLUE_TASKS = {
 }
 
 
-def glue_task(name: str) -> GlueTask:
-    """The task called `name` ("SST-2", "sst2" and "sst_2" are the same task)."""
+def glue_task(name: str, option: str = "--task") -> GlueTask:
+    """The task called `name` ("SST-2", "sst2" and "sst_2" are the same task), given as `option`."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in GLUE_TASKS:
-        raise WorkflowError(f"--task {name!r} is not a GLUE task; allowed: {', '.join(GLUE_TASKS)}.")
+        raise WorkflowError(f"{option} {name!r} is not a GLUE task; allowed: {', '.join(GLUE_TASKS)}.")
     return GLUE_TASKS[key]
 
 

@@ -25,11 +25,13 @@ from modeling_mom.shared_modeling import CACHE_FIELD
 
 from .common import (
     WorkflowError,
+    check_can_be_directory,
     check_positive,
     is_local_data,
     load_local_split,
     load_model_config,
     load_tokenizer,
+    model_context_length,
 )
 
 
@@ -88,11 +90,21 @@ class RouterRecorder:
         return labels, choices, sizes
 
 
-def route_text(model, tokenizer, text: str) -> tuple[list[str], list[str], torch.Tensor, list[int]]:
-    """(tokens, call labels, top-1 choices `[calls, tokens]`, choices per call) for one text."""
-    input_ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
+def text_ids(tokenizer, text: str, config) -> torch.Tensor:
+    """`text` as input ids `[1, T]`, checked to be routable: not empty, and within the model's positions (a longer
+    text failed inside the position embedding with an IndexError)."""
+    input_ids = tokenizer(text, return_tensors="pt")["input_ids"]
     if input_ids.shape[1] == 0:
         raise WorkflowError("--text is empty after tokenisation.")
+    limit = model_context_length(config)
+    if limit is not None and input_ids.shape[1] > limit:
+        raise WorkflowError(f"--text has {input_ids.shape[1]} tokens; the model allows at most {limit}.")
+    return input_ids
+
+
+def route_text(model, tokenizer, text: str) -> tuple[list[str], list[str], torch.Tensor, list[int]]:
+    """(tokens, call labels, top-1 choices `[calls, tokens]`, choices per call) for one text."""
+    input_ids = text_ids(tokenizer, text, model.config).to(model.device)
     with torch.no_grad(), RouterRecorder(model) as recorder:
         model(input_ids)
     labels, choices, sizes = recorder.choices(input_ids.shape[1])
@@ -188,11 +200,18 @@ def markdown(rows: list[list]) -> str:
     return "\n".join([lines[0], "|" + "---|" * len(rows[0]), *lines[1:]])
 
 
+def check_picture_path(out: Path) -> None:
+    """--out names a .png file that can be written: not a directory, in a directory that is or can be made."""
+    if out.suffix.lower() != ".png" or out.is_dir():
+        found = "; it is a directory" if out.is_dir() else ""
+        raise WorkflowError(f"--out {out} must name a .png file (the heat map; tables are written beside it){found}.")
+    check_can_be_directory(out.parent, f"--out {out}")
+
+
 def inspect_model(model, tokenizer, out: str, text: str | None = None, texts: list[str] | None = None) -> dict:
     """Write the pictures and tables for `text` and/or `texts`; returns the paths written."""
     out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise WorkflowError(f"--out {out} must name a .png file (the heat map; tables are written beside it).")
+    check_picture_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
     written = {}
@@ -261,8 +280,11 @@ def main(argv=None) -> dict:
     if args.text is None and args.dataset is None:
         raise WorkflowError("give --text, --dataset, or both.")
     check_positive(args, "max_samples", "max_length")
+    check_picture_path(Path(args.out))
     config = load_model_config(args.model)
     tokenizer = load_tokenizer(args.model, args.tokenizer, needs_padding=args.dataset is not None)
+    if args.text is not None:
+        text_ids(tokenizer, args.text, config)
     tokenizer.model_max_length = min(args.max_length, getattr(config, "max_position_embeddings", args.max_length))
     texts = None
     if args.dataset is not None:

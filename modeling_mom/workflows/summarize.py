@@ -13,6 +13,7 @@ into OUT/results.json (with a few sample summaries; all of them in OUT/predictio
 """
 
 import argparse
+import math
 
 import torch
 from accelerate.utils import gather_object
@@ -175,6 +176,10 @@ def run(args) -> dict:
     check_training_arguments(args)
     check_positive(args, "num_beams", "max_new_tokens", "eval_batch_size", "max_summary_tokens", "max_length",
                    "max_train_samples", "max_eval_samples")
+    if args.no_repeat_ngram_size < 0:
+        raise WorkflowError(f"--no-repeat-ngram-size {args.no_repeat_ngram_size} must be >= 0 (0: no constraint).")
+    if not math.isfinite(args.length_penalty):
+        raise WorkflowError(f"--length-penalty {args.length_penalty} must be a finite number.")
     config = load_model_config(args.model)
     args.max_length = args.max_length or min(1024, model_context_length(config) or 1024)
     args.max_summary_tokens = args.max_summary_tokens or min(64, args.max_length // 2)

@@ -7,6 +7,7 @@ distribution; only the aux-loss logging gathers across processes itself.
 
 import argparse
 import inspect
+import math
 import os
 import re
 import shutil
@@ -16,10 +17,19 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_pt_utils import nested_gather
 
-from .common import HISTORY_FILE, WorkflowError, check_positive, move_into_place, read_history, write_json
+from .common import (
+    HISTORY_FILE,
+    WorkflowError,
+    check_can_be_directory,
+    check_positive,
+    move_into_place,
+    read_history,
+    write_json,
+)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"  # the Trainer writes it last in a checkpoint
+SEED_RANGE = range(2**32)  # numpy's, which `set_seed` seeds too
 
 
 def add_training_arguments(
@@ -46,6 +56,8 @@ def add_training_arguments(
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--resume", action="store_true",
                        help="continue from the last complete checkpoint in --out (same data order and losses)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --out (its checkpoints when training starts, final/ at the end)")
     group.add_argument("--push-to-hub", metavar="REPO_ID", help="after training, upload the final model with its card")
     group.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     group.add_argument("--no-progress", action="store_true", help="no progress bars (logs are printed instead)")
@@ -55,16 +67,19 @@ def check_training_arguments(args) -> None:
     check_positive(args, "batch_size", "grad_accum", "save_steps", "logging_steps")
     if args.max_steps == 0 or args.max_steps < -1:
         raise WorkflowError(f"--max-steps {args.max_steps} must be >= 1, or -1 to train for --epochs.")
-    if args.max_steps == -1 and args.epochs <= 0:
-        raise WorkflowError(f"--epochs {args.epochs} must be > 0.")
-    if args.learning_rate <= 0:
-        raise WorkflowError(f"--learning-rate {args.learning_rate} must be > 0.")
+    if args.max_steps == -1 and not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise WorkflowError(f"--epochs {args.epochs} must be a finite number > 0.")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):  # inf or nan trains to NaN weights
+        raise WorkflowError(f"--learning-rate {args.learning_rate} must be a finite number > 0.")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise WorkflowError(f"--weight-decay {args.weight_decay} must be a finite number >= 0.")
     if args.warmup_steps < 0:
         raise WorkflowError(f"--warmup-steps {args.warmup_steps} must be >= 0.")
+    if args.seed not in SEED_RANGE:
+        raise WorkflowError(f"--seed {args.seed} is out of range; allowed: 0..{SEED_RANGE[-1]}.")
     if args.bf16 == "yes" and not bf16_available():
         raise WorkflowError("--bf16 yes: this machine has no GPU with bf16 support; use --bf16 auto or no.")
-    if args.resume:
-        check_resumable(args)
+    check_run_dir(args)
     if args.push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -72,6 +87,28 @@ def check_training_arguments(args) -> None:
             validate_repo_id(args.push_to_hub)
         except HFValidationError as error:
             raise WorkflowError(f"--push-to-hub {args.push_to_hub!r} is not a valid repository id: {error}") from error
+
+
+def check_run_dir(args) -> None:
+    """--out is a directory, or can be made one; a run already in it (checkpoints, final/) is continued only with
+    --resume and replaced only with --overwrite, never silently."""
+    check_can_be_directory(args.out, f"--out {args.out}")
+    if args.resume and args.overwrite:
+        raise WorkflowError("--resume continues the run in --out and --overwrite replaces it; give one of them.")
+    if args.resume:
+        check_resumable(args)
+    elif not args.overwrite and (run := run_files(args.out)):
+        raise WorkflowError(
+            f"--out {args.out} already holds a run ({', '.join(run)}); pass --resume to continue it or --overwrite "
+            "to replace it."
+        )
+
+
+def run_files(out: str) -> list[str]:
+    """The names of a training run's checkpoints and final model in `out` (empty if there is none)."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(name for name in os.listdir(out) if CHECKPOINT_PATTERN.match(name) or name == "final")
 
 
 def check_resumable(args) -> None:
@@ -209,9 +246,12 @@ class StopIfComplete(TrainerCallback):
 
 
 def train(trainer: Trainer, args) -> None:
-    """`trainer.train()`, resumed from the last complete checkpoint with `--resume`."""
+    """`trainer.train()`, resumed from the last complete checkpoint with `--resume`; with `--overwrite`, the earlier
+    run's checkpoints are removed first (the Trainer would keep the later ones, and a `--resume` would pick them)."""
     checkpoint = last_complete_checkpoint(args.out) if args.resume else None
     if checkpoint is None:
+        if args.overwrite:
+            remove_checkpoints(trainer, args.out)
         trainer.train()
         return
     print(f"resuming from {checkpoint}")
@@ -223,6 +263,15 @@ def train(trainer: Trainer, args) -> None:
         print(f"{checkpoint} has taken all {trainer.state.global_step} steps: nothing left to train")
     finally:
         trainer.remove_callback(stop)
+
+
+def remove_checkpoints(trainer: Trainer, out: str) -> None:
+    """Delete the `checkpoint-N` directories in `out` (by the main process, while the others wait)."""
+    if trainer.is_world_process_zero():
+        for name in run_files(out):
+            if name != "final":  # replaced only once the new one is saved (`save_final`)
+                shutil.rmtree(os.path.join(out, name))
+    trainer.accelerator.wait_for_everyone()
 
 
 def save_final(trainer: Trainer, out: str, source_model: str, record: dict) -> str:
