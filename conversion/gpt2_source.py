@@ -8,6 +8,8 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
+from modeling_mom.workflows.common import SEED_RANGE
+
 
 def gpt2_config_of(gpt2: str | os.PathLike | GPT2LMHeadModel) -> GPT2Config:
     """The config of `gpt2`; a TypeError for another kind of model, a ValueError for a checkpoint of another type."""
@@ -29,7 +31,7 @@ def gpt2_config_of(gpt2: str | os.PathLike | GPT2LMHeadModel) -> GPT2Config:
 
 def check_seed(seed: int) -> None:
     """The converters' `seed` (of the routers' initialisation, or of expert noise): the range the Trainer accepts."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed not in SEED_RANGE:
         raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32 - 1].")
 
 

@@ -18,6 +18,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 LOCAL_DATA_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"}
 
 
+SEED_RANGE = range(2**32)  # the seeds numpy takes (the Trainer's `set_seed` seeds it), for every command
+
+
 class WorkflowError(ValueError):
     """Bad input to a `mom` command, found before any work was done."""
 

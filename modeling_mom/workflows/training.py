@@ -19,6 +19,7 @@ from transformers.trainer_pt_utils import nested_gather
 
 from .common import (
     HISTORY_FILE,
+    SEED_RANGE,
     WorkflowError,
     check_can_be_directory,
     check_positive,
@@ -29,9 +30,6 @@ from .common import (
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"  # the Trainer writes it last in a checkpoint
-SEED_RANGE = range(2**32)  # numpy's, which `set_seed` seeds too
-
-
 def add_training_arguments(
     parser: argparse.ArgumentParser, *, steps: int, epochs: float, lr: float, batch_size: int, warmup: int,
     weight_decay: float,
