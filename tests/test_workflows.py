@@ -823,8 +823,9 @@ def test_outputs_in_place_of_a_file_and_overlong_texts_are_refused_before_loadin
     afile = tmp_path / "afile"
     afile.write_text("mine")
     wrong_type = mom_config_with(tmp_path / "wrong_type", workspace, num_rounds=4.0)
-    routed = str(tmp_path / "mom")
+    routed, fixed = str(tmp_path / "mom"), str(tmp_path / "fixed")
     convert_main(["mom", "--gpt2", gpt2, "--out", routed])
+    convert_main(["mom", "--gpt2", gpt2, "--out", fixed, "--exact"])
     picture = str(tmp_path / "pictures" / "routing.png")
     cases = {
         f"--out {afile}: {afile} exists and is not a directory": [
@@ -838,6 +839,8 @@ def test_outputs_in_place_of_a_file_and_overlong_texts_are_refused_before_loadin
             "inspect", "--model", routed, "--text", "the cat sees the river . " * 20, "--out", picture],
         f"{wrong_type / 'config.json'} is invalid (Validation error for field 'num_rounds': TypeError: ": [
             "inspect", "--model", str(wrong_type), "--text", "the cat", "--out", picture],
+        # the pictures' directory used to be made before routing found nothing to draw
+        "no router ran for this text": ["inspect", "--model", fixed, "--text", "the cat", "--out", picture],
     }
     for message, argv in cases.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -845,7 +848,7 @@ def test_outputs_in_place_of_a_file_and_overlong_texts_are_refused_before_loadin
         error = capsys.readouterr().err.splitlines()[-1]
         assert exit_info.value.code == 2, argv
         assert error.startswith(f"mom {argv[0]}: error:") and message in error, (message, error)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "mom", "wrong_type"]  # nothing written
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "fixed", "mom", "wrong_type"]  # no pictures
 
 
 def test_a_run_in_out_is_replaced_only_with_overwrite(workspace, tmp_path):

@@ -212,13 +212,13 @@ def inspect_model(model, tokenizer, out: str, text: str | None = None, texts: li
     """Write the pictures and tables for `text` and/or `texts`; returns the paths written."""
     out = Path(out)
     check_picture_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
     written = {}
     if text is not None:
         tokens, labels, choices, sizes = route_text(model, tokenizer, text)
         if not labels:
             raise WorkflowError("no router ran for this text (e.g. a model converted with fixed routing).")
+        out.parent.mkdir(parents=True, exist_ok=True)  # only once there is something to write
         plot_heatmap(tokens, labels, choices, sizes, out)
         write_csv([["token", *labels], *[[t, *choices[:, i].tolist()] for i, t in enumerate(tokens)]],
                   out.with_name(out.stem + "_tokens.csv"))
@@ -228,6 +228,7 @@ def inspect_model(model, tokenizer, out: str, text: str | None = None, texts: li
         labels, counts, sizes = usage_over_texts(model, tokenizer, texts)
         if not labels:
             raise WorkflowError("no router ran on these texts (e.g. a model converted with fixed routing).")
+        out.parent.mkdir(parents=True, exist_ok=True)
         rows = usage_rows(labels, counts, sizes)
         write_csv(rows, out.with_name(out.stem + "_usage.csv"))
         written.update(table=str(out.with_name(out.stem + "_usage.csv")), markdown=markdown(rows))
