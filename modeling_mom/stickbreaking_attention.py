@@ -71,6 +71,10 @@ def stick_breaking_attention(
         the output `[B, H, G, T, D]` in `value`'s dtype, and the weights or None.
     """
     _check_inputs(query, key, value, key_padding_mask, chunk_size)
+    if query.numel() == 0:  # nothing attends (an empty batch, no heads or groups, no new positions)
+        weights_shape = (query.shape[0], query.shape[1] * query.shape[2], query.shape[3], key.shape[2])
+        weights = query.new_zeros(weights_shape, dtype=torch.promote_types(query.dtype, torch.float32))
+        return query.to(value.dtype) * 0, weights if output_weights else None  # (still a function of the query)
     padding = None if key_padding_mask is None else ~key_padding_mask.bool()
     with torch.autocast(query.device.type, enabled=False):  # fp32 under autocast too, as the backward computes
         args = (query, key, value, padding, attend_current, remainder_to_current, chunk_size)

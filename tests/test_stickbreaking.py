@@ -211,3 +211,19 @@ def test_weights_too_small_to_matter_are_zero_not_subnormal():
     _, block_weights = sb._block_weights(inputs, inputs.block_query(0, 64), 0, 64, 64)
     for w in (weights, block_weights):
         assert (w == 0).any() and not ((w > 0) & (w < sb.WEIGHT_FLOOR)).any()
+
+
+@pytest.mark.parametrize("output_weights", [False, True], ids=["fast", "with_weights"])
+@pytest.mark.parametrize("shape", [(0, 2, 1, 5), (1, 0, 1, 5), (1, 2, 0, 5), (1, 2, 1, 0)],
+                         ids=["no_batch", "no_heads", "no_groups", "no_positions"])
+def test_nothing_to_attend_gives_empty_outputs(shape, output_weights):
+    """An empty batch (or no heads, query groups or new positions) divided by zero when sizing blocks."""
+    batch, heads, groups, seq = shape
+    q = torch.randn(batch, heads, groups, seq, 4, requires_grad=True)
+    k, v = (torch.randn(batch, heads, 3 + seq, 4, requires_grad=True) for _ in range(2))
+    out, weights = stick_breaking_attention(q, k, v, output_weights=output_weights)
+    assert out.shape == q.shape
+    if output_weights:
+        assert weights.shape == (batch, heads * groups, seq, 3 + seq)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
