@@ -37,7 +37,13 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_moduleformer import ModuleFormerConfig
 from .moduleformer_modularity import ModuleFormerModularityMixin
 from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispatch, scatter_rows
-from .routing_losses import concentration_loss, mutual_information_loss, router_z_loss, switch_load_balancing_loss
+from .routing_losses import (
+    at_least_float32,
+    concentration_loss,
+    mutual_information_loss,
+    router_z_loss,
+    switch_load_balancing_loss,
+)
 from .shared_modeling import (
     CausalLMWithRouterLosses,
     CheckedConfigMixin,
@@ -76,7 +82,7 @@ class ModuleFormerRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = hidden_states if self.fc is None else self.dropout(self.act(self.fc(hidden_states)))
-        logits = self.out(features).float()
+        logits = at_least_float32(self.out(features))
         probs = F.softmax(logits, dim=-1)[:, : self.num_experts]
         gates, selected = probs.topk(self.num_selected, dim=-1)
         if self.normalize:

@@ -43,7 +43,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moeut import MoEUTConfig
 from .moe_dispatch import gather_rows, grouped_linear, plan_dispatch, scatter_rows, sorted_gates
-from .routing_losses import sequence_entropy_loss
+from .routing_losses import at_least_float32, sequence_entropy_loss
 from .shared_modeling import (
     CACHE_FIELD,
     CausalLMWithRouterLosses,
@@ -72,8 +72,9 @@ class MoEUTRotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, T]` positions -> cos, sin `[B, T, num_rotary_dims]`."""
         rotary = self.config.num_rotary_dims
-        exponents = torch.arange(0, rotary, 2, dtype=torch.float32, device=x.device) / max(rotary, 1)
-        freqs = position_ids[..., None].float() * (1.0 / self.config.rope_theta**exponents)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 in a float64 model
+        exponents = torch.arange(0, rotary, 2, dtype=dtype, device=x.device) / max(rotary, 1)
+        freqs = position_ids[..., None].to(dtype) * (1.0 / self.config.rope_theta**exponents)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
@@ -106,7 +107,7 @@ class MoEUTRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_groups * num_choices, hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = F.linear(hidden_states, self.weight).float().view(-1, self.num_groups, self.num_choices)
+        logits = at_least_float32(F.linear(hidden_states, self.weight)).view(-1, self.num_groups, self.num_choices)
         scores = logits.sigmoid()
         candidates = scores
         if self.training and self.expert_dropout > 0:

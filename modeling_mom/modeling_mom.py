@@ -39,7 +39,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mom import MoMConfig
 from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispatch, scatter_rows
-from .routing_losses import switch_load_balancing_loss
+from .routing_losses import at_least_float32, switch_load_balancing_loss
 from .shared_modeling import (
     CACHE_FIELD,
     CausalLMWithRouterLosses,
@@ -288,7 +288,7 @@ class MoMRouter(nn.Module):
                 features = state
             else:
                 features = F.relu(self.fc(hidden_states))
-            return self.out(features).float() / self.temperature, state
+            return at_least_float32(self.out(features)) / self.temperature, state
 
 
 def route_tokens(router_logits: torch.Tensor, num_selected: int, weighting: str, num_modules: int) -> ModuleRoute:

@@ -6,6 +6,12 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """`x` raised to fp32 if it is of lower precision (bf16, fp16); float64 stays float64 (`.float()` would round it,
+    which breaks `gradcheck` of a float64 model). Router logits and their losses are computed this way."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _token_weights(attention_mask: torch.Tensor | None, rows_per_call: int, num_calls: int, device) -> torch.Tensor:
     """`[num_calls * rows_per_call]` weights: 1 for real tokens, 0 for padding (all ones without a mask).
 
@@ -34,7 +40,7 @@ def switch_load_balancing_loss(
         num_selected: selections per token (K).
         attention_mask: `[batch, seq]` (or longer, with a KV cache) padding mask.
     """
-    logits = torch.cat([logit.float() for logit in router_logits])
+    logits = torch.cat([at_least_float32(logit) for logit in router_logits])
     num_choices = logits.shape[-1]
     probs = F.softmax(logits, dim=-1)
     selected = probs.topk(num_selected, dim=-1).indices
@@ -48,7 +54,7 @@ def switch_load_balancing_loss(
 
 def _router_statistics(router_logits: torch.Tensor, attention_mask: torch.Tensor | None):
     """Routing log-probabilities `[N, C]` (fp32), token weights `[N, 1]` (0 = padding) and their sum (>= 1)."""
-    log_probs = F.log_softmax(router_logits.float(), dim=-1)
+    log_probs = F.log_softmax(at_least_float32(router_logits), dim=-1)
     weights = _token_weights(attention_mask, router_logits.shape[0], 1, log_probs.device)[:, None]
     return log_probs, weights, weights.sum().clamp(min=1.0)
 
@@ -76,7 +82,7 @@ def mutual_information_loss(
 
 def router_z_loss(router_logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE's z-loss for one router: mean over non-padding tokens of ``logsumexp(logits)^2``."""
-    logits = router_logits.float()
+    logits = at_least_float32(router_logits)
     weights = _token_weights(attention_mask, logits.shape[0], 1, logits.device)
     return (logits.logsumexp(-1).square() * weights).sum() / weights.sum().clamp(min=1.0)
 
@@ -110,7 +116,7 @@ def sequence_entropy_loss(
         attention_mask: `[batch, seq]` (or longer, with a KV cache) padding mask.
     """
     num_calls = len(router_logits)
-    log_probs = torch.stack([F.log_softmax(logit.float(), dim=-1) for logit in router_logits], dim=1)
+    log_probs = torch.stack([F.log_softmax(at_least_float32(logit), dim=-1) for logit in router_logits], dim=1)
     log_probs = log_probs.unflatten(0, (batch_size, -1)).flatten(1, 2)  # [B, seq * calls, *groups, C]
     seq = log_probs.shape[1] // num_calls
     if attention_mask is None:
