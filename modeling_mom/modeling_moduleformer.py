@@ -47,6 +47,7 @@ from .routing_losses import (
 from .shared_modeling import (
     CausalLMWithRouterLosses,
     CheckedConfigMixin,
+    LearnedPositionEmbedding,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
     accepts_past_key_values,
@@ -396,7 +397,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         if config.position_embedding_type == "learned":
-            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            self.embed_positions = LearnedPositionEmbedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.embd_dropout)
         self.layers = nn.ModuleList(ModuleFormerDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)

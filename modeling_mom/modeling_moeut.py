@@ -48,6 +48,7 @@ from .shared_modeling import (
     CACHE_FIELD,
     CausalLMWithRouterLosses,
     CheckedConfigMixin,
+    LearnedPositionEmbedding,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
     accepts_past_key_values,
@@ -399,7 +400,7 @@ class MoEUTModel(MoEUTPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         if config.position_embedding_type == "learned_absolute":
-            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            self.embed_positions = LearnedPositionEmbedding(config.max_position_embeddings, config.hidden_size)
         self.rotary_emb = MoEUTRotaryEmbedding(config)
         self.layers = nn.ModuleList(MoEUTDecoderLayer(config) for _ in range(config.num_unique_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)

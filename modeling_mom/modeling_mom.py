@@ -44,6 +44,7 @@ from .shared_modeling import (
     CACHE_FIELD,
     CausalLMWithRouterLosses,
     CheckedConfigMixin,
+    LearnedPositionEmbedding,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
     accepts_past_key_values,
@@ -468,7 +469,7 @@ class MoMModel(MoMPreTrainedModel):
     def __init__(self, config: MoMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.embed_positions = LearnedPositionEmbedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.embd_dropout)
         routed, self.steps = layer_schedule(config)
         self.layers = nn.ModuleList(MoMDecoderLayer(config, is_chunk) for is_chunk in routed)

@@ -13,6 +13,7 @@ as with transformers' `GenericForSequenceClassification`:
 import functools
 
 import torch
+from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
@@ -145,6 +146,23 @@ def last_token_pooling(
         )
     last = (positions * real).argmax(-1)
     return logits[torch.arange(batch, device=logits.device), last]
+
+
+class LearnedPositionEmbedding(nn.Embedding):
+    """A table of learned absolute positions that refuses a position outside it by name. `nn.Embedding` raises a
+    bare IndexError on CPU (a device-side assert on GPU), e.g. when `generate` runs past `max_position_embeddings`.
+    The check reads the positions' range on the host (skipped while compiling)."""
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if position_ids.numel() and not torch.compiler.is_compiling():
+            low, high = (int(bound) for bound in position_ids.aminmax())
+            if low < 0 or high >= self.num_embeddings:
+                raise ValueError(
+                    f"position {high if high >= self.num_embeddings else low} is outside the model's learned "
+                    f"positions 0..{self.num_embeddings - 1} (max_position_embeddings={self.num_embeddings}); the "
+                    "cached and new tokens of a sequence must fit in them."
+                )
+        return super().forward(position_ids)
 
 
 def position_ids_from_mask(

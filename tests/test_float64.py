@@ -7,14 +7,16 @@ not smooth at float64 resolution and `gradcheck` (its defaults: eps 1e-6, atol 1
 import pytest
 import torch
 
-from modeling_mom import MoEUTForCausalLM, ModuleFormerForCausalLM, MoMForCausalLM
+from modeling_mom import MoEUTForCausalLM, MoMForCausalLM
 
 from .test_moduleformer import tiny_model as moduleformer_model
 from .test_moeut import tiny_config as moeut_config
 from .test_mom import tiny_config as mom_config
 
 MODELS = {
-    "mom": lambda: MoMForCausalLM(mom_config(routing_mode="learned", router_type="mlp", router_weighting="probability")),
+    "mom": lambda: MoMForCausalLM(
+        mom_config(routing_mode="learned", router_type="mlp", router_weighting="probability")
+    ),
     "moeut": lambda: MoEUTForCausalLM(moeut_config()),
     "moduleformer": lambda: moduleformer_model(router_aux_loss_coef=0.1),
 }
