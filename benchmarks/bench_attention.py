@@ -1,7 +1,8 @@
 """Stick-breaking attention against causal `scaled_dot_product_attention` (issues 4 and 6): time and peak memory.
 
 For each sequence length: SDPA (`is_causal=True`, PyTorch's fused CPU kernel), our blocked stick-breaking kernel
-(`modeling_mom.stickbreaking_attention`, fp32 whatever the input dtype) and, at short lengths, the naive
+(`modeling_mom.stickbreaking_attention`, fp32 whatever the input dtype; in fwd+bwd also with `recompute_weights=True`,
+its O(T x D)-memory form) and, at short lengths, the naive
 full-matrix log-space formula through plain autograd (moduleformer.md's reference: O(T x S) tensors, several of them
 kept for backward). Forward alone (no autograd) and forward + backward; ratio = time / SDPA's time in the same run,
 medians. Peak memory is measured after the timings, once per figure: the growth of the process's peak resident
@@ -42,6 +43,9 @@ def naive_stick_breaking(q, k, v):
 IMPLEMENTATIONS = {
     "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     "stick-breaking": lambda q, k, v: stick_breaking_attention(q.unsqueeze(2), k, v)[0],
+    "stick-breaking, recomputed": lambda q, k, v: stick_breaking_attention(
+        q.unsqueeze(2), k, v, recompute_weights=True
+    )[0],
     "naive stick-breaking": naive_stick_breaking,
 }
 
@@ -112,7 +116,9 @@ def main():
         q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
         names = [n for n in IMPLEMENTATIONS if n != "naive stick-breaking" or seq <= args.naive_max_seq]
         for backward in (False, True):
-            steps = {name: make_step(name, q, k, v, backward) for name in names}
+            # without gradients, nothing is kept or recomputed: the two stick-breaking forms are one
+            forms = [name for name in names if backward or "recomputed" not in name]
+            steps = {name: make_step(name, q, k, v, backward) for name in forms}
             timings = time_interleaved(steps, warmup=args.warmup, repeats=args.repeats)
             for name, timing in timings.items():
                 results.append({"seq": seq, "pass": "fwd+bwd" if backward else "fwd", "impl": name, "timing": timing,

@@ -58,6 +58,9 @@ class ModuleFormerConfig(ValidatedConfigMixin, PreTrainedConfig):
         position_embedding_type: "none" (the official model: order comes from stick-breaking alone) or "learned"
             (GPT-2's absolute positions, up to ``max_position_embeddings``).
         stick_breaking_chunk_size: query rows per block of the stick-breaking kernel (memory O(chunk * keys)).
+        stick_breaking_recompute_weights: in training, recompute the stick-breaking weights in the backward pass
+            instead of keeping them from the forward pass: attention memory O(T * head_dim) per layer instead of
+            O(T * S), like eager attention's probabilities, at about 1.3x the attention's forward + backward time.
         embd_dropout, resid_dropout, router_dropout: official ``embd_pdrop``, ``resid_pdrop``, ``moe_pdrop``
             (``router_dropout`` acts on the "mlp" router's hidden layer; the "linear" router has none).
             ``attention_dropout`` (``attn_pdrop``) is accepted and unused, as in the official code.
@@ -126,6 +129,7 @@ class ModuleFormerConfig(ValidatedConfigMixin, PreTrainedConfig):
     position_embedding_type: str = "none"
     max_position_embeddings: int = 2048
     stick_breaking_chunk_size: int = 128
+    stick_breaking_recompute_weights: bool = False
 
     embd_dropout: int | float = 0.0
     resid_dropout: int | float = 0.0

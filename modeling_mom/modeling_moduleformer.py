@@ -170,6 +170,7 @@ class ModuleFormerAttention(ModuleFormerExperts):
         self.head_dim = config.head_dim
         self.attention_function = config.attention_function
         self.chunk_size = config.stick_breaking_chunk_size
+        self.recompute_weights = config.stick_breaking_recompute_weights
         if config.shares_hidden_states_as_kv:
             self.k_proj = self.v_proj = None
         else:
@@ -232,6 +233,7 @@ class ModuleFormerAttention(ModuleFormerExperts):
                 remainder_to_current=self.attention_function == "stickbreaking_2024",
                 chunk_size=self.chunk_size,
                 output_weights=output_weights,
+                recompute_weights=self.recompute_weights,
             )
         batch, heads, k, seq, head_dim = query.shape
         key_len = key.shape[-2]

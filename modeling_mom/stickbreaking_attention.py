@@ -24,10 +24,12 @@ so the weights are exact to ~1e-7 absolute. A key that may not be attended to (a
 ``l = -inf``: then ``beta = 0`` and ``1 - beta = 1`` exactly, it takes nothing and breaks nothing, so left-padded rows
 give exactly the outputs of unpadded ones.
 
-The kernel works like FlashAttention without a GPU: blocks of query rows, each against the keys up to its causal limit
-(no work on the masked upper triangle, temporaries O(rows * keys) that stay in cache), and a backward pass that
-recomputes each block's weights instead of storing them, so training memory is O(T * D) beyond the inputs. With
-``G = dL/dA * A`` the gradient of the logits is
+The kernel works on blocks of query rows, each against the keys up to its causal limit (no work on the masked upper
+triangle, temporaries O(rows * keys)). For the backward pass it keeps each block's ``beta`` and weights, two fp32
+values per visible (query, key) pair, so training memory is O(T * S), as for eager attention's probabilities; with
+``recompute_weights=True`` it keeps nothing and recomputes them, like FlashAttention, for O(T * D) memory at ~1.3x
+the forward + backward time (the cumulative product is a slow scalar kernel on CPU). With ``G = dL/dA * A`` the
+gradient of the logits is
 
     dL/dl_ij = G_ij - beta_ij * sum_{j' <= j} G_ij'          (a forward cumulative sum over keys).
 """
@@ -54,6 +56,7 @@ def stick_breaking_attention(
     remainder_to_current: bool = False,
     chunk_size: int = 128,
     output_weights: bool = False,
+    recompute_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal stick-breaking attention of the last `T` of `S` positions (the first `S - T` are cached history).
 
@@ -66,6 +69,10 @@ def stick_breaking_attention(
         chunk_size: the most query positions per block (memory O(chunk * keys); fewer when batch * heads is large).
         output_weights: also return the attention weights `A`, materialised as `[B, H * G, T, S]` (fp32; query group
             g of head h at index `h * G + g`).
+        recompute_weights: when gradients are needed, recompute each block's weights in the backward pass instead
+            of keeping them from the forward pass: training memory O(T * D) instead of O(T * S) (two fp32 values
+            per visible (query, key) pair, like the probabilities eager attention keeps), at about 1.3x the
+            forward + backward time.
 
     Returns:
         the output `[B, H, G, T, D]` in `value`'s dtype, and the weights or None.
@@ -82,7 +89,8 @@ def stick_breaking_attention(
             return _attention_with_weights(*args)
         if torch.compiler.is_compiling():  # the blocked kernel writes into views of its scratch, which tracing
             return _attention_with_weights(*args)[0], None  # cannot follow; this form stores the T x S weights
-        return _StickBreakingAttention.apply(*args), None
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        return _StickBreakingAttention.apply(*args, needs_grad and not recompute_weights), None
 
 
 def _check_inputs(query, key, value, key_padding_mask, chunk_size):
@@ -182,11 +190,13 @@ def _weights_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return F.threshold(weights, WEIGHT_FLOOR, 0.0)
 
 
-def _block_weights(inputs: _Inputs, query, start, end, visible):
-    """The block's fractions `beta` (reused by the backward pass) and weights `A`, keys nearest first, in scratch."""
+def _block_weights(inputs: _Inputs, query, start, end, visible, keep=False):
+    """The block's fractions `beta` (reused by the backward pass) and weights `A`, keys nearest first, in scratch
+    (or, with `keep`, in new tensors that the backward pass can reuse)."""
     rows = query.shape[:2]
-    beta = inputs.logits(query, start, end, visible, out=inputs.scratch("beta", *rows, visible)).sigmoid_()
-    left = inputs.scratch("weights", *rows, visible + 1)  # column j + 1: the stick left after key j
+    new = (lambda name, *shape: query.new_empty(shape)) if keep else inputs.scratch
+    beta = inputs.logits(query, start, end, visible, out=new("beta", *rows, visible)).sigmoid_()
+    left = new("weights", *rows, visible + 1)  # column j + 1: the stick left after key j
     left[..., 0] = 1.0
     torch.sub(beta.new_ones(()), beta, out=left[..., 1:]).cumprod_(-1)
     weights = left[..., :visible].mul_(beta)
@@ -194,20 +204,24 @@ def _block_weights(inputs: _Inputs, query, start, end, visible):
 
 
 class _StickBreakingAttention(torch.autograd.Function):
-    """Block-wise forward; the backward pass recomputes each block's weights (nothing of size T x S is stored)."""
+    """Block-wise forward; the backward pass reuses each block's `beta` and weights kept by the forward pass (`keep`),
+    or recomputes them (nothing of size T x S is stored)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, padding, attend_current, remainder_to_current, chunk_size):
+    def forward(ctx, query, key, value, padding, attend_current, remainder_to_current, chunk_size, keep):
         inputs = _Inputs(query, key, value, padding, attend_current, chunk_size)
         out = torch.empty_like(inputs.query)  # [B, H, G, T, D]
+        kept = []
         for start, end, visible in inputs.blocks():
-            _, weights = _block_weights(inputs, inputs.block_query(start, end), start, end, visible)
+            beta, weights = _block_weights(inputs, inputs.block_query(start, end), start, end, visible, keep)
+            if keep:
+                kept += [beta, weights]
             block_out = torch.bmm(weights, inputs.value[:, inputs.key_len - visible :])  # [B * H, G * t, D]
             if remainder_to_current:
                 remainder = 1.0 - weights.sum(-1, keepdim=True)
                 block_out.addcmul_(remainder, inputs.own_values(start, end))
             out[..., start:end, :] = block_out.view(*out.shape[:3], end - start, -1)
-        ctx.save_for_backward(query, key, value, padding)
+        ctx.save_for_backward(query, key, value, padding, *kept)
         ctx.options = (attend_current, remainder_to_current, chunk_size)
         return out.to(value.dtype)
 
@@ -219,7 +233,8 @@ class _StickBreakingAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
-        query, key, value, padding = ctx.saved_tensors
+        query, key, value, padding, *kept = ctx.saved_tensors
+        kept = iter(zip(kept[::2], kept[1::2]))  # (beta, weights) per block, if the forward pass kept them
         attend_current, remainder_to_current, chunk_size = ctx.options
         inputs = _Inputs(query, key, value, padding, attend_current, chunk_size)
         grad_out = grad_out.to(inputs.query.dtype)
@@ -230,7 +245,7 @@ class _StickBreakingAttention(torch.autograd.Function):
             t, seen = end - start, slice(inputs.key_len - visible, None)
             block_query = inputs.block_query(start, end)
             block_grad = grad_out[..., start:end, :].reshape(block_query.shape)  # [B * H, G * t, D]
-            beta, weights = _block_weights(inputs, block_query, start, end, visible)
+            beta, weights = next(kept, None) or _block_weights(inputs, block_query, start, end, visible)
             grad_weights = inputs.scratch("grad_weights", *beta.shape)
             torch.bmm(block_grad, inputs.value[:, seen].transpose(1, 2), out=grad_weights)  # dL/dA
             grad_value[:, seen] += torch.bmm(weights.transpose(1, 2), block_grad)
@@ -250,7 +265,7 @@ class _StickBreakingAttention(torch.autograd.Function):
             grad_key[:, seen] += torch.bmm(grad_logits.transpose(1, 2), block_query)  # q / sqrt(D)
         grad_key = grad_key.view(key.shape).flip(2).to(key.dtype)  # keys in order
         grad_value = grad_value.view(value.shape).flip(2).to(value.dtype)
-        return grad_query.to(query.dtype), grad_key, grad_value, None, None, None, None
+        return grad_query.to(query.dtype), grad_key, grad_value, None, None, None, None, None
 
 
 def _attention_with_weights(query, key, value, padding, attend_current, remainder_to_current, chunk_size):

@@ -332,6 +332,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("attention", ["stickbreaking", "stickbreaking_2024"])
+def test_recomputed_stick_breaking_weights_give_the_same_gradients(attention):
+    """`stick_breaking_recompute_weights` trades the kept weights (memory O(T * S)) for time: the same arithmetic."""
+    ids = torch.randint(3, 53, (2, 7))
+    grads = []
+    for recompute in (False, True):
+        model = tiny_model(attention_function=attention, stick_breaking_recompute_weights=recompute).train()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "model.layers.0.self_attn.k_proj.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=0, rtol=0, msg=name)
+
+
 def test_loss_honours_num_items_in_batch():
     """The Trainer passes the token count of the whole accumulated batch; the loss is then a sum divided by it."""
     model = tiny_model()

@@ -52,10 +52,13 @@ def random_inputs(batch=2, heads=2, groups=3, seq=7, past=0, dim=4, dtype=torch.
 @pytest.mark.parametrize("output_weights", [False, True], ids=["fast", "with_weights"])
 @pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
 @pytest.mark.parametrize("past", [0, 4], ids=["no_cache", "with_cache"])
-def test_matches_naive_process_forward_and_backward(variant, past, output_weights):
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+def test_matches_naive_process_forward_and_backward(variant, past, output_weights, recompute):
     attend_current, remainder = variant
     (q, k, v), real = random_inputs(past=past)
-    out, weights = stick_breaking_attention(q, k, v, real, attend_current, remainder, 3, output_weights)
+    out, weights = stick_breaking_attention(
+        q, k, v, real, attend_current, remainder, 3, output_weights, recompute_weights=recompute
+    )
     ref = naive_stick_breaking(q, k, v, real, attend_current, remainder)
     torch.testing.assert_close(out.double(), ref, atol=ATOL, rtol=0)
     grad_out = torch.randn_like(out)
@@ -180,13 +183,22 @@ def test_autocast_does_not_lower_the_precision(output_weights):
         torch.testing.assert_close(g, x, atol=1e-6, rtol=0)
 
 
-def test_backward_stores_only_the_inputs():
-    """Memory: autograd keeps the inputs (O(T * D)) and nothing of size T x S; the backward pass recomputes."""
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+def test_backward_memory(recompute):
+    """Autograd keeps the inputs and, unless the weights are recomputed, each block's `beta` and weights over its
+    visible keys (O(T * S): 8 blocks of 8 queries, block b seeing 8 * (b + 1) keys); nothing without gradients."""
     (q, k, v), real = random_inputs(seq=64, past=0)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        stick_breaking_attention(q, k, v, real, chunk_size=8, recompute_weights=recompute)
+    inputs = q.numel() + k.numel() + v.numel() + real.numel()
+    rows = q.shape[0] * q.shape[1] * q.shape[2] * 8
+    kept = 0 if recompute else sum(2 * rows * 8 * (block + 1) + rows for block in range(8))  # + the stick column
+    assert sum(x.untyped_storage().nbytes() // x.element_size() for x in saved) == inputs + kept
+    saved.clear()
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         stick_breaking_attention(q, k, v, real, chunk_size=8)
-    assert sum(x.numel() for x in saved) == q.numel() + k.numel() + v.numel() + real.numel()
+    assert not saved
 
 
 def test_bad_inputs_are_rejected():
