@@ -147,6 +147,32 @@ def _bag_linear(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> to
     return F.embedding_bag(bags, bank, per_sample_weights=x, mode="sum")
 
 
+def _padded_wins(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> bool:
+    """Whether `_padded_linear` beats a grouped matmul: bf16 on CPU, small products (at most 2^23 multiply-adds per
+    expert on average, e.g. MoEUT's 128-wide experts at ~42 rows each) and padding that adds at most as many rows as
+    there are. There `grouped_mm` is a loop of oneDNN matmuls with a large fixed cost each: on an AMX Xeon a
+    `[42 x 1024] @ [1024 x 128]` product runs at ~110 GFLOP/s where one `bmm` of 387 of them reaches ~260 (a dense
+    matmul ~800). With larger products (SwitchHead's ~200 rows per expert, MoLM's 1024 x 2048 experts) the fixed cost
+    is amortised and padding only adds work; so it does in fp32, where MKL's per-expert products run as fast as
+    `bmm`'s (measured: `benchmarks/bench_dispatch.py`)."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.shape[0] == 0:
+        return False
+    macs_per_expert = x.shape[0] * weight.shape[-2] * weight.shape[-1] / plan.num_experts
+    return macs_per_expert <= 2**23 and max(plan.counts) * plan.num_experts <= 2 * x.shape[0]
+
+
+def _padded_linear(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """`grouped_linear` as one `bmm`: each expert's rows are copied into `[E, C, in]` (C = the largest count, the
+    rest zeros), multiplied by `weight[E, in, out]`, and read back in sorted order."""
+    capacity = max(plan.counts)
+    starts = plan.offsets.long() - torch.tensor(plan.counts, device=x.device)
+    rank = torch.arange(x.shape[0], device=x.device) - starts.index_select(0, plan.expert_index)
+    slots = plan.expert_index * capacity + rank  # [S] row of each sorted pair in the padded layout
+    padded = x.new_zeros(plan.num_experts * capacity, x.shape[-1]).index_copy(0, slots, x)
+    out = torch.bmm(padded.view(plan.num_experts, capacity, -1), weight)
+    return out.flatten(0, 1).index_select(0, slots)
+
+
 def grouped_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -170,6 +196,8 @@ def grouped_linear(
     # the bag's test reads the row count, which torch.compile could only guard on per value: compiled code skips it
     if not needs_grad and not torch.compiler.is_compiling() and _bag_wins(plan, weight):
         out = _bag_linear(x, weight, plan)
+    elif use_grouped_mm and not torch.compiler.is_compiling() and _padded_wins(x, weight, plan):
+        out = _padded_linear(x, weight, plan)
     elif use_grouped_mm:
         out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))
     else:

@@ -308,3 +308,26 @@ def test_aligned_features_pick_grouped_mm_where_the_build_has_it():
     assert grouped_mm_supported(x, weight) == grouped_mm_supported(x)
     assert grouped_mm_supported(x, weight.transpose(1, 2).contiguous().transpose(1, 2)) == grouped_mm_supported(x)
     assert not grouped_mm_supported(x.double(), weight.double())
+
+
+@pytest.mark.skipif(not grouped_mm_supported(torch.ones(1, 16, dtype=torch.bfloat16)), reason="no grouped_mm here")
+def test_small_bf16_products_take_one_padded_bmm(monkeypatch):
+    """bf16 on CPU with small products: one `bmm` over the experts' rows padded to the largest count (a grouped
+    matmul pays oneDNN's fixed cost per expert there), with the same values and gradients as the float64 reference;
+    not in fp32, not where padding would more than double the rows, not for large products."""
+    from modeling_mom import moe_dispatch
+
+    used = []
+    padded_linear = moe_dispatch._padded_linear
+    monkeypatch.setattr(moe_dispatch, "_padded_linear", lambda *args: used.append(1) or padded_linear(*args))
+    assert_matches_reference(CASES["k2_skip_empty_expert"], torch.bfloat16, None)
+    assert_matches_reference(CASES["k3_repeats"], torch.bfloat16, None, transposed_weight=True)
+    assert len(used) == 2
+    assert_matches_reference(CASES["k3_repeats"], torch.float32, None)
+    skewed = torch.tensor([[0]] * 9 + [[1], [2], [3]])  # 12 rows; padding to expert 0's 9 would make 36
+    assert_matches_reference(skewed, torch.bfloat16, None)
+    assert len(used) == 2
+    plan = plan_dispatch(CASES["k1"], NUM_EXPERTS)
+    rows = torch.ones(8, 1, dtype=torch.bfloat16)
+    large = torch.ones(1, 1, 1, dtype=torch.bfloat16).expand(NUM_EXPERTS, 2048, 4096)  # 2 rows x 2^23 per expert
+    assert moe_dispatch._padded_wins(rows, large[:, :1024], plan) and not moe_dispatch._padded_wins(rows, large, plan)
