@@ -154,7 +154,8 @@ def _padded_wins(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> b
     `[42 x 1024] @ [1024 x 128]` product runs at ~110 GFLOP/s where one `bmm` of 387 of them reaches ~260 (a dense
     matmul ~800). With larger products (SwitchHead's ~200 rows per expert, MoLM's 1024 x 2048 experts) the fixed cost
     is amortised and padding only adds work; so it does in fp32, where MKL's per-expert products run as fast as
-    `bmm`'s (measured: `benchmarks/bench_dispatch.py`)."""
+    `bmm`'s (measured: `benchmarks/bench_dispatch.py`). In training, autograd keeps the padded rows: up to twice the
+    memory of the rows themselves."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.shape[0] == 0:
         return False
     macs_per_expert = x.shape[0] * weight.shape[-2] * weight.shape[-1] / plan.num_experts
@@ -183,20 +184,23 @@ def grouped_linear(
     """Per-expert linear map of sorted rows: `x[S, in] @ weight[e, in, out] (+ bias[e, out])` -> `[S, out]`.
 
     `use_grouped_mm=None` picks `grouped_mm` when supported (see :func:`grouped_mm_supported`); `False` forces the
-    per-expert `split`/`unbind` loop, which is also the reference the fast path is tested against. Without autograd
-    and with a few rows per small expert (decoding), one `embedding_bag` over the chosen experts' weights replaces
-    both (see :func:`_bag_wins`).
+    per-expert `split`/`unbind` loop, which is also the reference the fast paths are tested against. Unless forced,
+    small bf16 products on CPU run as one padded `bmm` (see :func:`_padded_wins`), and without autograd, with a few
+    rows per small expert (decoding), one `embedding_bag` over the chosen experts' weights computes every row (see
+    :func:`_bag_wins`).
     """
     if torch.is_autocast_enabled(x.device.type):  # `grouped_mm` has no autocast rule: cast as a matmul would be
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
+    # the bag's and the padding's tests read row counts, which torch.compile could only guard on per value: compiled
+    # code skips them
+    choose = use_grouped_mm is not False and not torch.compiler.is_compiling()
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x, weight)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    # the bag's test reads the row count, which torch.compile could only guard on per value: compiled code skips it
     if not needs_grad and not torch.compiler.is_compiling() and _bag_wins(plan, weight):
         out = _bag_linear(x, weight, plan)
-    elif use_grouped_mm and not torch.compiler.is_compiling() and _padded_wins(x, weight, plan):
+    elif choose and _padded_wins(x, weight, plan):  # also where grouped_mm needs aligned features (MoEUT-44M's 412)
         out = _padded_linear(x, weight, plan)
     elif use_grouped_mm:
         out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))

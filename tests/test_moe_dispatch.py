@@ -310,11 +310,11 @@ def test_aligned_features_pick_grouped_mm_where_the_build_has_it():
     assert not grouped_mm_supported(x.double(), weight.double())
 
 
-@pytest.mark.skipif(not grouped_mm_supported(torch.ones(1, 16, dtype=torch.bfloat16)), reason="no grouped_mm here")
 def test_small_bf16_products_take_one_padded_bmm(monkeypatch):
     """bf16 on CPU with small products: one `bmm` over the experts' rows padded to the largest count (a grouped
-    matmul pays oneDNN's fixed cost per expert there), with the same values and gradients as the float64 reference;
-    not in fp32, not where padding would more than double the rows, not for large products."""
+    matmul, or the loop where features are not aligned for it, pays oneDNN's fixed cost per expert there), with the
+    same values and gradients as the float64 reference; not in fp32, not where padding would more than double the
+    rows, not for large products, not when the loop is forced."""
     from modeling_mom import moe_dispatch
 
     used = []
@@ -326,7 +326,16 @@ def test_small_bf16_products_take_one_padded_bmm(monkeypatch):
     assert_matches_reference(CASES["k3_repeats"], torch.float32, None)
     skewed = torch.tensor([[0]] * 9 + [[1], [2], [3]])  # 12 rows; padding to expert 0's 9 would make 36
     assert_matches_reference(skewed, torch.bfloat16, None)
+    assert_matches_reference(CASES["k3_repeats"], torch.bfloat16, False)
     assert len(used) == 2
+    plan = plan_dispatch(CASES["k3_repeats"], NUM_EXPERTS)
+    x = torch.randn(15, 12, dtype=torch.bfloat16, requires_grad=True)  # training: not the decoding path
+    weight = torch.randn(NUM_EXPERTS, 12, 20, dtype=torch.bfloat16)
+    assert not grouped_mm_supported(x, weight)  # 12 and 20 bf16 features: not 16-byte multiples
+    out = grouped_linear(x, weight, plan)
+    assert len(used) == 3
+    loop = grouped_linear(x, weight, plan, use_grouped_mm=False)
+    torch.testing.assert_close(out, loop, atol=2e-2, rtol=2e-2)
     plan = plan_dispatch(CASES["k1"], NUM_EXPERTS)
     rows = torch.ones(8, 1, dtype=torch.bfloat16)
     large = torch.ones(1, 1, 1, dtype=torch.bfloat16).expand(NUM_EXPERTS, 2048, 4096)  # 2 rows x 2^23 per expert
