@@ -13,14 +13,17 @@ Selections equal to or above ``num_experts`` (MoM's SKIP) are dropped from the p
 The grouped matmul uses ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` on older torch) where the
 device and dtype support it, and otherwise one matmul per expert over ``split`` / ``unbind`` views. Indexing
 ``weight[e]`` inside an autograd loop is never used: its backward materialises a full-size zero gradient per
-expert (quadratic in the number of experts). Without autograd and with a few rows per small expert (decoding),
-one weighted ``embedding_bag`` over the chosen experts' weights computes every row instead.
+expert (quadratic in the number of experts). Small bf16 products on CPU run as one ``bmm`` over the experts' rows
+padded to the largest count instead (each bf16 matmul has a large fixed cost there). Without autograd and with a
+few rows per small expert (decoding), one weighted ``embedding_bag`` over the chosen experts' weights computes every
+row instead.
 
 The single host-device synchronisation is in :func:`plan_dispatch` (the per-expert counts are read once, to
-drop SKIP selections and to split rows for the fallback path).
+drop SKIP selections, to split rows for the fallback path and to size the padded layout).
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,14 @@ class DispatchPlan:
     @property
     def num_experts(self) -> int:
         return len(self.counts)
+
+    @cached_property
+    def padded_slots(self) -> torch.Tensor:
+        """`[S]` row of each sorted pair in an `[E * C]` layout where expert e owns rows `e * C` to `e * C + C - 1`
+        (C = the largest count); computed once per plan, for both projections of an expert FFN."""
+        starts = F.pad(self.offsets[:-1].long(), (1, 0))  # first sorted row of each expert
+        rank = torch.arange(self.expert_index.shape[0], device=self.expert_index.device)
+        return self.expert_index * max(self.counts) + rank - starts.index_select(0, self.expert_index)
 
 
 def plan_dispatch(selected_experts: torch.Tensor, num_experts: int) -> DispatchPlan:
@@ -166,12 +177,9 @@ def _padded_linear(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) ->
     """`grouped_linear` as one `bmm`: each expert's rows are copied into `[E, C, in]` (C = the largest count, the
     rest zeros), multiplied by `weight[E, in, out]`, and read back in sorted order."""
     capacity = max(plan.counts)
-    starts = plan.offsets.long() - torch.tensor(plan.counts, device=x.device)
-    rank = torch.arange(x.shape[0], device=x.device) - starts.index_select(0, plan.expert_index)
-    slots = plan.expert_index * capacity + rank  # [S] row of each sorted pair in the padded layout
-    padded = x.new_zeros(plan.num_experts * capacity, x.shape[-1]).index_copy(0, slots, x)
+    padded = x.new_zeros(plan.num_experts * capacity, x.shape[-1]).index_copy(0, plan.padded_slots, x)
     out = torch.bmm(padded.view(plan.num_experts, capacity, -1), weight)
-    return out.flatten(0, 1).index_select(0, slots)
+    return out.flatten(0, 1).index_select(0, plan.padded_slots)
 
 
 def grouped_linear(
