@@ -220,7 +220,9 @@ def test_convert_records_a_local_source_by_its_full_path(workspace, tmp_path, mo
     history = json.loads((tmp_path / "mom" / HISTORY_FILE).read_text())
     assert history[0]["source"] == str((workspace / "gpt2").resolve())
     monkeypatch.chdir(tmp_path)
-    assert "base_model" not in str(hub.render_card(str(tmp_path / "mom"), "me/mom")).split("---")[1]
+    metadata = str(hub.render_card(str(tmp_path / "mom"), "me/mom")).split("---")[1]
+    assert "base_model" not in metadata and "license" not in metadata  # no licence is claimed unless given
+    assert "license: mit" in str(hub.render_card(str(tmp_path / "mom"), "me/mom", license="mit")).split("---")[1]
     (tmp_path / "file.txt").write_text("mine")
     with pytest.raises(SystemExit):
         cli.main(["convert", "mom", "--gpt2", str(workspace / "gpt2"), "--out", str(tmp_path / "file.txt")])
@@ -526,6 +528,7 @@ def test_summarize_card_names_the_subset_it_scored(pipelines, arch="mom"):
                   validation_examples=11332, eval_examples=500)
     assert {e.dataset_split for e in hub.eval_results(record)} == {"validation[:500]"}
     assert "evaluated on 500 of the 11332 examples of the validation split" in hub.describe_step(record)
+    assert "; decoding `num_beams=2`, `" in hub.describe_step(record)  # keyword arguments, not a Python dict
 
 
 # -------------------------------------------------------------------------------------------------- inspect

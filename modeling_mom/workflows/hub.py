@@ -129,13 +129,18 @@ def describe_step(record: dict) -> str:
             text += "; evaluated on " + ", ".join(scored)
     elif command == "summarize":
         text = (f"- **Fine-tuned for summarization** on `{record['dataset']}`: {settings}; format "
-                f"`{record['prompt_format']}`, {record['loss']}; decoding {record['decoding']}; evaluated on "
-                f"{record['eval_examples']} of the {record['validation_examples']} "
+                f"`{record['prompt_format']}`, {record['loss']}; decoding {format_settings(record['decoding'])}; "
+                f"evaluated on {record['eval_examples']} of the {record['validation_examples']} "
                 f"examples of " + (f"`{record['validation_file']}`" if record.get("validation_file")
                                    else "the validation split"))
     else:
         text = f"- `{command}`: {settings}"
     return f"{text}. Results: {format_results(record.get('results', {}))}."
+
+
+def format_settings(settings: dict) -> str:
+    """`{"num_beams": 4}` -> "`num_beams=4`": keyword arguments as a reader would pass them."""
+    return ", ".join(f"`{key}={value}`" for key, value in settings.items())
 
 
 def format_results(results: dict) -> str:
@@ -155,8 +160,9 @@ def results_table(results: list[EvalResult]) -> str:
     return "\n".join(["| data set | split | metric | value |", "|---|---|---|---|", *rows])
 
 
-def render_card(checkpoint: str, repo_id: str) -> ModelCard:
-    """The model card of `checkpoint` as it will be published at `repo_id`."""
+def render_card(checkpoint: str, repo_id: str, license: str | None = None) -> ModelCard:
+    """The model card of `checkpoint` as it will be published at `repo_id`, under the weights' `license` (a Hub
+    license id; the weights' licence follows their seed model's, which the checkpoint cannot tell)."""
     config = load_model_config(checkpoint)
     history = read_history(checkpoint)
     last = history[-1] if history else {}
@@ -166,6 +172,7 @@ def render_card(checkpoint: str, repo_id: str) -> ModelCard:
     results = eval_results(last) if last else []
     card_data = ModelCardData(
         library_name="transformers",
+        license=license,
         pipeline_tag="text-classification" if classifier else "text-generation",
         tags=TAGS + [config.model_type],
         base_model=next((s for s in seeds if s), None),
@@ -210,10 +217,12 @@ def hub_errors(repo_id: str):
         raise WorkflowError(f"pushing to {repo_id} failed: {type(error).__name__}: {error}") from error
 
 
-def push(checkpoint: str, repo_id: str, private: bool = False, token: str | None = None) -> str:
+def push(
+    checkpoint: str, repo_id: str, private: bool = False, token: str | None = None, license: str | None = None
+) -> str:
     """Upload `checkpoint` to `repo_id` in one commit; returns the commit URL."""
     check_push_target(repo_id, load_model_config(checkpoint, "checkpoint"))
-    card = render_card(checkpoint, repo_id)
+    card = render_card(checkpoint, repo_id, license)
     api = HfApi(token=token)
     with hub_errors(repo_id):  # before the export, so that an unreachable Hub costs nothing
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -239,5 +248,7 @@ def main(argv=None) -> str:
     parser.add_argument("repo_id", help="Hub repository, e.g. my-name/mom-gpt2-sst2 (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", help="Hub token (default: the one saved by `hf auth login`)")
+    parser.add_argument("--license", help="the weights' licence as a Hub license id for the card's metadata, e.g. "
+                        "`mit` (GPT-2's weights) or `apache-2.0` (IBM's MoLM weights); default: none stated")
     args = parser.parse_args(argv)
-    return push(args.checkpoint, args.repo_id, private=args.private, token=args.token)
+    return push(args.checkpoint, args.repo_id, private=args.private, token=args.token, license=args.license)
