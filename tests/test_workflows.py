@@ -919,6 +919,16 @@ def test_unknown_command_prints_the_commands(capsys):
     assert "mom pretrain" in captured.out and "unknown command 'train'" in captured.err
 
 
+def test_commands_name_the_missing_train_extra():
+    """Without the `train` extra (scipy, rouge-score, ...) `mom glue` said only ModuleNotFoundError, in a traceback."""
+    hide = "import sys; sys.modules.update(dict.fromkeys(['scipy', 'rouge_score']))"  # None: import fails as absent
+    for command in ("glue", "summarize", "demo"):
+        run = subprocess.run([sys.executable, "-c", f"{hide}; from modeling_mom.workflows import cli; "
+                              f"cli.main(['{command}', '--help'])"], capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert "needs the package's `train` extra" in run.stderr and "pip install 'modeling-mom[train]'" in run.stderr
+
+
 def test_workflow_errors_are_value_errors():
     with pytest.raises(ValueError, match="allowed: cola, sst2"):
         glue.glue_task("squad")

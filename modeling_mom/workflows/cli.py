@@ -6,7 +6,7 @@
     mom glue --model DIR --task TASK --out OUT fine-tune and evaluate on a GLUE task
     mom summarize --model DIR --out OUT        fine-tune and evaluate on XSUM (decoder-only, ROUGE)
     mom inspect --model DIR --text ... --out P routing heat map, usage histograms and tables
-    mom push DIR REPO_ID                       upload weights, code, tokenizer and model card to the Hub
+    mom push DIR REPO_ID [--license ID]        upload weights, code, tokenizer and model card to the Hub
 
 `mom COMMAND --help` describes each. The training commands run under `accelerate launch` unchanged (DDP or FSDP,
 several GPUs or nodes, as set by `accelerate config`): `accelerate launch -m modeling_mom.workflows.cli pretrain ...`;
@@ -30,6 +30,8 @@ COMMANDS = {
     "push": "hub",
 }
 
+TRAIN_EXTRAS = {"datasets", "evaluate", "sklearn", "scipy", "rouge_score", "matplotlib"}  # setup.cfg's `train`
+
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -42,11 +44,17 @@ def main(argv=None) -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages for big CPU temporaries: fewer page faults
     keep_freed_memory()  # and no page faults at all for the ones a training step allocates again every step
     command, rest = argv[0], argv[1:]
-    module = importlib.import_module(f"{__package__}.{COMMANDS[command]}")
     try:
-        module.main(rest)
+        importlib.import_module(f"{__package__}.{COMMANDS[command]}").main(rest)
     except WorkflowError as error:
         print(f"mom {command}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").split(".")[0]
+        if missing not in TRAIN_EXTRAS:
+            raise
+        print(f"mom {command}: error: it needs the package's `train` extra (module {missing!r} is missing): "
+              "pip install 'modeling-mom[train]' (or `pip install -e \".[train]\"` in a checkout).", file=sys.stderr)
         sys.exit(2)
 
 
