@@ -605,6 +605,9 @@ def test_push_reports_an_unreachable_hub_as_a_usage_error(pipelines, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error == ("mom push: error: pushing to tester/offline failed: OfflineModeIsEnabled: Cannot reach the Hub: "
                      "offline mode is enabled.")
+    with mock.patch("modeling_mom.workflows.hub.HfApi", OfflineHfApi), pytest.raises(SystemExit):
+        cli.main(["push", checkpoint, "tester/offline", "--license", "MIT License"])  # refused before the Hub
+    assert "--license 'MIT License' is not a Hub license id" in capsys.readouterr().err
 
 
 def test_moduleformer_card_describes_the_model_as_it_is(tmp_path):

@@ -10,6 +10,7 @@ checkpoint's last step as `model-index`. The training commands' `--push-to-hub R
 
 import argparse
 import contextlib
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,12 +45,15 @@ from .common import (
 TAGS = ["custom_code", "moe", "mixture-of-experts", "modular"]
 
 
-def check_push_target(repo_id: str, config: PreTrainedConfig) -> None:
-    """Fail before any work if `repo_id` is malformed or the architecture has no model card template."""
+def check_push_target(repo_id: str, config: PreTrainedConfig, license: str | None = None) -> None:
+    """Fail before any work if `repo_id` or `license` is malformed or the architecture has no model card template."""
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise WorkflowError(f"{repo_id!r} is not a valid Hub repository id: {error}") from error
+    if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", license):
+        raise WorkflowError(f"--license {license!r} is not a Hub license id; use the Hub's lowercase identifier, "
+                            "e.g. mit, apache-2.0, cc-by-4.0 or other.")
     if not template_path(config.model_type).is_file():
         raise WorkflowError(
             f"no model card template for model type {config.model_type!r}; allowed: {', '.join(templates())}."
@@ -221,7 +225,7 @@ def push(
     checkpoint: str, repo_id: str, private: bool = False, token: str | None = None, license: str | None = None
 ) -> str:
     """Upload `checkpoint` to `repo_id` in one commit; returns the commit URL."""
-    check_push_target(repo_id, load_model_config(checkpoint, "checkpoint"))
+    check_push_target(repo_id, load_model_config(checkpoint, "checkpoint"), license)
     card = render_card(checkpoint, repo_id, license)
     api = HfApi(token=token)
     with hub_errors(repo_id):  # before the export, so that an unreachable Hub costs nothing
