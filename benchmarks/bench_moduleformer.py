@@ -43,6 +43,8 @@ TARGETS = {"train": 2.0, "decode": 2.0}
 def build_moduleformer(args) -> ModuleFormerForCausalLM:
     config = ModuleFormerConfig(
         vocab_size=args.vocab,
+        bos_token_id=args.vocab - 1,  # the config's default is GPT-2's 50256
+        eos_token_id=args.vocab - 1,
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=1,
@@ -62,6 +64,8 @@ def build_dense(args, target_parameters: int) -> GPT2LMHeadModel:
     width = max(64, round((target_parameters / (12 * args.layers)) ** 0.5 / 64) * 64)
     config = GPT2Config(
         vocab_size=args.vocab,
+        bos_token_id=args.vocab - 1,  # GPT2Config's default, 50256, is outside a small vocabulary
+        eos_token_id=args.vocab - 1,
         n_positions=2048,
         n_embd=width,
         n_layer=args.layers,

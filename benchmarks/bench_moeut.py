@@ -68,7 +68,8 @@ def matched_gpt2(c: MoEUTConfig, heads: int, positions: int = 1024, layers: int 
 
     def build(inner, depth=c.num_hidden_layers):
         config = GPT2Config(vocab_size=c.vocab_size, n_positions=positions, n_embd=d, n_layer=depth, n_head=heads,
-                            n_inner=inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, n_inner=inner,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             tie_word_embeddings=c.tie_word_embeddings, attn_implementation="sdpa")  # fmt: skip
         with torch.device("meta"):
             return config, count_parameters(GPT2LMHeadModel(config))

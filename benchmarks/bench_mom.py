@@ -69,6 +69,8 @@ def mom_structure(layers: int, modules: int) -> dict:
 def build_gpt2(args, layers: int) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=args.vocab,
+        bos_token_id=args.vocab - 1,  # GPT2Config's default, 50256, is outside a small vocabulary
+        eos_token_id=args.vocab - 1,
         n_positions=args.positions,
         n_embd=args.hidden,
         n_layer=layers,
@@ -84,6 +86,8 @@ def build_gpt2(args, layers: int) -> GPT2LMHeadModel:
 def build_mom(args, routing_mode: str) -> MoMForCausalLM:
     config = MoMConfig(
         vocab_size=args.vocab,
+        bos_token_id=args.vocab - 1,  # MoMConfig's default is GPT-2's 50256
+        eos_token_id=args.vocab - 1,
         max_position_embeddings=args.positions,
         hidden_size=args.hidden,
         num_attention_heads=args.heads,
