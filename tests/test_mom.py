@@ -5,12 +5,14 @@ differ by float rounding (~1e-6); we allow 1e-5. Token sequences must be identic
 """
 
 
+from unittest import mock
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_mom import MoMConfig, MoMForCausalLM, MoMForSequenceClassification, MoMModel
-from modeling_mom.modeling_mom import ModuleRoute, MoMModulePool
+from modeling_mom.modeling_mom import ModuleRoute, MoMModulePool, grouped_linear
 from modeling_mom.routing_losses import switch_load_balancing_loss
 from modeling_mom.shared_modeling import CACHE_FIELD
 
@@ -303,6 +305,29 @@ def test_learned_round_equals_a_per_token_reference(weighting, temperature):
         expected = model.norm(h + ffn)
         assert any(config.num_attention_modules in row for row in selected), "no token chose SKIP: spread the scores"
         torch.testing.assert_close(model(ids).last_hidden_state[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["renormalize", "probability"])
+def test_a_module_every_token_picked_runs_as_a_plain_layer_without_autograd(weighting):
+    """Batch-1 decoding with K=1: every token of a round picked the same module, which then runs as that module's
+    plain layer, weighted (no dispatch). The values equal the dispatch's (used with autograd on)."""
+    torch.manual_seed(0)
+    model = MoMForCausalLM(tiny_config(router_weighting=weighting)).eval()
+    for layer in model.model.layers:
+        for router in (layer.attention_router, layer.mlp_router):
+            if router is not None:
+                with torch.no_grad():
+                    router.out.bias[1] = 5.0  # module 1 wins for every token, with a probability below 1
+    ids = torch.randint(1, VOCAB, (2, 6))
+    dispatched = model(ids).logits.detach()
+    with torch.no_grad(), mock.patch("modeling_mom.modeling_mom.grouped_linear", wraps=grouped_linear) as spy:
+        collapsed = model(ids).logits
+    assert spy.call_count == 0
+    torch.testing.assert_close(collapsed, dispatched, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # a token that picked another module keeps the dispatch
+        model.model.layers[1].mlp_router.out.bias[1] = 0.0
+        route, _ = model.model.layers[1]._route(1, torch.randn(1, 5, 32), 0, None, None)
+    assert route.module is None and route.plan is not None
 
 
 def test_gru_router_state_restarts_at_each_chunk():
