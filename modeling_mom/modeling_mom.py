@@ -73,10 +73,11 @@ class ModuleRoute:
         batch-1 decoding) as that module's plain layer, weighted per token. Same values, without the dispatch's
         gathers, grouped matmuls and scatter: on a 2-core CPU they cost ~0.5 ms per pool and round, a quarter of a
         GPT-2-small layer's decoding step. (With autograd, indexing the module would give the backward a pool-sized
-        gradient.)"""
+        gradient; compiled code skips the test, which torch.compile could only guard on per row count.)"""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self.weights.shape[-1] != 1:
+            return self
         used = [e for e, count in enumerate(self.plan.counts) if count]
-        num_tokens, k = self.weights.shape
-        if torch.is_grad_enabled() or k != 1 or len(used) != 1 or self.plan.counts[used[0]] != num_tokens:
+        if len(used) != 1 or self.plan.counts[used[0]] != self.weights.shape[0]:
             return self
         return ModuleRoute(module=used[0], weights=self.weights)
 
