@@ -51,7 +51,7 @@ def check_push_target(repo_id: str, config: PreTrainedConfig, license: str | Non
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise WorkflowError(f"{repo_id!r} is not a valid Hub repository id: {error}") from error
-    if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", license):
+    if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
         raise WorkflowError(f"--license {license!r} is not a Hub license id; use the Hub's lowercase identifier, "
                             "e.g. mit, apache-2.0, cc-by-4.0 or other.")
     if not template_path(config.model_type).is_file():
