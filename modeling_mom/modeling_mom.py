@@ -73,11 +73,14 @@ class ModuleRoute:
         batch-1 decoding) as that module's plain layer, weighted per token. Same values, without the dispatch's
         gathers, grouped matmuls and scatter: on a 2-core CPU they cost ~0.5 ms per pool and round, a quarter of a
         GPT-2-small layer's decoding step. (With autograd, indexing the module would give the backward a pool-sized
-        gradient; compiled code skips the test, which torch.compile could only guard on per row count.)"""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self.weights.shape[-1] != 1:
+        gradient; under autocast the dispatch adds biases in fp32, the plain layer in the autocast dtype; compiled code
+        skips the test, which torch.compile could only guard on per row count.)"""
+        device = self.weights.device.type
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(device) or torch.compiler.is_compiling():
             return self
         used = [e for e, count in enumerate(self.plan.counts) if count]
-        if len(used) != 1 or self.plan.counts[used[0]] != self.weights.shape[0]:
+        num_tokens, k = self.weights.shape
+        if k != 1 or len(used) != 1 or self.plan.counts[used[0]] != num_tokens:
             return self
         return ModuleRoute(module=used[0], weights=self.weights)
 

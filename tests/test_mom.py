@@ -324,6 +324,11 @@ def test_a_module_every_token_picked_runs_as_a_plain_layer_without_autograd(weig
         collapsed = model(ids).logits
     assert spy.call_count == 0
     torch.testing.assert_close(collapsed, dispatched, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), mock.patch(  # biases as the dispatch adds them
+        "modeling_mom.modeling_mom.grouped_linear", wraps=grouped_linear
+    ) as spy:
+        model(ids)
+    assert spy.call_count > 0
     with torch.no_grad():  # a token that picked another module keeps the dispatch
         model.model.layers[1].mlp_router.out.bias[1] = 0.0
         route, _ = model.model.layers[1]._route(1, torch.randn(1, 5, 32), 0, None, None)
