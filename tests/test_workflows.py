@@ -608,6 +608,8 @@ def test_push_reports_an_unreachable_hub_as_a_usage_error(pipelines, capsys):
     with mock.patch("modeling_mom.workflows.hub.HfApi", OfflineHfApi), pytest.raises(SystemExit):
         cli.main(["push", checkpoint, "tester/offline", "--license", "MIT License"])  # refused before the Hub
     assert "--license 'MIT License' is not a Hub license id" in capsys.readouterr().err
+    for hub_license in ("mit", "apache-2.0", "cc-by-nc-sa-4.0", "llama3.1", "openrail++", "other"):  # Hub ids
+        hub.check_push_target("tester/ok", hub.load_model_config(checkpoint), hub_license)
 
 
 def test_moduleformer_card_describes_the_model_as_it_is(tmp_path):
@@ -930,6 +932,10 @@ def test_commands_name_the_missing_train_extra():
                               f"cli.main(['{command}', '--help'])"], capture_output=True, text=True)  # fmt: skip
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
         assert "needs the package's `train` extra" in run.stderr and "pip install 'modeling-mom[train]'" in run.stderr
+    broken = "import sys; sys.modules['scipy.stats'] = None"  # scipy installed, a submodule import fails: a real bug
+    run = subprocess.run([sys.executable, "-c", f"{broken}; from modeling_mom.workflows import cli; "
+                          "cli.main(['glue', '--help'])"], capture_output=True, text=True)  # fmt: skip
+    assert "Traceback" in run.stderr and "scipy.stats" in run.stderr and "train` extra" not in run.stderr
 
 
 def test_workflow_errors_are_value_errors():
