@@ -662,9 +662,11 @@ def test_push_to_hub_after_training(pipelines, workspace, tmp_path):
     with mock.patch("modeling_mom.workflows.hub.HfApi", FakeHfApi):
         record = pretrain.main(["--model", str(pipelines[ARCHS[0]]["out"] / "seeded"), "--block-size", "32",
                                 "--dataset", str(workspace / "corpus.jsonl"), "--eval-blocks", "2",
-                                *short_training(tmp_path, steps=1), "--push-to-hub", "tester/pushed-after-training"])
+                                *short_training(tmp_path, steps=1), "--push-to-hub", "tester/pushed-after-training",
+                                "--license", "mit"])
     repo = workspace / "hub" / "tester" / "pushed-after-training"
     card = (repo / "README.md").read_text()
+    assert "license: mit" in card.split("---")[1]  # the licence given to the training command is in the metadata
     assert "perplexity" in card and f"{record['results']['perplexity']:.4f}" in card
     assert "evaluated on the first 2 blocks of" in card
     assert (repo / "model.safetensors").is_file()
@@ -767,6 +769,9 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
                                        "--validation-file", str(workspace / "sum_eval.jsonl")],
         "no complete checkpoint": ["pretrain", "--model", gpt2, "--dataset", corpus, "--resume"],
         "not a valid repository id": ["pretrain", "--model", gpt2, "--dataset", corpus, "--push-to-hub", "a/b/c"],
+        "--license 'mit' is only used with --push-to-hub": ["pretrain", "--model", gpt2, *lm, "--license", "mit"],
+        "--license 'MIT License' is not a Hub license id": [
+            "glue", "--model", gpt2, "--task", "sst2", *sst2, "--push-to-hub", "a/b", "--license", "MIT License"],
         "--gpt2 missing_gpt2: no such directory": ["convert", "moeut", "--gpt2", "missing_gpt2"],
         "--validation-mismatched-file is for MNLI only; 'sst2' has one": [
             "glue", "--model", gpt2, "--task", "sst2", *sst2, "--validation-mismatched-file", "x.jsonl"],

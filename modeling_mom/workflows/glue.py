@@ -217,7 +217,7 @@ def run(args) -> dict:
     if args.push_to_hub:
         from .hub import check_push_target
 
-        check_push_target(args.push_to_hub, config)
+        check_push_target(args.push_to_hub, config, args.license)
     splits = load_splits(task, args)
     splits = {
         split: data.map(encode(task, tokenizer, args.max_length), batched=True, remove_columns=data.column_names)

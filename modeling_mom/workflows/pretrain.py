@@ -154,7 +154,7 @@ def run(args, callbacks=None) -> dict:
     if args.push_to_hub:
         from .hub import check_push_target
 
-        check_push_target(args.push_to_hub, config)
+        check_push_target(args.push_to_hub, config, args.license)
     train_blocks, eval_blocks = load_blocks(args, tokenizer, block_size)
     if hasattr(train_blocks, "__len__") and len(train_blocks) == 0:
         raise WorkflowError(f"--dataset {args.dataset} has fewer than --block-size {block_size} tokens.")

@@ -191,7 +191,7 @@ def run(args) -> dict:
     if args.push_to_hub:
         from .hub import check_push_target
 
-        check_push_target(args.push_to_hub, config)
+        check_push_target(args.push_to_hub, config, args.license)
     fmt = SummaryFormat(tokenizer, args.separator, args.max_length, args.max_summary_tokens, args.max_new_tokens)
     train_data, eval_data, validation_size = load_splits(args)
 

@@ -58,6 +58,8 @@ def add_training_arguments(
                        help="replace the run in --out (its checkpoints when training starts, final/ at the end)")
     group.add_argument("--push-to-hub", metavar="REPO_ID", help="after training, upload the final model with its card")
     group.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    group.add_argument("--license", help="with --push-to-hub: the weights' licence as a Hub license id for the card's "
+                       "metadata, e.g. `mit` (GPT-2's weights); default: none stated")
     group.add_argument("--no-progress", action="store_true", help="no progress bars (logs are printed instead)")
 
 
@@ -78,6 +80,8 @@ def check_training_arguments(args) -> None:
     if args.bf16 == "yes" and not bf16_available():
         raise WorkflowError("--bf16 yes: this machine has no GPU with bf16 support; use --bf16 auto or no.")
     check_run_dir(args)
+    if args.license is not None and not args.push_to_hub:
+        raise WorkflowError(f"--license {args.license!r} is only used with --push-to-hub; give both or neither.")
     if args.push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -302,5 +306,5 @@ def finish(trainer: Trainer, args, record: dict, files: dict | None = None) -> d
     if args.push_to_hub and trainer.is_world_process_zero():
         from .hub import push
 
-        push(record["checkpoint"], args.push_to_hub, private=args.private)
+        push(record["checkpoint"], args.push_to_hub, private=args.private, license=args.license)
     return record
