@@ -16,7 +16,7 @@ from .config_checks import (
 )
 
 ROUTER_TYPES = ("mlp", "gru")
-ROUTER_WEIGHTINGS = ("renormalize", "probability", "straight_through")
+ROUTER_WEIGHTINGS = ("renormalize", "probability", "straight_through", "score")
 ROUTING_MODES = ("learned", "sequential")
 
 
@@ -36,7 +36,8 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
     / ``num_ffn_modules`` = ``num_attn`` / ``num_ffn``, ``num_rounds`` = ``depth_per_chunk`` (the paper's H),
     ``num_modules_per_tok`` = ``routing_top_k`` (the paper's K), ``use_anchor_layers`` = ``require_anchor_layer``,
     ``enable_skip`` = ``enable_pause``, ``router_type`` "mlp" = "naive", ``router_hidden_size`` = ``router_dim``,
-    ``router_temperature`` = ``router_softmax_temperature``.
+    ``router_temperature`` = ``router_softmax_temperature``; their router types with "softmax" (``naive_softmax``,
+    ``gru_softmax``) are ``router_weighting="renormalize"``, those without (``naive``, ``gru``) ``"score"``.
 
     Args:
         vocab_size, max_position_embeddings, hidden_size, num_attention_heads, intermediate_size, hidden_act,
@@ -63,7 +64,10 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
             by their sum (the authors' softmax routers; with K=1 the weight is exactly 1 and the LM loss gives the
             router no gradient). "probability": the raw top-K probabilities (Switch Transformer). "straight_through":
             renormalised weights in the forward pass, gradient of the raw probabilities in the backward pass, so a
-            K=1 router learns from the LM loss while a seeded model keeps its function.
+            K=1 router learns from the LM loss while a seeded model keeps its function. "score": the router's top-K
+            scores themselves, unnormalised and possibly negative (the authors' routers without softmax, `naive` and
+            `gru`, the router type of their pre-training script); needs `router_temperature=1`, since their code
+            applies the temperature inside the softmax only.
         routing_mode: "learned" uses the routers; "sequential" makes round h of every chunk use module h of each
             pool (or its only module) for every token with weight exactly 1 (the vanilla Transformer; routers are
             kept but not run).
@@ -150,6 +154,11 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
             f"hidden_size={self.hidden_size} must be divisible by num_attention_heads={self.num_attention_heads}.",
         )
         check_finite_positive(self, ("router_temperature",))
+        require(
+            self.router_weighting != "score" or self.router_temperature == 1,
+            f"router_temperature={self.router_temperature} has no effect with router_weighting='score' (the weights "
+            "are the router's scores, the temperature applies inside a softmax); allowed: 1.0, or another weighting.",
+        )
         pool_sizes = [n for n in (self.num_attention_modules, self.num_ffn_modules) if n > 1]
         most_choices = max(self.num_attention_modules, self.num_ffn_modules) + int(self.enable_skip)
         require(

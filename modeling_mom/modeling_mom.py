@@ -312,6 +312,9 @@ class MoMRouter(nn.Module):
 
 def route_tokens(router_logits: torch.Tensor, num_selected: int, weighting: str, num_modules: int) -> ModuleRoute:
     """Top-K choices of each token and their weights (see `MoMConfig.router_weighting`)."""
+    if weighting == "score":  # the same choices as the probabilities' (softmax is monotonic), weighted by the scores
+        weights, selected = router_logits.topk(num_selected, dim=-1)
+        return ModuleRoute(plan=plan_dispatch(selected, num_modules), weights=weights)
     probs = F.softmax(router_logits, dim=-1)
     top_probs, selected = probs.topk(num_selected, dim=-1)
     if weighting == "probability":

@@ -76,6 +76,7 @@ ROUTINGS = [
         (dict(router_weighting="softmax"), "router_weighting"),
         (dict(routing_mode="random"), "routing_mode"),
         (dict(router_temperature=0.0), "router_temperature"),
+        (dict(router_weighting="score", router_temperature=0.2), "router_temperature=0.2 has no effect"),
         (dict(num_rounds=0), "num_rounds"),
         (dict(num_hidden_layers=7), "num_hidden_layers"),
         (dict(num_bottom_layers=0, num_top_layers=0, num_chunks=0), "no layers"),
@@ -227,7 +228,8 @@ def test_switch_loss_by_hand():
 
 
 @pytest.mark.parametrize(
-    "weighting, gets_gradient", [("straight_through", True), ("probability", True), ("renormalize", False)]
+    "weighting, gets_gradient",
+    [("straight_through", True), ("probability", True), ("renormalize", False), ("score", True)],
 )
 def test_k1_router_gradient_from_lm_loss(weighting, gets_gradient):
     """With K=1 the renormalised weight is p/p = 1 (no LM gradient); straight-through and probability train it."""
@@ -252,13 +254,19 @@ def test_straight_through_forward_equals_renormalize():
 
 def _reference_route(router, x, k, weighting, temperature):
     """mom.md 2.4 per token: softmax of the router's scores over modules and SKIP, top-k, weights."""
-    probs = (router.out(torch.relu(router.fc(x))) / temperature).softmax(-1)
-    top, selected = probs.topk(k, -1)
+    scores = router.out(torch.relu(router.fc(x))) / temperature
+    if weighting == "score":  # the authors' routers without softmax: the top-k scores are the weights
+        top, selected = scores.topk(k, -1)
+        return top, selected.tolist()
+    top, selected = scores.softmax(-1).topk(k, -1)
     return (top if weighting == "probability" else top / top.sum(-1, keepdim=True)), selected.tolist()
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.3])
-@pytest.mark.parametrize("weighting", ["renormalize", "probability", "straight_through"])
+@pytest.mark.parametrize(
+    "weighting, temperature",
+    [(weighting, temperature) for weighting in ("renormalize", "probability", "straight_through") for temperature in
+     (1.0, 0.3)] + [("score", 1.0)],
+)
 def test_learned_round_equals_a_per_token_reference(weighting, temperature):
     """One learned round (K=2, SKIP on) against mom.md 2.4-2.6 computed token by token: each token's Q, K, V are the
     unweighted sum of its chosen attention modules' projections, one attention over the round, each chosen output
@@ -307,7 +315,7 @@ def test_learned_round_equals_a_per_token_reference(weighting, temperature):
         torch.testing.assert_close(model(ids).last_hidden_state[0], expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("weighting", ["renormalize", "probability"])
+@pytest.mark.parametrize("weighting", ["renormalize", "probability", "score"])
 def test_a_module_every_token_picked_runs_as_a_plain_layer_without_autograd(weighting):
     """Batch-1 decoding with K=1: every token of a round picked the same module, which then runs as that module's
     plain layer, weighted (no dispatch). The values equal the dispatch's (used with autograd on)."""
