@@ -58,6 +58,7 @@ STRUCTURE_FIELDS = (
     "router_weighting",
     "routing_mode",
     "router_aux_loss_coef",
+    "router_aux_loss_per_round",
     "output_router_logits",
     # seeded from GPT-2, but may be changed
     "embd_dropout",
@@ -295,6 +296,8 @@ def _parser() -> argparse.ArgumentParser:
     structure.add_argument("--router-weighting", choices=ROUTER_WEIGHTINGS)
     structure.add_argument("--routing-mode", choices=ROUTING_MODES)
     structure.add_argument("--router-aux-loss-coef", type=float)
+    structure.add_argument("--router-aux-loss-per-round", action="store_const", const=True,
+                           help="average per-round balancing losses (the authors' depthwise_bal_loss)")
     return parser
 
 

@@ -36,8 +36,9 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
     / ``num_ffn_modules`` = ``num_attn`` / ``num_ffn``, ``num_rounds`` = ``depth_per_chunk`` (the paper's H),
     ``num_modules_per_tok`` = ``routing_top_k`` (the paper's K), ``use_anchor_layers`` = ``require_anchor_layer``,
     ``enable_skip`` = ``enable_pause``, ``router_type`` "mlp" = "naive", ``router_hidden_size`` = ``router_dim``,
-    ``router_temperature`` = ``router_softmax_temperature``; their router types with "softmax" (``naive_softmax``,
-    ``gru_softmax``) are ``router_weighting="renormalize"``, those without (``naive``, ``gru``) ``"score"``.
+    ``router_temperature`` = ``router_softmax_temperature``, ``router_aux_loss_per_round`` =
+    ``depthwise_bal_loss``; their router types with "softmax" (``naive_softmax``, ``gru_softmax``) are
+    ``router_weighting="renormalize"``, those without (``naive``, ``gru``) ``"score"``.
 
     Args:
         vocab_size, max_position_embeddings, hidden_size, num_attention_heads, intermediate_size, hidden_act,
@@ -73,6 +74,9 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
             kept but not run).
         router_aux_loss_coef: weight of the Switch-style load-balancing loss, added to the loss in training with
             labels (as the authors' model does; 0 turns it off).
+        router_aux_loss_per_round: False pools each pool type's router calls over all rounds of all chunks into one
+            loss (attention's plus FFN's); True computes the loss of each round (its attention's plus its FFN's)
+            and averages over the rounds (the authors' ``depthwise_bal_loss``).
         output_router_logits: the causal LM returns the routers' logits and the balancing loss (``aux_loss``); the
             classifier returns neither.
         num_hidden_layers: the unrolled depth (one per attention application, i.e. one KV-cache slot each);
@@ -111,6 +115,7 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
     router_weighting: str = "straight_through"
     routing_mode: str = "learned"
     router_aux_loss_coef: int | float = 0.01
+    router_aux_loss_per_round: bool = False
     output_router_logits: bool = False
 
     num_hidden_layers: int | None = None

@@ -463,16 +463,22 @@ class MoMPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel):
 
     def router_losses(self, router_logits, batch_size, attention_mask):
         """Switch-style balancing loss of the attention routers plus that of the FFN routers (`router_logits` holds,
-        per routed round, each routed pool's logits: attention then FFN); the loss term is it times
-        `router_aux_loss_coef` (None at 0)."""
+        per routed round, each routed pool's logits: attention then FFN), pooled over all rounds or averaged over
+        per-round losses (`router_aux_loss_per_round`); the loss term is it times `router_aux_loss_coef` (None at
+        0)."""
         config = self.config
         routed_pools = sum(pool_choices(config, n) > 1 for n in (config.num_attention_modules, config.num_ffn_modules))
+        rounds = [router_logits] if not config.router_aux_loss_per_round else [
+            router_logits[start : start + routed_pools] for start in range(0, len(router_logits), routed_pools)
+        ]  # fmt: skip
         aux_loss = 0.0
-        for pool in range(routed_pools):
-            pool_logits = router_logits[pool::routed_pools]
-            k = min(self.config.num_modules_per_tok, pool_logits[0].shape[-1])  # as routed: top-min(K, choices)
-            aux_loss = aux_loss + switch_load_balancing_loss(pool_logits, k, attention_mask)
-        coef = self.config.router_aux_loss_coef
+        for calls in rounds:
+            for pool in range(routed_pools):
+                pool_logits = calls[pool::routed_pools]
+                k = min(config.num_modules_per_tok, pool_logits[0].shape[-1])  # as routed: top-min(K, choices)
+                aux_loss = aux_loss + switch_load_balancing_loss(pool_logits, k, attention_mask)
+        aux_loss = aux_loss / len(rounds)
+        coef = config.router_aux_loss_coef
         return aux_loss, coef * aux_loss if coef else None
 
 

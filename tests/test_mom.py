@@ -213,6 +213,20 @@ def test_router_logits_and_aux_loss():
     torch.testing.assert_close(unasked.loss, trained.loss, atol=0, rtol=0)
 
 
+def test_per_round_balancing_loss_averages_each_rounds_attention_and_ffn_losses():
+    """`router_aux_loss_per_round` (the authors' `depthwise_bal_loss`): one loss per round, averaged."""
+    config = tiny_config(num_chunks=2, num_rounds=3, enable_skip=True, router_aux_loss_per_round=True)
+    model = MoMForCausalLM(config).eval()
+    ids, mask = left_padded_batch()
+    logits = model(ids, attention_mask=mask, output_router_logits=True).router_logits
+    per_round = [switch_load_balancing_loss([logits[i]], 1, mask) + switch_load_balancing_loss([logits[i + 1]], 1, mask)
+                 for i in range(0, len(logits), 2)]  # fmt: skip
+    out = model(ids, attention_mask=mask, output_router_logits=True)
+    torch.testing.assert_close(out.aux_loss, sum(per_round) / len(per_round))
+    model.config.router_aux_loss_per_round = False
+    assert not torch.allclose(model(ids, attention_mask=mask, output_router_logits=True).aux_loss, out.aux_loss)
+
+
 def test_switch_loss_by_hand():
     # two tokens, three choices, top-1: token 0 picks choice 0, token 1 picks choice 2
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
