@@ -10,7 +10,10 @@
    against the reference balancing loss (the official loss without its double softmax and top-1 counting) and,
    for K=1, against the official load_balancing_loss_func itself, the official aux loss as written against those
    two quirks applied to our router outputs, the total loss, every parameter gradient, and (H=1 cases) cached
-   incremental decoding.
+   incremental decoding. Cases with the official depthwise_bal_loss=True run ours with router_aux_loss_per_round=True;
+   there every balancing loss (reference, official as written, its reproduction) is aggregated per round, and the
+   script also checks that the per-round and the pooled aggregations differ, so that these cases would catch either
+   one being computed in place of the other.
 
 Tolerances, relative to the reference tensor's max |value| (at least 1 for scalars and router outputs): float32
 1e-5 (logits, router outputs, losses) and 1e-4 (each gradient tensor; the router gradients go through near-ties of
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tests.official.mom_official_runner import AUX_COEF, CASES, COMMON, is_softmax_router
+from tests.official.mom_official_runner import AUX_COEF, CASES, COMMON, aggregate_balancing, is_softmax_router
 
 RUNNER = Path(__file__).with_name("mom_official_runner.py")
 TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-10, 1e-10)}
@@ -70,6 +73,7 @@ def our_config(case):
         router_hidden_size=COMMON["router_dim"], router_temperature=case["tau"],
         router_weighting="renormalize" if is_softmax_router(case) else "score",
         routing_mode="learned", router_aux_loss_coef=AUX_COEF, output_router_logits=True,
+        router_aux_loss_per_round=case.get("depthwise", False),
         bos_token_id=0, eos_token_id=0, pad_token_id=None, tie_word_embeddings=True,
     )
 
@@ -189,11 +193,31 @@ def check_gradients(rep, model, ref_grads, grad_tol):
 def official_aux_as_written(case, router_logits, mask):
     """The official balancing loss reproduced from our router outputs (attention and FFN routers alternate in
     `router_logits`): the official load_balancing_loss_func applies a softmax to what it is given (a second one to
-    the probabilities of softmax routers, the only one to raw scores) and counts the top-1 choice only."""
+    the probabilities of softmax routers, the only one to raw scores) and counts the top-1 choice only; aggregated
+    over the rounds as the case's depthwise_bal_loss says (`aggregate_balancing`)."""
     from modeling_mom.routing_losses import switch_load_balancing_loss
 
     inputs = [F.softmax(x, -1) if is_softmax_router(case) else x for x in router_logits]
-    return sum(switch_load_balancing_loss(inputs[pool::2], 1, mask) for pool in (0, 1))
+    return aggregate_balancing(case, [inputs[0::2], inputs[1::2]],
+                               lambda calls, _: switch_load_balancing_loss(calls, 1, mask))
+
+
+def check_aggregations_differ(rep, case, router_logits, mask, aux_loss, official_as_written):
+    """Per-round cases only: the pooled aggregation of the same router outputs must differ from the per-round one
+    by more than 100x the fp32 tolerance, both for our loss and for the official loss as written, so that a pooled
+    loss computed in place of the per-round one (or the reverse) would fail the loss checks."""
+    from modeling_mom.routing_losses import switch_load_balancing_loss
+
+    pooled = dict(case, depthwise=False)
+    ours_pooled = aggregate_balancing(pooled, [router_logits[0::2], router_logits[1::2]],
+                                      lambda calls, _: switch_load_balancing_loss(calls, case["K"], mask))
+    official_pooled = official_aux_as_written(pooled, router_logits, mask)
+    rel = [abs(a.item() - b.item()) / abs(b.item()) for a, b in ((ours_pooled, aux_loss),
+                                                                   (official_pooled, official_as_written))]
+    rep.result("per-round vs pooled aggregation differ (rel > 1e-3)", min(rel) > 1e-3,
+               f"ours {aux_loss.item():.6f} per round vs {ours_pooled.item():.6f} pooled (rel {rel[0]:.2e}); "
+               f"official as written {official_as_written.item():.6f} vs pooled {official_pooled.item():.6f} "
+               f"(rel {rel[1]:.2e})")
 
 
 def check_train(rep, case, res, dtype, tol, grad_tol, negative_control):
@@ -212,10 +236,16 @@ def check_train(rep, case, res, dtype, tol, grad_tol, negative_control):
         what = "log p" if is_softmax_router(case) else "raw scores = official aux as written"
         rep.check(f"train aux_loss vs official load_balancing_loss_func({what})", out.aux_loss,
                   res["train_aux_official_on_logits"], fp32_step_tol)
+        if not is_softmax_router(case):
+            rep.check("train aux_loss vs the official aux_loss as written (the model's own output)", out.aux_loss,
+                      res["train_aux_official"], fp32_step_tol)
     rep.check("train loss = CE + 0.01 aux", out.loss, res["train_J"], fp32_step_tol)
     if not case.get("dead_attn_class"):
         rep.check("official aux_loss as written vs its two quirks applied to our router outputs",
                   official_aux_as_written(case, out.router_logits, mask), res["train_aux_official"], fp32_step_tol)
+    if case.get("depthwise"):
+        with torch.no_grad():
+            check_aggregations_differ(rep, case, out.router_logits, mask, out.aux_loss, res["train_aux_official"])
     print(f"  info official aux_loss as written ({'double softmax, ' if is_softmax_router(case) else ''}"
           f"top-1 counted): {res['train_aux_official'].item():.6f} vs ours {out.aux_loss.item():.6f}")
     # fp32: backward of the model's own training loss; float64: of CE (in float64) + coef * aux, the same function
@@ -243,7 +273,8 @@ def run_case(rep, case, res, dtype, negative_control):
     tol, grad_tol = TOL[dtype]
     print(f"== {case['name']} [{str(dtype)[6:]}]: {case['router_type']} K={case['K']} b={case['b']} t={case['t']} "
           f"chunks={case['chunks']} anchor={case['anchor']} N_A={case['N_A']} N_F={case['N_F']} H={case['H']} "
-          f"SKIP={case['skip']} tau={case['tau']} pad={case.get('left_pad')}; min routing margin (logit units) "
+          f"SKIP={case['skip']} tau={case['tau']} pad={case.get('left_pad')} "
+          f"depthwise_bal_loss={case.get('depthwise', False)}; min routing margin (logit units) "
           f"{res['min_margin']:.1e}")
     ids, mask, pos = res["ids"], res["mask"], res["pos"]
     real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()

@@ -8,8 +8,9 @@ mom/config.py, mom/utils.py). No official file is edited; one import shim: model
 missing name before mom.model is imported. For each case of CASES and each dtype (float32, float64) it builds the
 official GPT2MoTLMHeadModel from a seed, perturbs its weights to O(1) values (`perturb`), and saves to
 DIR/<case>_<dtype>.pt the weights, inputs, eval logits, the routers' outputs of every round, training-mode CE, the
-official aux loss as written, the reference balancing loss (`aux_switch`), all gradients of CE + coef * reference
-loss, and (H=1 cases) cached decoding logits.
+official aux loss as written, the reference balancing loss (`aux_switch`, aggregated as the case's
+`depthwise_bal_loss` says: see `aggregate_balancing`), all gradients of CE + coef * reference loss, and (H=1 cases)
+cached decoding logits.
 """
 
 import argparse
@@ -27,7 +28,8 @@ AUX_COEF = 0.01
 # dead_attn_class: the official GRU router sizes both routers max(N_A, N_F) + SKIP; with N_A < N_F the attention
 # router's extra classes select nothing, and are given a -1e4 bias and zero weights (probability exactly 0), which
 # makes the two models the same function. cached_prefix: only with H=1 is the official KV cache right (one past per
-# block), so cached decoding is compared there.
+# block), so cached decoding is compared there. depthwise: the official depthwise_bal_loss (ours:
+# router_aux_loss_per_round), the balancing loss computed per round and averaged over all rounds of all chunks.
 CASES = [
     dict(name="mlp_k1", router_type="naive_softmax", K=1, b=1, t=1, chunks=2, anchor=True, N_A=4, N_F=4, H=3,
          skip=True, tau=0.5, seed=11),
@@ -54,11 +56,31 @@ CASES = [
          skip=True, tau=1.0, seed=43, left_pad=(0, 5)),
     dict(name="gru_k2_score", router_type="gru", K=2, b=1, t=1, chunks=2, anchor=True, N_A=4, N_F=4, H=3,
          skip=True, tau=1.0, seed=44),
+    # depthwise_bal_loss=True (ours: router_aux_loss_per_round=True)
+    dict(name="naive_k1_score_depthwise_pad", router_type="naive", K=1, b=1, t=1, chunks=2, anchor=True, N_A=4,
+         N_F=4, H=3, skip=True, tau=1.0, seed=51, left_pad=(0, 5), depthwise=True),
+    dict(name="gru_k2_depthwise", router_type="gru_softmax", K=2, b=1, t=1, chunks=2, anchor=True, N_A=4, N_F=4,
+         H=3, skip=True, tau=0.5, seed=52, depthwise=True),
+    dict(name="mlp_k2_depthwise_pad", router_type="naive_softmax", K=2, b=1, t=1, chunks=1, anchor=False, N_A=3,
+         N_F=3, H=4, skip=True, tau=0.5, seed=53, left_pad=(0, 5), depthwise=True),
 ]
 
 
 def is_softmax_router(case):
     return "softmax" in case["router_type"]
+
+
+def aggregate_balancing(case, pools, loss_fn):
+    """The official aggregation of a balancing loss (model.py, GPT2MoTLMHeadModel.forward, l.1407-1448).
+
+    `pools` = [attention router outputs, FFN router outputs], one tensor per round of every chunk, in order;
+    `loss_fn(calls, pool)` is the loss of the given router calls pooled. depthwise_bal_loss=False: one loss per pool
+    over all its calls, attention's + FFN's. True: per round, its attention loss + its FFN loss, summed over the
+    rounds and divided by their number (`len(routing_scores)`, all rounds of all chunks)."""
+    if not case.get("depthwise"):
+        return sum(loss_fn(calls, i) for i, calls in enumerate(pools))
+    n_rounds = len(pools[0])
+    return sum(loss_fn([calls[r]], i) for r in range(n_rounds) for i, calls in enumerate(pools)) / n_rounds
 
 
 def import_official(path):
@@ -83,7 +105,8 @@ def official_config(mod, case):
         router_type=case["router_type"], router_dim=COMMON["router_dim"],
         router_softmax_temperature=case["tau"], enable_pause=case["skip"], require_anchor_layer=case["anchor"],
         routing_top_k=case["K"], output_router_logits=True, router_aux_loss_coef=AUX_COEF,
-        depthwise_bal_loss=False, weighted_qkv=False, routing_all_possible_path=False, use_ste=False,
+        depthwise_bal_loss=case.get("depthwise", False), weighted_qkv=False, routing_all_possible_path=False,
+        use_ste=False,
     )
 
 
@@ -172,12 +195,12 @@ def train_record(case, model, utils_mod, ids, mask, pos, labels, attn_live):
                 output_router_logits=True)
     pools = [[r[i] for r in out.routing_scores] for i in (0, 1)]
     lives = (attn_live, torch.ones(pools[1][0].shape[-1], dtype=torch.bool))
-    aux_fixed = sum(aux_switch([routing_probs(case, x) for x in pool], case["K"], mask, live)
-                    for pool, live in zip(pools, lives))
+    aux_fixed = aggregate_balancing(case, pools, lambda calls, i: aux_switch(
+        [routing_probs(case, x) for x in calls], case["K"], mask, lives[i]))
     with torch.no_grad():  # official load_balancing_loss_func on logits: log p (softmax routers) or the raw scores
-        aux_on_logits = sum(utils_mod.load_balancing_loss_func(
-            tuple((x.log() if is_softmax_router(case) else x).reshape(-1, x.shape[-1]) for x in pool),
-            pool[0].shape[-1], mask) for pool in pools)
+        aux_on_logits = aggregate_balancing(case, pools, lambda calls, i: utils_mod.load_balancing_loss_func(
+            tuple((x.log() if is_softmax_router(case) else x).reshape(-1, x.shape[-1]) for x in calls),
+            calls[0].shape[-1], mask))
     J = out.loss + AUX_COEF * aux_fixed
     J.backward()
     return dict(train_ce=out.loss.detach(), train_aux_official=out.aux_loss.detach(),
@@ -204,6 +227,7 @@ def run_case(mods, case, dtype):
     perturb(model, case["seed"] + 1000)
     model.to(dtype)
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(), "lm_head not tied"
+    assert model.config.depthwise_bal_loss == case.get("depthwise", False)
     attn_live = torch.ones(max(case["N_A"], case["N_F"]) + int(case["skip"]), dtype=torch.bool)
     if case.get("dead_attn_class"):
         attn_live[case["N_A"]:case["N_F"]] = False
