@@ -161,8 +161,9 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
         check_finite_positive(self, ("router_temperature",))
         require(
             self.router_weighting != "score" or self.router_temperature == 1,
-            f"router_temperature={self.router_temperature} has no effect with router_weighting='score' (the weights "
-            "are the router's scores, the temperature applies inside a softmax); allowed: 1.0, or another weighting.",
+            f"router_temperature={self.router_temperature} with router_weighting='score': the weights are the "
+            "router's raw scores, as in the authors' routers without softmax, which apply a temperature only inside "
+            "their softmax; allowed: 1.0, or another weighting.",
         )
         pool_sizes = [n for n in (self.num_attention_modules, self.num_ffn_modules) if n > 1]
         most_choices = max(self.num_attention_modules, self.num_ffn_modules) + int(self.enable_skip)

@@ -76,7 +76,7 @@ ROUTINGS = [
         (dict(router_weighting="softmax"), "router_weighting"),
         (dict(routing_mode="random"), "routing_mode"),
         (dict(router_temperature=0.0), "router_temperature"),
-        (dict(router_weighting="score", router_temperature=0.2), "router_temperature=0.2 has no effect"),
+        (dict(router_weighting="score", router_temperature=0.2), "router_temperature=0.2 with router_weighting"),
         (dict(num_rounds=0), "num_rounds"),
         (dict(num_hidden_layers=7), "num_hidden_layers"),
         (dict(num_bottom_layers=0, num_top_layers=0, num_chunks=0), "no layers"),
