@@ -468,9 +468,10 @@ class MoMPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel):
         0)."""
         config = self.config
         routed_pools = sum(pool_choices(config, n) > 1 for n in (config.num_attention_modules, config.num_ffn_modules))
-        rounds = [router_logits] if not config.router_aux_loss_per_round else [
-            router_logits[start : start + routed_pools] for start in range(0, len(router_logits), routed_pools)
-        ]  # fmt: skip
+        if config.router_aux_loss_per_round:  # one loss per round, averaged (the authors' depthwise_bal_loss)
+            rounds = [router_logits[i : i + routed_pools] for i in range(0, len(router_logits), routed_pools)]
+        else:
+            rounds = [router_logits]
         aux_loss = 0.0
         for calls in rounds:
             for pool in range(routed_pools):
