@@ -109,14 +109,13 @@ class MoEUTRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = at_least_float32(F.linear(hidden_states, self.weight)).view(-1, self.num_groups, self.num_choices)
-        scores = logits.sigmoid()
-        candidates = scores
+        candidates = logits  # the sigmoid's order, without its fp32 ties above ~17 (the training code's choice)
         if self.training and self.expert_dropout > 0:
-            dropped = torch.rand_like(scores) < self.expert_dropout
-            candidates = scores.masked_fill(dropped, float("-inf"))
+            dropped = torch.rand_like(logits) < self.expert_dropout
+            candidates = logits.masked_fill(dropped, float("-inf"))
         with torch.no_grad():
             selected = candidates.topk(self.num_selected, dim=-1, sorted=False).indices  # [N, groups, k]
-        gates = scores.gather(-1, selected).flatten(1)
+        gates = logits.gather(-1, selected).sigmoid().flatten(1)
         offsets = torch.arange(self.num_groups, device=selected.device)[:, None] * self.num_choices
         logits = logits.squeeze(1) if self.num_groups == 1 else logits
         return logits, gates, (selected + offsets).flatten(1)

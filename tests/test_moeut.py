@@ -20,6 +20,7 @@ from modeling_mom.modeling_moeut import (
     MoEUTExperts,
     MoEUTFeedForward,
     MoEUTRotaryEmbedding,
+    MoEUTRouter,
     moeut_aux_loss,
 )
 from modeling_mom.routing_losses import sequence_entropy_loss
@@ -328,6 +329,17 @@ def test_switchhead_equals_naive_reference(attn_implementation):
     causal_mask = torch.full((7, 7), float("-inf")).triu(1)[None, None]
     out, _ = attn(q_in, v_in, position_embeddings, attention_mask=causal_mask)
     torch.testing.assert_close(out[0], naive_switchhead(attn, config, q_in[0], v_in[0]), **TOL)
+
+
+def test_router_picks_by_logit_where_the_fp32_sigmoid_ties():
+    """Sigmoid scores of logits above ~17 are all 1.0 in fp32: the top-k is taken on the logits (the same order,
+    without the ties, as the official training code does), and the gates are the sigmoid of the chosen logits."""
+    router = MoEUTRouter(hidden_size=2, num_groups=1, num_choices=3, num_selected=1, expert_dropout=0.0)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[20.0, 0.0], [30.0, 0.0], [25.0, 0.0]]))
+    _, gates, selected = router(torch.tensor([[1.0, 0.0]]))
+    assert torch.sigmoid(torch.tensor([20.0, 30.0])).unique().tolist() == [1.0]  # tied in fp32
+    assert selected.tolist() == [[1]] and gates.tolist() == [[1.0]]
 
 
 def test_single_attention_expert_is_a_sigmoid_output_gate():
