@@ -26,6 +26,11 @@ TOKENIZER_FILES = (
 )
 
 
+def listed(names: list[str]) -> str:
+    """The first few of `names` for an error message, with the count when there are more."""
+    return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """The `--out` and `--overwrite` options every converter's command line takes."""
     parser.add_argument("--out", required=True, help="output directory (must be absent or empty)")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
 
-from .checkpoint_writer import add_output_arguments, convert_and_save
+from .checkpoint_writer import add_output_arguments, convert_and_save, listed
 
 # official name (regex) -> ours; `None` drops the tensor
 KEY_MAP = [
@@ -86,10 +86,6 @@ def load_official_state_dict(src: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
-
-
 def convert(src: str | Path, dtype: torch.dtype | None = None) -> ModuleFormerForCausalLM:
     """Load the official checkpoint in `src` as a `ModuleFormerForCausalLM`.
 
@@ -116,7 +112,7 @@ def convert(src: str | Path, dtype: torch.dtype | None = None) -> ModuleFormerFo
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint does not match its config: missing [{_listed(missing)}], unexpected [{_listed(unexpected)}]."
+            f"checkpoint does not match its config: missing [{listed(missing)}], unexpected [{listed(unexpected)}]."
         )
     shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
     misshapen = [f"{name} {shape} (config: {expected[name]})" 
@@ -124,7 +120,7 @@ def convert(src: str | Path, dtype: torch.dtype | None = None) -> ModuleFormerFo
     if misshapen:
         raise ValueError(
             f"the weights disagree with config.json's sizes (n_att_experts, n_mlp_experts, att_hidden, ffd_hidden, "
-            f"n_embd, vocab_size): {_listed(misshapen)}."
+            f"n_embd, vocab_size): {listed(misshapen)}."
         )
     model.load_state_dict(state, strict=False, assign=True)
     return model.eval()

@@ -41,7 +41,7 @@ import torch
 
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
 
-from .checkpoint_writer import add_output_arguments, convert_and_save
+from .checkpoint_writer import add_output_arguments, convert_and_save, listed
 
 # The training code's arguments that the conversion reads: name -> (default, kind). Defaults and kinds are those the
 # training code registers (main.py:22-29; tasks/transformer_lm_mixin.py:22-86; tasks/lm_base.py:16); `kind` restates
@@ -294,10 +294,6 @@ def load_training_checkpoint(src: str | Path) -> tuple[dict[str, torch.Tensor], 
     return dict(state), stored
 
 
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
-
-
 def convert(src: str | Path, dtype: torch.dtype | None = None) -> MoEUTForCausalLM:
     """Load the training-code checkpoint file `src` as a `MoEUTForCausalLM` (eval mode).
 
@@ -324,8 +320,8 @@ def convert(src: str | Path, dtype: torch.dtype | None = None) -> MoEUTForCausal
     if missing or unexpected:
         raise ValueError(
             f"{src}: the weights do not match the MoEUT its arguments describe ({config.num_unique_layers} unique "
-            f"layers, norm scheme {how['norm_scheme']!r}): missing [{_listed(missing)}], "
-            f"unexpected [{_listed(sorted(unexpected))}]."
+            f"layers, norm scheme {how['norm_scheme']!r}): missing [{listed(missing)}], "
+            f"unexpected [{listed(sorted(unexpected))}]."
         )
     with torch.device("meta"):
         model = MoEUTForCausalLM(config)
@@ -338,7 +334,7 @@ def convert(src: str | Path, dtype: torch.dtype | None = None) -> MoEUTForCausal
         raise ValueError(
             f"{src}: the weights disagree with the sizes in the checkpoint's arguments (state_size, "
             f"transformer.n_heads, transformer.head_projection_size, moe.n_experts, moe.expert_size, "
-            f"moe.att.n_experts): {_listed(misshapen)}."
+            f"moe.att.n_experts): {listed(misshapen)}."
         )
     model.load_state_dict(converted, strict=True, assign=True)
     return model.eval()
