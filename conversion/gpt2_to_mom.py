@@ -56,6 +56,8 @@ STRUCTURE_FIELDS = (
     "router_hidden_size",
     "router_temperature",
     "router_weighting",
+    "sign_router_weights",
+    "weighted_qkv",
     "routing_mode",
     "router_aux_loss_coef",
     "router_aux_loss_per_round",
@@ -240,7 +242,8 @@ def summary(model: MoMForCausalLM) -> str:
     config = model.config
     chunk = (
         f"{config.num_chunks} chunk(s) x [{config.num_attention_modules} attention + {config.num_ffn_modules} FFN "
-        f"modules, {config.num_rounds} rounds, top-{config.num_modules_per_tok}"
+        f"modules, {config.num_rounds} rounds, "
+        f"{'all modules' if config.routing_mode == 'all_modules' else f'top-{config.num_modules_per_tok}'}"
         f"{', SKIP' if config.enable_skip else ''}]{' + anchor' if config.use_anchor_layers else ''}"
     )
     routers = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
@@ -252,9 +255,12 @@ def summary(model: MoMForCausalLM) -> str:
     elif not routers:
         routing = "no routers (single-choice pools: every round runs each pool's only module)"
     else:
+        variants = "".join(
+            f", {name}" for name in ("sign_router_weights", "weighted_qkv") if getattr(config, name)
+        )
         routing = (
-            f"learned ({config.router_type} routers, {config.router_weighting} weights, newly initialised: train "
-            f"them; balancing loss weight {config.router_aux_loss_coef})"
+            f"{config.routing_mode} ({config.router_type} routers, {config.router_weighting} weights{variants}, newly "
+            f"initialised: train them; balancing loss weight {config.router_aux_loss_coef})"
         )
     return "\n".join(
         [
@@ -298,6 +304,10 @@ def _parser() -> argparse.ArgumentParser:
     structure.add_argument("--router-aux-loss-coef", type=float)
     structure.add_argument("--router-aux-loss-per-round", action="store_const", const=True,
                            help="average per-round balancing losses (the authors' depthwise_bal_loss)")
+    structure.add_argument("--sign-router-weights", action="store_const", const=True,
+                           help="weight modules by the sign of their weight, straight-through (the authors' use_ste)")
+    structure.add_argument("--weighted-qkv", action="store_const", const=True,
+                           help="weight the attention modules' Q, K, V too (the authors' weighted_qkv)")
     return parser
 
 

@@ -17,7 +17,7 @@ from .config_checks import (
 
 ROUTER_TYPES = ("mlp", "gru")
 ROUTER_WEIGHTINGS = ("renormalize", "probability", "straight_through", "score")
-ROUTING_MODES = ("learned", "sequential")
+ROUTING_MODES = ("learned", "sequential", "all_modules")
 
 
 @strict
@@ -37,8 +37,9 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
     ``num_modules_per_tok`` = ``routing_top_k`` (the paper's K), ``use_anchor_layers`` = ``require_anchor_layer``,
     ``enable_skip`` = ``enable_pause``, ``router_type`` "mlp" = "naive", ``router_hidden_size`` = ``router_dim``,
     ``router_temperature`` = ``router_softmax_temperature``, ``router_aux_loss_per_round`` =
-    ``depthwise_bal_loss``; their router types with "softmax" (``naive_softmax``, ``gru_softmax``) are
-    ``router_weighting="renormalize"``, those without (``naive``, ``gru``) ``"score"``.
+    ``depthwise_bal_loss``, ``sign_router_weights`` = ``use_ste``, ``routing_mode="all_modules"`` =
+    ``routing_all_possible_path``, ``weighted_qkv`` the same; their router types with "softmax" (``naive_softmax``,
+    ``gru_softmax``) are ``router_weighting="renormalize"``, those without (``naive``, ``gru``) ``"score"``.
 
     Args:
         vocab_size, max_position_embeddings, hidden_size, num_attention_heads, intermediate_size, hidden_act,
@@ -69,9 +70,17 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
             scores themselves, unnormalised and possibly negative (the authors' routers without softmax, `naive` and
             `gru`, the router type of their pre-training script); needs `router_temperature=1`, since their code
             applies the temperature inside the softmax only.
+        sign_router_weights: weight each picked module by the sign of its weight (+1 or -1) instead, with the
+            weight's gradient taken as the incoming gradient clipped to [-1, 1] (a straight-through estimator; the
+            authors' ``use_ste`` ablation). Positive weights (every weighting but "score") then weight by exactly 1.
+        weighted_qkv: also weight each picked attention module's query, key and value by its weight (the authors'
+            ablation of the same name); by default they are summed unweighted and only the output is weighted.
         routing_mode: "learned" uses the routers; "sequential" makes round h of every chunk use module h of each
             pool (or its only module) for every token with weight exactly 1 (the vanilla Transformer; routers are
-            kept but not run).
+            kept but not run). "all_modules" makes every token use every module of each pool in every round, each
+            weighted by its routing probability (or score) over the modules and SKIP, without top-K (the authors'
+            dense ablation ``routing_all_possible_path``; needs ``router_weighting`` "probability" or "score", and
+            ``num_modules_per_tok`` is unused).
         router_aux_loss_coef: weight of the Switch-style load-balancing loss, added to the loss in training with
             labels (as the authors' model does; 0 turns it off).
         router_aux_loss_per_round: False pools each pool type's router calls over all rounds of all chunks into one
@@ -113,6 +122,8 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
     router_hidden_size: int = 256
     router_temperature: int | float = 1.0
     router_weighting: str = "straight_through"
+    sign_router_weights: bool = False
+    weighted_qkv: bool = False
     routing_mode: str = "learned"
     router_aux_loss_coef: int | float = 0.01
     router_aux_loss_per_round: bool = False
@@ -164,6 +175,12 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
             f"router_temperature={self.router_temperature} with router_weighting='score': the weights are the "
             "router's raw scores, as in the authors' routers without softmax, which apply a temperature only inside "
             "their softmax; allowed: 1.0, or another weighting.",
+        )
+        require(
+            self.routing_mode != "all_modules" or self.router_weighting in ("probability", "score"),
+            f"router_weighting={self.router_weighting!r} with routing_mode='all_modules': every module is weighted by "
+            "its routing probability over all choices (or its score), not by top-K weights, as in the authors' "
+            "routing_all_possible_path; allowed: 'probability' (routers with softmax) or 'score' (without).",
         )
         pool_sizes = [n for n in (self.num_attention_modules, self.num_ffn_modules) if n > 1]
         most_choices = max(self.num_attention_modules, self.num_ffn_modules) + int(self.enable_skip)

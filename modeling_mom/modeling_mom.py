@@ -60,13 +60,15 @@ class ModuleRoute:
     Either `module` (the index of the one module every token uses, with weight exactly 1 (plain blocks and sequential
     routing) or with `[T, 1]` `weights`), with `module_parameters` (the pool's per-module views of this forward, see
     `MoMModulePool.module_parameters`) if the model unbound them, or `plan` + `weights` (learned routing: the
-    dispatch plan of the `[T, K]` selections and their `[T, K]` weights).
+    dispatch plan of the `[T, K]` selections and their `[T, K]` weights). `qkv_weights`: the attention modules' Q, K,
+    V weights (`config.weighted_qkv`; unweighted if None).
     """
 
     module: int | None = None
     module_parameters: list[dict[str, torch.Tensor]] | None = None
     plan: DispatchPlan | None = None
     weights: torch.Tensor | None = None
+    qkv_weights: torch.Tensor | None = None
 
     def collapsed(self) -> "ModuleRoute":
         """Without autograd, a learned route on which every token picked the same single module (K=1: always so in
@@ -82,7 +84,7 @@ class ModuleRoute:
         num_tokens, k = self.weights.shape
         if k != 1 or len(used) != 1 or self.plan.counts[used[0]] != num_tokens:
             return self
-        return ModuleRoute(module=used[0], weights=self.weights)
+        return ModuleRoute(module=used[0], weights=self.weights, qkv_weights=self.qkv_weights)
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -172,9 +174,10 @@ class MoMModulePool(nn.Module):
 class MoMAttention(MoMModulePool):
     """A pool of attention modules, each `out_proj(MHA(qkv_proj(LN(x))))` as in GPT-2, assembled per token.
 
-    In a round, token t's query, key and value are the *sum* of the QKV projections of its selected modules; one
-    causal attention runs over the whole sequence (tokens that chose different modules still attend to each other),
-    and token t's output is the gate-weighted sum of its modules' output projections of that attention output.
+    In a round, token t's query, key and value are the *sum* of the QKV projections of its selected modules
+    (weighted by their router weights if `config.weighted_qkv`); one causal attention runs over the whole sequence
+    (tokens that chose different modules still attend to each other), and token t's output is the gate-weighted sum
+    of its modules' output projections of that attention output.
     A token that selected only SKIP has zero query, key and value, and zero output.
     """
 
@@ -209,9 +212,10 @@ class MoMAttention(MoMModulePool):
         if route.module is not None:  # Conv1D layout: `x @ weight[in, out] + bias`
             m = self.single_module(route)
             qkv = torch.addmm(m["qkv_bias"], self.norm_single(x, m), m["qkv_proj"])
-        else:  # sum of the selected modules' projections, unweighted (as in the authors' code)
+            qkv = qkv if route.qkv_weights is None else qkv * route.qkv_weights
+        else:  # sum of the selected modules' projections, unweighted unless `weighted_qkv` (as in the authors' code)
             qkv_rows = grouped_linear(self.norm_routed(x, route.plan), self.qkv_proj, route.plan, self.qkv_bias)
-            qkv = scatter_rows(qkv_rows, route.plan, x.shape[0])
+            qkv = scatter_rows(qkv_rows, route.plan, x.shape[0], gates=route.qkv_weights)
         # [B, T, 3d] -> 3 x [B, heads, T, head_dim]
         query, key, value = qkv.view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
@@ -310,20 +314,37 @@ class MoMRouter(nn.Module):
             return at_least_float32(self.out(features)) / self.temperature, state
 
 
-def route_tokens(router_logits: torch.Tensor, num_selected: int, weighting: str, num_modules: int) -> ModuleRoute:
-    """Top-K choices of each token and their weights (see `MoMConfig.router_weighting`)."""
-    if weighting == "score":  # the same choices as the probabilities' (softmax is monotonic), weighted by the scores
-        weights, selected = router_logits.topk(num_selected, dim=-1)
-        return ModuleRoute(plan=plan_dispatch(selected, num_modules), weights=weights)
-    probs = F.softmax(router_logits, dim=-1)
-    top_probs, selected = probs.topk(num_selected, dim=-1)
-    if weighting == "probability":
-        weights = top_probs
-    else:
-        weights = top_probs / top_probs.sum(-1, keepdim=True)
+class SignStraightThrough(torch.autograd.Function):
+    """`sign(w)` forward; backward, the incoming gradient clipped to [-1, 1] (the authors' `use_ste`)."""
+
+    @staticmethod
+    def forward(ctx, weights):
+        return torch.sign(weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp(-1, 1)
+
+
+def route_tokens(router_logits: torch.Tensor, config: MoMConfig, num_modules: int, weigh_qkv: bool) -> ModuleRoute:
+    """`[T, choices]` logits -> each token's modules and their weights (see `MoMConfig.router_weighting`,
+    `routing_mode` and `sign_router_weights`), and with `weigh_qkv` the same weights for Q, K and V."""
+    weighting = config.router_weighting
+    scores = router_logits if weighting == "score" else F.softmax(router_logits, dim=-1)
+    if config.routing_mode == "all_modules":  # every module, weighted by its probability (or score) among all choices
+        weights = scores[:, :num_modules]
+        selected = torch.arange(num_modules, device=weights.device).expand(weights.shape)
+    else:  # the authors' top-min(K, choices); for "score" the same choices as the probabilities' (softmax is monotonic)
+        weights, selected = scores.topk(min(config.num_modules_per_tok, scores.shape[-1]), dim=-1)
+    if weighting in ("renormalize", "straight_through"):
+        top_probs, weights = weights, weights / weights.sum(-1, keepdim=True)
         if weighting == "straight_through":  # forward value unchanged (p - p is exactly 0), gradient of p
             weights = weights.detach() + (top_probs - top_probs.detach())
-    return ModuleRoute(plan=plan_dispatch(selected, num_modules), weights=weights)
+    qkv_weights = weights if weigh_qkv else None
+    if config.sign_router_weights:  # one estimator per use, each clipping its own gradient, as in the authors' code
+        weights = SignStraightThrough.apply(weights)
+        qkv_weights = None if qkv_weights is None else SignStraightThrough.apply(qkv_weights)
+    return ModuleRoute(plan=plan_dispatch(selected, num_modules), weights=weights, qkv_weights=qkv_weights)
 
 
 def pool_choices(config: MoMConfig, num_modules: int) -> int:
@@ -359,7 +380,7 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
     def _router(self, pool: int) -> MoMRouter | None:
         """The router that runs for pool 0 (attention) or 1 (FFN), if any."""
         router = (self.attention_router, self.mlp_router)[pool]
-        return router if self.config.routing_mode == "learned" else None
+        return router if self.config.routing_mode != "sequential" else None
 
     def module_parameters(self) -> tuple[list | None, list | None]:
         """Per pool, its per-module parameters (`MoMModulePool.module_parameters`) where each round uses one module
@@ -380,10 +401,10 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
         if router is None:  # module h in round h (sequential routing), or the pool's only module
             return ModuleRoute(module=round_idx if self.pool_sizes[pool] > 1 else 0, module_parameters=modules), state
         logits, state = router(hidden_states.reshape(-1, hidden_states.shape[-1]), state)
-        num_selected = min(self.config.num_modules_per_tok, logits.shape[-1])  # the authors' top-min(K, choices)
         num_modules = logits.shape[-1] - int(self.config.enable_skip)
-        route = route_tokens(logits, num_selected, self.config.router_weighting, num_modules)
+        route = route_tokens(logits, self.config, num_modules, weigh_qkv=pool == 0 and self.config.weighted_qkv)
         route.weights = route.weights.to(hidden_states.dtype)
+        route.qkv_weights = None if route.qkv_weights is None else route.qkv_weights.to(hidden_states.dtype)
         return route.collapsed(), state
 
     def forward(

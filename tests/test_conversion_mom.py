@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from conversion.gpt2_to_mom import convert, gpt2_layer_map, main, mom_config
 from modeling_mom import MoMConfig, MoMForCausalLM
+from modeling_mom.workflows.hub import render_card
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 97
@@ -324,6 +325,19 @@ def test_cli_learned_routing_saves_the_routing_options(gpt2_dir, tmp_path, capsy
     assert "learned (gru routers" in capsys.readouterr().out
     config = MoMConfig.from_pretrained(out)
     assert config.auto_map["AutoModelForCausalLM"] == "modeling_mom.MoMForCausalLM"
+
+
+def test_cli_saves_the_authors_ablation_switches(gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    switches = ["--routing-mode", "all_modules", "--router-weighting", "probability", "--sign-router-weights",
+                "--weighted-qkv", "--router-aux-loss-per-round"]  # fmt: skip
+    main(["--gpt2", str(gpt2_dir), "--out", str(out), *CLI_STRUCTURE, *switches])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["routing_mode"] == "all_modules" and saved["router_weighting"] == "probability"
+    assert saved["sign_router_weights"] and saved["weighted_qkv"] and saved["router_aux_loss_per_round"]
+    assert "all_modules (mlp routers, probability weights, sign_router_weights, weighted_qkv" in capsys.readouterr().out
+    card = str(render_card(str(out), "me/ablation"))
+    assert "weights every module of the pool" in card and "by the weights' signs" in card and "Q, K and V" in card
 
 
 def test_cli_structure_that_does_not_fit_writes_nothing(gpt2_dir, tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_mom import MoMConfig, MoMForCausalLM, MoMForSequenceClassification, MoMModel
-from modeling_mom.modeling_mom import ModuleRoute, MoMModulePool, grouped_linear
+from modeling_mom.modeling_mom import ModuleRoute, MoMModulePool, SignStraightThrough, grouped_linear
 from modeling_mom.routing_losses import switch_load_balancing_loss
 from modeling_mom.shared_modeling import CACHE_FIELD
 
@@ -60,6 +60,8 @@ ROUTINGS = [
     dict(router_type="gru", num_modules_per_tok=2),
     dict(router_type="gru", num_modules_per_tok=1, num_rounds=5, enable_skip=True),
     dict(routing_mode="sequential"),
+    dict(routing_mode="all_modules", router_weighting="probability", weighted_qkv=True),
+    dict(num_modules_per_tok=2, router_weighting="score", sign_router_weights=True, weighted_qkv=True),
 ]
 
 
@@ -77,6 +79,7 @@ ROUTINGS = [
         (dict(routing_mode="random"), "routing_mode"),
         (dict(router_temperature=0.0), "router_temperature"),
         (dict(router_weighting="score", router_temperature=0.2), "router_temperature=0.2 with router_weighting"),
+        (dict(routing_mode="all_modules"), "router_weighting='straight_through' with routing_mode='all_modules'"),
         (dict(num_rounds=0), "num_rounds"),
         (dict(num_hidden_layers=7), "num_hidden_layers"),
         (dict(num_bottom_layers=0, num_top_layers=0, num_chunks=0), "no layers"),
@@ -243,17 +246,29 @@ def test_switch_loss_by_hand():
 
 @pytest.mark.parametrize(
     "weighting, gets_gradient",
-    [("straight_through", True), ("probability", True), ("renormalize", False), ("score", True)],
+    [("straight_through", True), ("probability", True), ("renormalize", False), ("score", True),
+     ("probability-sign", True), ("renormalize-sign", False)],
 )
 def test_k1_router_gradient_from_lm_loss(weighting, gets_gradient):
-    """With K=1 the renormalised weight is p/p = 1 (no LM gradient); straight-through and probability train it."""
+    """With K=1 the renormalised weight is p/p = 1 (no LM gradient); straight-through and probability train it. The
+    sign's straight-through gradient reaches the router through the probability, not through p/p."""
     torch.manual_seed(0)
-    model = MoMForCausalLM(tiny_config(router_weighting=weighting, router_aux_loss_coef=0.0)).train()
+    weighting, _, sign = weighting.partition("-")
+    config = tiny_config(router_weighting=weighting, sign_router_weights=bool(sign), router_aux_loss_coef=0.0)
+    model = MoMForCausalLM(config).train()
     ids = torch.randint(1, VOCAB, (2, 8))
     model(ids, labels=ids).loss.backward()
     router_grad = model.model.layers[1].mlp_router.out.weight.grad.abs().max()
     # renormalised K=1 weights are p/p: their gradient is zero up to float rounding (~1e-14)
     assert router_grad > 1e-6 if gets_gradient else router_grad < 1e-10
+
+
+def test_sign_passes_the_gradient_clipped_to_one():
+    weights = torch.tensor([-2.0, -0.5, 0.0, 0.3, 4.0], requires_grad=True)
+    signs = SignStraightThrough.apply(weights)
+    signs.backward(torch.tensor([-3.0, 0.5, 2.0, -0.25, 1.5]))
+    assert signs.tolist() == [-1.0, -1.0, 0.0, 1.0, 1.0]
+    assert weights.grad.tolist() == [-1.0, 0.5, 1.0, -0.25, 1.0]
 
 
 def test_straight_through_forward_equals_renormalize():
@@ -266,30 +281,40 @@ def test_straight_through_forward_equals_renormalize():
 
 
 
-def _reference_route(router, x, k, weighting, temperature):
-    """mom.md 2.4 per token: softmax of the router's scores over modules and SKIP, top-k, weights."""
-    scores = router.out(torch.relu(router.fc(x))) / temperature
-    if weighting == "score":  # the authors' routers without softmax: the top-k scores are the weights
-        top, selected = scores.topk(k, -1)
-        return top, selected.tolist()
-    top, selected = scores.softmax(-1).topk(k, -1)
-    return (top if weighting == "probability" else top / top.sum(-1, keepdim=True)), selected.tolist()
+def _reference_route(router, x, config):
+    """mom.md 2.4-2.5 per token: the router's scores over modules and SKIP (softmax unless "score"), then top-k and
+    the weighting, or (all modules) every module's probability or score; then the sign if asked for."""
+    scores = router.out(torch.relu(router.fc(x))) / config.router_temperature
+    scores = scores if config.router_weighting == "score" else scores.softmax(-1)
+    if config.routing_mode == "all_modules":
+        top = scores[:, : router.out.out_features - 1]
+        selected = torch.arange(top.shape[-1]).expand(top.shape)
+    else:
+        top, selected = scores.topk(config.num_modules_per_tok, -1)
+        if config.router_weighting in ("renormalize", "straight_through"):
+            top = top / top.sum(-1, keepdim=True)
+    return (top.sign() if config.sign_router_weights else top), selected.tolist()
 
 
 @pytest.mark.parametrize(
-    "weighting, temperature",
-    [(weighting, temperature) for weighting in ("renormalize", "probability", "straight_through") for temperature in
-     (1.0, 0.3)] + [("score", 1.0)],
+    "overrides",
+    [dict(router_weighting=weighting, router_temperature=temperature) for weighting in
+     ("renormalize", "probability", "straight_through") for temperature in (1.0, 0.3)]
+    + [dict(router_weighting="score"), dict(router_weighting="score", weighted_qkv=True),
+       dict(router_weighting="score", sign_router_weights=True),
+       dict(router_weighting="probability", routing_mode="all_modules", weighted_qkv=True),
+       dict(router_weighting="score", routing_mode="all_modules", sign_router_weights=True)],
+    ids=lambda overrides: "-".join(f"{k}={v}" for k, v in overrides.items()),
 )
-def test_learned_round_equals_a_per_token_reference(weighting, temperature):
+def test_learned_round_equals_a_per_token_reference(overrides):
     """One learned round (K=2, SKIP on) against mom.md 2.4-2.6 computed token by token: each token's Q, K, V are the
-    unweighted sum of its chosen attention modules' projections, one attention over the round, each chosen output
-    projection weighted; the FFN output is the weighted sum of the chosen modules; SKIP contributes nothing."""
+    sum of its chosen attention modules' projections (weighted with `weighted_qkv`), one attention over the round,
+    each chosen output projection weighted; the FFN output is the weighted sum of the chosen modules; SKIP
+    contributes nothing. With all modules, every module is chosen, weighted by its probability or score."""
     torch.manual_seed(0)
     config = tiny_config(
         num_bottom_layers=0, num_top_layers=0, use_anchor_layers=False, num_rounds=1, num_modules_per_tok=2,
-        enable_skip=True,
-        router_weighting=weighting, router_temperature=temperature,
+        enable_skip=True, **overrides,
     )
     model = MoMModel(config).eval()
     layer = model.layers[0]
@@ -305,19 +330,21 @@ def test_learned_round_equals_a_per_token_reference(weighting, temperature):
 
     with torch.no_grad():
         h = model.embed_tokens(ids)[0] + model.embed_positions(torch.arange(seq))
-        weights, selected = _reference_route(layer.attention_router, h, 2, weighting, temperature)
+        weights, selected = _reference_route(layer.attention_router, h, config)
+        skipped, attention_weights = any(config.num_attention_modules in row for row in selected), weights
         qkv = torch.zeros(seq, 3 * d)
         for t in range(seq):
-            for m in selected[t]:
+            for j, m in enumerate(selected[t]):
                 if m < config.num_attention_modules:
-                    qkv[t] += pool_norm(attention, m, h[t]) @ attention.qkv_proj[m] + attention.qkv_bias[m]
+                    projected = pool_norm(attention, m, h[t]) @ attention.qkv_proj[m] + attention.qkv_bias[m]
+                    qkv[t] += (weights[t, j] if config.weighted_qkv else 1.0) * projected
         q, k, v = qkv.view(seq, 3, heads, d // heads).permute(1, 2, 0, 3)
         a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).reshape(seq, d)
         for t in range(seq):
             for j, m in enumerate(selected[t]):
                 if m < config.num_attention_modules:
                     h[t] += weights[t, j] * (a[t] @ attention.out_proj[m] + attention.out_bias[m])
-        weights, selected = _reference_route(layer.mlp_router, h, 2, weighting, temperature)
+        weights, selected = _reference_route(layer.mlp_router, h, config)
         ffn = torch.zeros(seq, d)
         for t in range(seq):
             for j, m in enumerate(selected[t]):
@@ -325,16 +352,21 @@ def test_learned_round_equals_a_per_token_reference(weighting, temperature):
                     inner = mlp.act(pool_norm(mlp, m, h[t]) @ mlp.up_proj[m] + mlp.up_bias[m])
                     ffn[t] += weights[t, j] * (inner @ mlp.down_proj[m] + mlp.down_bias[m])
         expected = model.norm(h + ffn)
-        assert any(config.num_attention_modules in row for row in selected), "no token chose SKIP: spread the scores"
+        skipped = skipped or any(config.num_ffn_modules in row for row in selected)
+        assert skipped or config.routing_mode == "all_modules", "no token chose SKIP: spread the scores"
+        if config.sign_router_weights:
+            both = torch.cat([attention_weights, weights])
+            assert (both < 0).any() and (both > 0).any(), "spread the scores to both signs"
         torch.testing.assert_close(model(ids).last_hidden_state[0], expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("weighting", ["renormalize", "probability", "score"])
+@pytest.mark.parametrize("weighting", ["renormalize", "probability", "score", "probability-weighted_qkv"])
 def test_a_module_every_token_picked_runs_as_a_plain_layer_without_autograd(weighting):
     """Batch-1 decoding with K=1: every token of a round picked the same module, which then runs as that module's
     plain layer, weighted (no dispatch). The values equal the dispatch's (used with autograd on)."""
     torch.manual_seed(0)
-    model = MoMForCausalLM(tiny_config(router_weighting=weighting)).eval()
+    weighting, _, weighted_qkv = weighting.partition("-")
+    model = MoMForCausalLM(tiny_config(router_weighting=weighting, weighted_qkv=bool(weighted_qkv))).eval()
     for layer in model.model.layers:
         for router in (layer.attention_router, layer.mlp_router):
             if router is not None:

@@ -71,9 +71,11 @@ def our_config(case):
         num_modules_per_tok=case["K"], use_anchor_layers=case["anchor"], enable_skip=case["skip"],
         router_type="gru" if case["router_type"].startswith("gru") else "mlp",
         router_hidden_size=COMMON["router_dim"], router_temperature=case["tau"],
-        router_weighting="renormalize" if is_softmax_router(case) else "score",
-        routing_mode="learned", router_aux_loss_coef=AUX_COEF, output_router_logits=True,
-        router_aux_loss_per_round=case.get("depthwise", False),
+        router_weighting=("probability" if case.get("all_paths") else "renormalize") if is_softmax_router(case)
+        else "score",
+        routing_mode="all_modules" if case.get("all_paths") else "learned", router_aux_loss_coef=AUX_COEF,
+        output_router_logits=True, router_aux_loss_per_round=case.get("depthwise", False),
+        weighted_qkv=case.get("weighted_qkv", False), sign_router_weights=case.get("ste", False),
         bos_token_id=0, eos_token_id=0, pad_token_id=None, tie_word_embeddings=True,
     )
 

@@ -63,6 +63,16 @@ CASES = [
          H=3, skip=True, tau=0.5, seed=52, depthwise=True),
     dict(name="mlp_k2_depthwise_pad", router_type="naive_softmax", K=2, b=1, t=1, chunks=1, anchor=False, N_A=3,
          N_F=3, H=4, skip=True, tau=0.5, seed=53, left_pad=(0, 5), depthwise=True),
+    # the ablation switches weighted_qkv, use_ste (ours: sign_router_weights) and routing_all_possible_path (ours:
+    # routing_mode="all_modules", with router_weighting "probability" for softmax routers, else "score")
+    dict(name="gru_k2_weighted_qkv", router_type="gru_softmax", K=2, b=1, t=1, chunks=1, anchor=True, N_A=4, N_F=4,
+         H=3, skip=True, tau=0.5, seed=61, weighted_qkv=True),
+    dict(name="naive_k2_score_ste_weighted_qkv", router_type="naive", K=2, b=1, t=1, chunks=2, anchor=True, N_A=3,
+         N_F=3, H=2, skip=True, tau=1.0, seed=62, ste=True, weighted_qkv=True),
+    dict(name="mlp_all_paths_weighted_qkv_pad", router_type="naive_softmax", K=1, b=1, t=1, chunks=1, anchor=True,
+         N_A=4, N_F=4, H=3, skip=True, tau=0.5, seed=63, left_pad=(0, 5), all_paths=True, weighted_qkv=True),
+    dict(name="gru_all_paths_score_ste_h1_cached", router_type="gru", K=2, b=1, t=1, chunks=2, anchor=False, N_A=3,
+         N_F=3, H=1, skip=True, tau=1.0, seed=64, cached_prefix=10, all_paths=True, ste=True),
 ]
 
 
@@ -105,8 +115,8 @@ def official_config(mod, case):
         router_type=case["router_type"], router_dim=COMMON["router_dim"],
         router_softmax_temperature=case["tau"], enable_pause=case["skip"], require_anchor_layer=case["anchor"],
         routing_top_k=case["K"], output_router_logits=True, router_aux_loss_coef=AUX_COEF,
-        depthwise_bal_loss=case.get("depthwise", False), weighted_qkv=False, routing_all_possible_path=False,
-        use_ste=False,
+        depthwise_bal_loss=case.get("depthwise", False), weighted_qkv=case.get("weighted_qkv", False),
+        routing_all_possible_path=case.get("all_paths", False), use_ste=case.get("ste", False),
     )
 
 
