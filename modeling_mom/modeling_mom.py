@@ -32,6 +32,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward  # GPT-2's: softmax in the input dtype
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import maybe_autocast, merge_with_config_defaults
@@ -85,17 +86,6 @@ class ModuleRoute:
         if k != 1 or len(used) != 1 or self.plan.counts[used[0]] != num_tokens:
             return self
         return ModuleRoute(module=used[0], weights=self.weights, qkv_weights=self.qkv_weights)
-
-
-def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """GPT-2's attention: softmax(q k^T * scaling + mask) v; returns `[B, T, heads, head_dim]` and the weights."""
-    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = F.softmax(attn_weights, dim=-1).type(value.dtype)
-    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2)
-    return attn_output, attn_weights
 
 
 class MoMPoolNorm(nn.Module):
