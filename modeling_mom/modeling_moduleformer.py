@@ -353,16 +353,22 @@ class ModuleFormerPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, ModuleFor
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """GPT-2's scheme: Normal(0, initializer_range), zero biases, output projections scaled by 1/sqrt(2 * layers)
-        (the official code draws experts from U(+-1/in); checkpoints do not depend on it)."""
+        """The official scheme: linear layers and embeddings Normal(0, initializer_range), zero biases, and the
+        experts' projections as `_init_expert_projection` draws them."""
         super()._init_weights(module)
         if isinstance(module, ModuleFormerExperts):
-            std = self.config.initializer_range
-            init.normal_(module.input_proj, mean=0.0, std=std)
-            init.normal_(module.output_proj, mean=0.0, std=std / (2 * self.config.num_hidden_layers) ** 0.5)
+            self._init_expert_projection(module.input_proj)
+            self._init_expert_projection(module.output_proj)
             if module.input_bias is not None:
                 init.zeros_(module.input_bias)
                 init.zeros_(module.output_bias)
+
+    @staticmethod
+    def _init_expert_projection(weight: torch.Tensor) -> torch.Tensor:
+        """A `[E, in, out]` expert bank drawn from U(-1/in, 1/in), as the official `ParallelExperts.reset_parameters`
+        does (1/in, not 1/sqrt(in): std 5.6e-4 for MoLM's 1024 inputs)."""
+        bound = 1.0 / weight.shape[1]
+        return init.uniform_(weight, -bound, bound)
 
     def _expert_pools(self) -> list[tuple[int, str, ModuleFormerExperts]]:
         """`(layer index, "attention" | "mlp", experts)` for every router, in the order the routers run."""

@@ -6,7 +6,8 @@
 * `add_experts(num_new, freeze_existing=True)`: append experts to every layer; with `freeze_existing`, only the new
   experts and their router rows can learn, so the existing parameters stay exactly as they were.
 
-The model class provides `_expert_pools()`: `(layer index, "attention" | "mlp", experts)` per router, in call order.
+The model class provides `_expert_pools()`: `(layer index, "attention" | "mlp", experts)` per router, in call order,
+and `_init_expert_projection(weight)`, which draws a new expert bank as the model's initialisation does.
 """
 
 import numbers
@@ -139,7 +140,6 @@ class ModuleFormerModularityMixin:
         """
         _check_positive_int("num_new", num_new)
         std = self.config.initializer_range
-        output_std = std / (2 * self.config.num_hidden_layers) ** 0.5
         if freeze_existing:
             for param in self.parameters():
                 param.requires_grad_(False)
@@ -151,7 +151,7 @@ class ModuleFormerModularityMixin:
                 if param is not None:
                     fresh = param.new_zeros((num_new, *param.shape[1:]))
                     if name.endswith("proj"):
-                        fresh.normal_(0.0, output_std if name == "output_proj" else std)
+                        self._init_expert_projection(fresh)
                     new[name] = fresh
             weight = pool.router.out.weight
             pool.add_experts(new, weight.new_empty(num_new, weight.shape[1]).normal_(0.0, std))

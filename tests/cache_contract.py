@@ -1,5 +1,5 @@
 """Generation with every cache implementation transformers offers, against the default dynamic cache, shared by the
-test files of the architectures that accept them all (MoM, MoEUT; ModuleFormer refuses fixed-size caches).
+test files of the architectures (ModuleFormer refuses fixed-size caches, so it takes the quantized one only).
 
 Tolerances: the static cache computes on padded, fixed-size key tensors, so its logits differ from the dynamic
 cache's by float rounding only (1e-5 allowed, fp32) and its greedy tokens are identical. The quantized cache stores
@@ -16,14 +16,17 @@ CACHE_IMPLEMENTATIONS = {
 }
 
 
-def assert_caches_generate_what_the_dynamic_cache_does(model, input_ids, attention_mask, pad_token_id):
+def assert_caches_generate_what_the_dynamic_cache_does(
+    model, input_ids, attention_mask, pad_token_id, implementations=tuple(CACHE_IMPLEMENTATIONS)
+):
     kwargs = dict(
         attention_mask=attention_mask, max_new_tokens=5, do_sample=False, pad_token_id=pad_token_id,
         output_logits=True, return_dict_in_generate=True,
     )  # fmt: skip
     dynamic = model.generate(input_ids, **kwargs)
     new_tokens = dynamic.sequences[:, input_ids.shape[1] :]
-    for implementation, (options, atol) in CACHE_IMPLEMENTATIONS.items():
+    for implementation in implementations:
+        options, atol = CACHE_IMPLEMENTATIONS[implementation]
         other = model.generate(input_ids, cache_implementation=implementation, **options, **kwargs)
         same = (other.sequences[:, input_ids.shape[1] :] == new_tokens).all(0).tolist()
         if implementation == "static":

@@ -18,6 +18,7 @@ from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM, ModuleForm
 from modeling_mom.routing_losses import mutual_information_loss, router_z_loss, switch_load_balancing_loss
 from modeling_mom.shared_modeling import CACHE_FIELD
 
+from .cache_contract import assert_caches_generate_what_the_dynamic_cache_does
 from .remote_contract import assert_remote_code_load_matches
 from .test_stickbreaking import naive_stick_breaking
 from .trainer_contract import assert_accumulation_equals_big_batch
@@ -408,19 +409,30 @@ def test_a_fixed_size_cache_is_refused_clearly():
         model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="paged")
 
 
+def test_experts_start_as_the_official_parallel_experts_do():
+    """Every expert bank, and the rows `add_experts` appends, drawn from U(-1/in, 1/in) as IBM's
+    `ParallelExperts.reset_parameters` draws them: within the bound, with a uniform's std (bound / sqrt(3); within
+    10%, a margin of more than 5 standard errors at these sample sizes)."""
+    torch.manual_seed(0)
+    model = ModuleFormerForCausalLM(tiny_config())
+    old_counts = [pool.num_experts for _, _, pool in model._expert_pools()]
+    model.add_experts(2)
+    for (_, _, pool), old in zip(model._expert_pools(), old_counts):
+        for weight in (pool.input_proj, pool.output_proj):
+            bound = 1.0 / weight.shape[1]
+            for rows in (weight[:old], weight[old:]):
+                assert rows.abs().max() <= bound
+                assert abs(rows.std().item() / (bound / 3**0.5) - 1) < 0.1
+
+
 @pytest.mark.parametrize("layout", [MOLM_LAYOUT, {}], ids=["molm-layout", "kv-projections"])
 def test_quantized_cache_generates_what_the_dynamic_cache_does(layout):
     """The fp8 quantized cache (transformers' dependency-free backend): the MoLM layout, whose dynamic cache holds
     zero-wide values, stores its keys as values too (it failed quantizing an empty tensor). Logits within fp8's
-    rounding (3 mantissa bits: ~6% of values of order 0.5); greedy tokens identical at this seed."""
+    rounding for as long as the greedy tokens agree (see `cache_contract`)."""
     model = tiny_model(**layout).eval()
     ids = torch.randint(3, 53, (2, 6), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    dynamic = model.generate(ids, **kwargs)
-    quantized = model.generate(ids, cache_implementation="quantized", cache_config={"backend": "fp8"}, **kwargs)
-    assert torch.equal(quantized.sequences, dynamic.sequences)
-    for got, expected in zip(quantized.logits, dynamic.logits):
-        torch.testing.assert_close(got, expected, atol=0.1, rtol=0)
+    assert_caches_generate_what_the_dynamic_cache_does(model, ids, torch.ones_like(ids), 0, ["quantized"])
 
 
 def check_remote_load(model, path):
