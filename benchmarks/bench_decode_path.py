@@ -1,6 +1,7 @@
 """The dispatch's two paths without autograd: one weighted `embedding_bag` against `grouped_mm`, by rows per expert.
 
     python -m benchmarks.bench_decode_path --json decode_path.json --markdown decode_path.md
+    python -m benchmarks.bench_decode_path --moeut-forward --repeats 30   # MoEUT-44M: unsorted bags vs sorted
     OMP_NUM_THREADS=1 python -m benchmarks.bench_decode_path --threads 1 --repeats 1 --tiny   # smoke test
 
 `moe_dispatch.grouped_linear` computes a projection through `embedding_bag` (each row times its expert's weight,
@@ -9,16 +10,23 @@ and through `grouped_mm` (each expert's weight read once for all its rows, one p
 This measures both on the same sorted rows, one projection at a time, at each architecture's expert shapes, so the
 limits can be checked on another machine: "grouped / bag" > 1 means the bag is faster, and "taken" says which path
 the dispatch picks there.
+
+`--moeut-forward` times whole MoEUT-44M forwards without autograd instead (batch x tokens: decoding steps and short
+prompts), with MoEUT's unsorted bags (`moe_dispatch.bag_mixture`, taken at most one choice per expert) and with
+them switched off (the sorted dispatch, whose projections may still run as bags), alternating.
 """
 
 import os
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read when torch is imported: set it first
 
+from unittest import mock
+
 import torch
 
 from benchmarks.common import DTYPES, Timing, build_parser, fmt_load, setup, time_interleaved, timing_dict, write_report
-from modeling_mom.moe_dispatch import _GROUPED_MM, _bag_linear, _bag_wins, plan_dispatch
+from modeling_mom import MoEUTConfig, MoEUTForCausalLM, modeling_moeut
+from modeling_mom.moe_dispatch import _GROUPED_MM, _bag_wins, bag_mixture, plan_dispatch
 
 SHAPES = {  # name: (experts, in, out)
     "moeut-244m ffn up": (387, 1024, 128),
@@ -31,6 +39,7 @@ SHAPES = {  # name: (experts, in, out)
 }
 ROWS_PER_EXPERT = (0.25, 1, 2, 4, 6, 8, 16)
 TINY = {"tiny": (6, 32, 16)}
+FORWARD_SHAPES = ((1, 1), (8, 1), (1, 4), (1, 16), (1, 64))  # (batch, tokens)
 
 
 def fmt_us(timing: Timing) -> str:
@@ -47,21 +56,61 @@ def projection_functions(num_experts: int, in_features: int, out_features: int, 
 
     def bag():
         with torch.no_grad():
-            return _bag_linear(x, weight, plan)
+            return bag_mixture(x.unsqueeze(1), plan.expert_index.unsqueeze(1), weight)
 
     def grouped():
         with torch.no_grad():
             return _GROUPED_MM(x, weight, offs=plan.offsets)
 
     difference = (bag() - grouped()).abs().max().item()
-    return {"grouped": grouped, "bag": bag}, _bag_wins(plan, weight), difference
+    return {"grouped": grouped, "bag": bag}, _bag_wins(plan.token_index.shape[0], weight), difference
+
+
+def moeut_forward_report(args):
+    """MoEUT-44M (or a tiny MoEUT) forwards without autograd, with and without the unsorted bags."""
+    overrides = dict(hidden_size=32, num_attention_heads=2, head_dim=8, num_hidden_layers=2) if args.tiny else {}
+    config = MoEUTConfig.from_preset("moeut-44m", vocab_size=8000, **overrides)
+    model = MoEUTForCausalLM(config).to(DTYPES[args.dtype]).eval()
+    sorted_only = mock.patch.object(modeling_moeut, "bag_mixture_wins", return_value=False)
+    results, rows = [], []
+    for batch, tokens in FORWARD_SHAPES:
+        ids = torch.randint(config.vocab_size, (batch, tokens))
+
+        def unsorted():
+            with torch.no_grad():
+                return model(ids).logits
+
+        def sorted_dispatch():
+            with torch.no_grad(), sorted_only:
+                return model(ids).logits
+
+        difference = (unsorted() - sorted_dispatch()).abs().max().item()
+        timings = time_interleaved({"sorted": sorted_dispatch, "unsorted": unsorted}, args.warmup, args.repeats)
+        ratio = timings["unsorted"].median_s / timings["sorted"].median_s
+        per_expert = batch * tokens * config.num_experts_per_tok / config.num_experts
+        results.append({"batch": batch, "tokens": tokens, "ffn_choices_per_expert": per_expert,
+                        "unsorted_over_sorted": ratio, "max_difference": difference,
+                        **{impl: timing_dict(timing) for impl, timing in timings.items()}})  # fmt: skip
+        rows.append([f"{batch} x {tokens}", f"{per_expert:.2f}", fmt_us(timings["sorted"]),
+                     fmt_us(timings["unsorted"]), f"{ratio:.2f}", f"{difference:.1e}",
+                     fmt_load(timings["unsorted"])])  # fmt: skip
+    notes = [f"dtype={args.dtype}; {'a tiny MoEUT' if args.tiny else 'MoEUT-44M'}, random weights, uncached forwards."]
+    header = ["batch x tokens", "FFN choices per expert", "sorted median (min) µs", "unsorted median (min) µs",
+              "unsorted / sorted", "max |difference|", "foreign load"]  # fmt: skip
+    payload = {"args": vars(args), "results": results}
+    write_report("MoEUT forward without autograd: unsorted bags vs the sorted dispatch", header, rows, payload, args,
+                 notes)  # fmt: skip
 
 
 def main():
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="one tiny shape, for a smoke test")
+    parser.add_argument("--moeut-forward", action="store_true",
+                        help="time whole MoEUT-44M forwards: unsorted bags vs the sorted dispatch")  # fmt: skip
     args = parser.parse_args()
     setup(args.threads, args.seed, args.malloc)
+    if args.moeut_forward:
+        return moeut_forward_report(args)
     if _GROUPED_MM is None:
         raise SystemExit("this torch build has no grouped_mm: nothing to compare the embedding_bag path with")
     results, rows, largest_difference = [], [], 0.0

@@ -42,7 +42,15 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moeut import MoEUTConfig
-from .moe_dispatch import gather_rows, grouped_linear, plan_dispatch, scatter_rows, sorted_gates
+from .moe_dispatch import (
+    bag_mixture,
+    bag_mixture_wins,
+    gather_rows,
+    grouped_linear,
+    plan_dispatch,
+    scatter_rows,
+    sorted_gates,
+)
 from .routing_losses import at_least_float32, sequence_entropy_loss
 from .shared_modeling import (
     CACHE_FIELD,
@@ -150,7 +158,13 @@ class MoEUTExperts(nn.Module):
         """Ignored: the decorator assigns one class-wide value after `__init__`; the config decides."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """`[N, d]` tokens, `[N, K]` experts and gates -> `[N, d]`."""
+        """`[N, d]` tokens, `[N, K]` experts and gates -> `[N, d]`. Without autograd and with a few tokens per expert
+        (decoding), unsorted `embedding_bag`s (`bag_mixture`) compute it; else the sorted dispatch."""
+        if not self.has_bias and bag_mixture_wins(top_k_index, self.up_proj, hidden_states):
+            n, k = top_k_index.shape
+            rows = hidden_states.repeat_interleave(k, dim=0).unsqueeze(1)  # [N * K, 1, d]: one row per choice
+            hidden = self.act_fn(bag_mixture(rows, top_k_index.reshape(-1, 1), self.up_proj))  # [N * K, e]
+            return bag_mixture(hidden.view(n, k, -1), top_k_index, self.down_proj, top_k_weights)
         plan = plan_dispatch(top_k_index, self.num_experts)
         up_bias = self.up_proj_bias if self.has_bias else None
         hidden = self.act_fn(grouped_linear(gather_rows(hidden_states, plan), self.up_proj, plan, bias=up_bias))
@@ -219,6 +233,11 @@ class MoEUTAttention(nn.Module):
         if self.num_experts == 1:
             return self.v_proj(value_input).view(-1, self.num_heads, self.head_dim)
         _, gates, selected = self.v_router(router_input)
+        if self.v_bias is None and bag_mixture_wins(selected, self.v_experts, value_input):  # decoding
+            rows, k = value_input.shape[0] * self.num_heads, self.v_router.num_selected
+            value_rows = value_input.repeat_interleave(self.num_heads, dim=0).unsqueeze(1)  # [N * H, 1, d]
+            values = bag_mixture(value_rows, selected.view(rows, k), self.v_experts, gates.view(rows, k))
+            return values.view(-1, self.num_heads, self.head_dim)
         plan = plan_dispatch(selected, self.v_experts.shape[0])
         per_head = replace(plan, token_index=plan.flat_index // self.v_router.num_selected)  # rows (token, head)
         values = grouped_linear(gather_rows(value_input, plan), self.v_experts, plan, bias=self.v_bias)  # [S, dh]
@@ -231,6 +250,10 @@ class MoEUTAttention(nn.Module):
             gate = torch.sigmoid(F.linear(router_input, self.o_gate))[..., None]
             return self.o_proj((attn_output * gate).flatten(1))
         _, gates, selected = self.o_router(router_input)
+        if bag_mixture_wins(selected, self.o_experts, attn_output):  # decoding: per token, a bag of its heads' experts
+            head_rows = attn_output.repeat_interleave(self.o_router.num_selected, dim=1)  # [N, H * k, dh]
+            output = bag_mixture(head_rows, selected, self.o_experts, gates)
+            return output if self.o_bias is None else output + self.o_bias
         plan = plan_dispatch(selected, self.o_experts.shape[0])
         per_head = replace(plan, token_index=plan.flat_index // self.o_router.num_selected)  # rows (token, head)
         rows = gather_rows(attn_output.reshape(-1, self.head_dim), per_head)  # [S, dh]

@@ -16,7 +16,8 @@ device and dtype support it, and otherwise one matmul per expert over ``split`` 
 expert (quadratic in the number of experts). Small bf16 products on CPU run as one ``bmm`` over the experts' rows
 padded to the largest count instead (each bf16 matmul has a large fixed cost there). Without autograd and with a
 few rows per small expert (decoding), one weighted ``embedding_bag`` over the chosen experts' weights computes every
-row instead.
+row instead; a layer can then skip the sort and the scatter too (:func:`bag_mixture`: the bag's sum is the
+gate-weighted sum over a token's experts).
 
 The single host-device synchronisation is in :func:`plan_dispatch` (the per-expert counts are read once, to
 drop SKIP selections, to split rows for the fallback path and to size the padded layout).
@@ -137,25 +138,47 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _bag_wins(plan: DispatchPlan, weight: torch.Tensor) -> bool:
-    """Whether `_bag_linear` beats a grouped matmul: for experts of at most 2^18 weights (MoEUT's 128-wide experts,
-    SwitchHead's heads) with at most 6 rows each on average (decoding, short prompts). Measured on CPU (fp32, 2
-    threads; `benchmarks/bench_decode_path.py`) the bag is 1.1-3.4x faster there; they break even at 8-16 rows per
-    expert. With larger experts (MoLM's, MoM's modules) the two are within 0.75-1.4x of each other at any row count
-    (the bag spreads rows, not features, over threads), so those keep the grouped matmul."""
-    return weight.shape[-2] * weight.shape[-1] <= 2**18 and plan.token_index.shape[0] <= 6 * plan.num_experts
+def _bag_wins(num_pairs: int, weight: torch.Tensor) -> bool:
+    """Whether an `embedding_bag` (`bag_mixture`) beats a grouped matmul for `num_pairs` (row, expert) products: for
+    experts of at most 2^18 weights (MoEUT's 128-wide experts, SwitchHead's heads) with at most 6 rows each on
+    average (decoding, short prompts). Measured on CPU (fp32, 2 threads; `benchmarks/bench_decode_path.py`) the bag
+    is 1.1-3.4x faster there; they break even at 8-16 rows per expert. With larger experts (MoLM's, MoM's modules)
+    the two are within 0.75-1.4x of each other at any row count (the bag spreads rows, not features, over threads),
+    so those keep the grouped matmul."""
+    return weight.shape[-2] * weight.shape[-1] <= 2**18 and num_pairs <= 6 * weight.shape[0]
 
 
-def _bag_linear(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Without autograd: every sorted row times its expert's weight, `x[s] @ weight[expert_index[s]]`, as one
-    `embedding_bag`. The bank is viewed as `E * in` rows of `out` features; row s's bag is its expert's `in` rows,
-    weighted by `x[s]` and summed. One fused kernel that reads only the chosen experts' weights: no per-expert
-    matmul (whose fixed cost dominates at a few rows) and no copy of the chosen weights."""
+def bag_mixture_wins(selected: torch.Tensor, weight: torch.Tensor, *inputs: torch.Tensor) -> bool:
+    """Whether a layer may compute its `[N, k]` expert choices with `bag_mixture` instead of sorting them: without
+    autograd (no gradient to `weight` or `inputs`), outside autocast and compilation (which `grouped_linear`
+    handles), for experts small enough for the bag (see `_bag_wins`) and at most one choice per expert on average
+    (decoding). With more, sorted rows read each expert's weights while they are in cache: on MoEUT-44M (fp32, 2
+    threads) the unsorted bags take 0.87-0.92x the sorted forward's time at 0.3-0.6 choices per expert, but 1.11x
+    at 1.2 and 1.43x at 5 (a 64-token prompt)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (weight, *inputs))
+    if needs_grad or torch.is_autocast_enabled(weight.device.type) or torch.compiler.is_compiling():
+        return False
+    return selected.numel() <= weight.shape[0] and _bag_wins(selected.numel(), weight)
+
+
+def bag_mixture(
+    x: torch.Tensor, selected: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Without autograd, unsorted: `sum_j gates[n, j] * x[n, j] @ weight[selected[n, j]]` -> `[N, out]`.
+
+    `x` is `[N, k, in]`, or `[N, 1, in]` for one input shared by the row's `k` experts; `selected` (experts below
+    `E`: no SKIP) and `gates` (1 if None) are `[N, k]`. One `embedding_bag`: the bank is viewed as `E * in` rows of
+    `out` features, and row n's bag holds its experts' rows, weighted by the gated inputs and summed. It reads only
+    the chosen experts' weights, with no sort, no per-expert matmul (whose fixed cost dominates at a few rows), no
+    copy of the weights and no scatter: the gate-weighted sum over a token's experts is the bag's own sum.
+    """
     num_experts, in_features, out_features = weight.shape
-    arange = torch.arange(in_features, device=x.device)
-    bags = (plan.expert_index * in_features).unsqueeze(-1) + arange  # [S, in] rows of the flattened bank
+    bags = (selected * in_features).unsqueeze(-1) + torch.arange(in_features, device=x.device)  # [N, k, in]
+    per_sample = x if gates is None else x * gates.unsqueeze(-1).to(x.dtype)
     bank = weight.reshape(num_experts * in_features, out_features)
-    return F.embedding_bag(bags, bank, per_sample_weights=x, mode="sum")
+    return F.embedding_bag(
+        bags.flatten(1), bank, per_sample_weights=per_sample.expand(bags.shape).flatten(1), mode="sum"
+    )
 
 
 def _padded_wins(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> bool:
@@ -206,8 +229,8 @@ def grouped_linear(
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x, weight)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if not needs_grad and not torch.compiler.is_compiling() and _bag_wins(plan, weight):
-        out = _bag_linear(x, weight, plan)
+    if not needs_grad and not torch.compiler.is_compiling() and _bag_wins(plan.token_index.shape[0], weight):
+        out = bag_mixture(x.unsqueeze(1), plan.expert_index.unsqueeze(1), weight)
     elif choose and _padded_wins(x, weight, plan):  # also where grouped_mm needs aligned features (MoEUT-44M's 412)
         out = _padded_linear(x, weight, plan)
     elif use_grouped_mm:

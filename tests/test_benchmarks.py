@@ -20,10 +20,11 @@ def test_gpt2_forward_flops_per_token_match_the_hand_count():
     assert forward_flops_per_token(model, torch.randint(vocab, (1, seq))) == expected
 
 
-@pytest.mark.parametrize("tokens", [8, 128], ids=["embedding_bag", "grouped_mm"])
+@pytest.mark.parametrize("tokens", [2, 8, 128], ids=["unsorted_bags", "embedding_bag", "grouped_mm"])
 def test_expert_dispatch_flops_are_the_useful_flops(tokens):
-    """One expert FFN costs 2 x 2 x d x e per chosen expert, 4 T k d e in all, whichever path computes it: one
-    weighted `embedding_bag` (up to 6 rows per expert, as in decoding) or the grouped matmuls (more rows)."""
+    """One expert FFN costs 2 x 2 x d x e per chosen expert, 4 T k d e in all, whichever path computes it: unsorted
+    bags (at most one choice per expert), one weighted `embedding_bag` per projection of the sorted rows (up to 6
+    rows per expert, as in decoding) or the grouped matmuls (more rows)."""
     d, num_experts, width, k = 32, 6, 16, 2
     experts = build_layer(d, num_experts, width, k, "relu", torch.float32)
     index = torch.rand(tokens, num_experts).topk(k, dim=-1).indices

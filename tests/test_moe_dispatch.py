@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from modeling_mom.moe_dispatch import (
+    bag_mixture,
     gather_rows,
     grouped_linear,
     grouped_mm_supported,
@@ -235,6 +236,31 @@ def test_inference_matches_naive_loop(selected, dtype):
     scale = ref.abs().max().item() if dtype == torch.bfloat16 else 1.0
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.double(), ref, atol=tol * max(scale, 1e-12), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared_input", [True, False], ids=["one-input-per-row", "one-input-per-choice"])
+def test_unsorted_bag_mixture_matches_a_loop(shared_input, dtype):
+    """`bag_mixture`: each row's gate-weighted sum over its chosen experts (repeated choices included), computed
+    without a sort, equals the loop over rows and choices; the gate defaults to 1."""
+    num_rows, k, num_experts = 5, 3, 7
+    generator = torch.Generator().manual_seed(0)
+    selected = torch.randint(num_experts, (num_rows, k), generator=generator)
+    selected[0, 1] = selected[0, 0]
+    x = torch.randn(num_rows, 1 if shared_input else k, IN_FEATURES, generator=generator).to(dtype)
+    weight = torch.randn(num_experts, IN_FEATURES, OUT_FEATURES, generator=generator).to(dtype)
+    gates = torch.rand(num_rows, k, generator=generator).to(dtype)
+    for row_gates in (gates, None):
+        with torch.no_grad():
+            out = bag_mixture(x, selected, weight, row_gates)
+        ref = torch.zeros(num_rows, OUT_FEATURES, dtype=torch.float64)
+        for n in range(num_rows):
+            for j in range(k):
+                gate = 1.0 if row_gates is None else row_gates[n, j].double()
+                ref[n] += gate * x[n, 0 if shared_input else j].double() @ weight[selected[n, j]].double()
+        tol = TOLERANCE[dtype]
+        scale = ref.abs().max().item() if dtype == torch.bfloat16 else 1.0
+        torch.testing.assert_close(out.double(), ref, atol=tol * scale, rtol=tol)
 
 
 def test_plan_sorts_by_expert_and_drops_skip():

@@ -8,6 +8,7 @@ order 1); we allow 1e-5. Token sequences must be identical.
 
 import math
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from modeling_mom.modeling_moeut import (
     MoEUTRouter,
     moeut_aux_loss,
 )
+from modeling_mom.moe_dispatch import plan_dispatch
 from modeling_mom.routing_losses import sequence_entropy_loss
 from modeling_mom.shared_modeling import CACHE_FIELD
 
@@ -329,6 +331,28 @@ def test_switchhead_equals_naive_reference(attn_implementation):
     causal_mask = torch.full((7, 7), float("-inf")).triu(1)[None, None]
     out, _ = attn(q_in, v_in, position_embeddings, attention_mask=causal_mask)
     torch.testing.assert_close(out[0], naive_switchhead(attn, config, q_in[0], v_in[0]), **TOL)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_decoding_without_autograd_matches_the_sorted_dispatch(bias):
+    """Without autograd and with at most one choice per expert (decoding), the sigma-MoE and SwitchHead's V and O
+    experts run as unsorted embedding bags (`bag_mixture`: no plan, no scatter); the logits equal the sorted
+    dispatch's (the same products summed in another order: 1e-5). With expert biases, the FFN and V keep the sorted
+    dispatch."""
+    torch.manual_seed(0)
+    config = tiny_config(num_attention_heads=3, num_attention_experts=4, num_experts=7, num_experts_per_tok=3,
+                         mlp_bias=bias, attention_bias=bias)  # fmt: skip
+    model = MoEUTForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or name.endswith("_bias"):
+                param.normal_()
+    ids = torch.randint(1, VOCAB, (1, 2))  # at most one choice per expert: 6 of 7 FFN experts, 12 of 12 V and O
+    sorted_logits = model(ids).logits.detach()  # autograd on: the sorted dispatch
+    with torch.no_grad(), mock.patch("modeling_mom.modeling_moeut.plan_dispatch", wraps=plan_dispatch) as spy:
+        bag_logits = model(ids).logits
+    assert (spy.call_count > 0) == bias
+    torch.testing.assert_close(bag_logits, sorted_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_router_picks_by_logit_where_the_fp32_sigmoid_ties():
