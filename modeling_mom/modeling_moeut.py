@@ -158,8 +158,8 @@ class MoEUTExperts(nn.Module):
         """Ignored: the decorator assigns one class-wide value after `__init__`; the config decides."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """`[N, d]` tokens, `[N, K]` experts and gates -> `[N, d]`. Without autograd and with a few tokens per expert
-        (decoding), unsorted `embedding_bag`s (`bag_mixture`) compute it; else the sorted dispatch."""
+        """`[N, d]` tokens, `[N, K]` experts and gates -> `[N, d]`. Without autograd and with at most one choice per
+        expert (decoding), two unsorted `embedding_bag`s (`bag_mixture`) compute it; else the sorted dispatch."""
         if not self.has_bias and bag_mixture_wins(top_k_index, self.up_proj, hidden_states):
             n, k = top_k_index.shape
             rows = hidden_states.repeat_interleave(k, dim=0).unsqueeze(1)  # [N * K, 1, d]: one row per choice
