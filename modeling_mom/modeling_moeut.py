@@ -160,7 +160,7 @@ class MoEUTExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """`[N, d]` tokens, `[N, K]` experts and gates -> `[N, d]`. Without autograd and with at most one choice per
         expert (decoding), two unsorted `embedding_bag`s (`bag_mixture`) compute it; else the sorted dispatch."""
-        if not self.has_bias and bag_mixture_wins(top_k_index, self.up_proj, hidden_states):
+        if not self.has_bias and bag_mixture_wins(top_k_index, self.up_proj, hidden_states, top_k_weights):
             n, k = top_k_index.shape
             rows = hidden_states.repeat_interleave(k, dim=0).unsqueeze(1)  # [N * K, 1, d]: one row per choice
             hidden = self.act_fn(bag_mixture(rows, top_k_index.reshape(-1, 1), self.up_proj))  # [N * K, e]
@@ -233,7 +233,7 @@ class MoEUTAttention(nn.Module):
         if self.num_experts == 1:
             return self.v_proj(value_input).view(-1, self.num_heads, self.head_dim)
         _, gates, selected = self.v_router(router_input)
-        if self.v_bias is None and bag_mixture_wins(selected, self.v_experts, value_input):  # decoding
+        if self.v_bias is None and bag_mixture_wins(selected, self.v_experts, value_input, gates):  # decoding
             rows, k = value_input.shape[0] * self.num_heads, self.v_router.num_selected
             value_rows = value_input.repeat_interleave(self.num_heads, dim=0).unsqueeze(1)  # [N * H, 1, d]
             values = bag_mixture(value_rows, selected.view(rows, k), self.v_experts, gates.view(rows, k))
@@ -250,7 +250,7 @@ class MoEUTAttention(nn.Module):
             gate = torch.sigmoid(F.linear(router_input, self.o_gate))[..., None]
             return self.o_proj((attn_output * gate).flatten(1))
         _, gates, selected = self.o_router(router_input)
-        if bag_mixture_wins(selected, self.o_experts, attn_output):  # decoding: per token, a bag of its heads' experts
+        if bag_mixture_wins(selected, self.o_experts, attn_output, gates):  # decoding: per token, one bag
             head_rows = attn_output.repeat_interleave(self.o_router.num_selected, dim=1)  # [N, H * k, dh]
             output = bag_mixture(head_rows, selected, self.o_experts, gates)
             return output if self.o_bias is None else output + self.o_bias
