@@ -287,7 +287,7 @@ def _reference_route(router, x, config):
     scores = router.out(torch.relu(router.fc(x))) / config.router_temperature
     scores = scores if config.router_weighting == "score" else scores.softmax(-1)
     if config.routing_mode == "all_modules":
-        top = scores[:, : router.out.out_features - 1]
+        top = scores[:, : router.out.out_features - int(config.enable_skip)]  # the modules, without SKIP
         selected = torch.arange(top.shape[-1]).expand(top.shape)
     else:
         top, selected = scores.topk(config.num_modules_per_tok, -1)
