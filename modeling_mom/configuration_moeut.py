@@ -1,10 +1,12 @@
 """Configuration of MoEUT, the Mixture-of-Experts Universal Transformer (Csordás et al., NeurIPS 2024, arXiv
 2405.16039)."""
 
+import copy
 import dataclasses
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
 
 from .config_checks import (
     ValidatedConfigMixin,
@@ -20,6 +22,8 @@ from .config_checks import (
 
 NORM_SCHEMES = ("peri", "pre", "post")
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")  # transformers' RoPE scalings
+DEFAULT_PARTIAL_ROTARY_FACTOR = 0.5  # the paper rotates the first half of each head
 
 # The paper's six models (official training sweeps; `moeut_training_code/sweeps/*.yaml`), at the paper's vocabulary
 # of 8000. The 728M model is 1280 wide: the official `profiles.py` says 1024, which gives a 582M model.
@@ -57,6 +61,11 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
     ``attention_output_dropout`` = ``dropout``, ``partial_rotary_factor`` = ``rotate_fraction``, ``rope_theta`` =
     ``rope_base``, ``initializer_range`` = the ``scale`` of ``reset_parameters``.
 
+    RoPE is set as in every transformers v5 model: ``rope_parameters`` holds ``rope_type``, ``rope_theta`` and
+    ``partial_rotary_factor``. The last two may also be given as keywords (and read or set as attributes), as older
+    MoEUT configurations saved them; ``rope_parameters`` may add a transformers RoPE scaling (``{"rope_type": "yarn",
+    "factor": 4.0}``, "linear", "dynamic", "llama3", "longrope") to run past the trained context.
+
     Args:
         vocab_size: vocabulary size (the paper used 8000-token SentencePiece vocabularies).
         hidden_size: width of the residual stream.
@@ -79,10 +88,14 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
             (sub-layers read the raw residual; LayerNorm after each residual add; unlike the official post-LN
             ablation, the embeddings are not normalised first).
         layer_norm_eps: LayerNorm epsilon.
-        rope_theta: RoPE base.
-        partial_rotary_factor: fraction of each head's dims (the first ones) that get RoPE; the rotated width is
-            rounded down to even. 0 disables RoPE (with ``position_embedding_type="rope"``, the model then has no
-            positions at all).
+        rope_parameters: transformers' RoPE dictionary (see above). Its ``rope_theta`` (default 10000) is the RoPE
+            base; its ``partial_rotary_factor`` (default 0.5) the fraction of each head's dims (the first ones) that
+            get RoPE, the rotated width rounded down to even (the official code's rounding; transformers' RoPE
+            functions get that width). 0 disables RoPE (with ``position_embedding_type="rope"``, the model then has
+            no positions at all). Scaled types take their usual keys (``factor``, ...);
+            ``original_max_position_embeddings`` defaults to ``max_position_embeddings``. As in every transformers
+            model, "dynamic" rescales with the sequence's length while the KV cache keeps keys rotated as they were
+            when cached, so past the trained context cached decoding differs from an uncached forward.
         router_aux_loss_coef, attention_router_aux_loss_coef: weights (gamma, delta) of the entropy regulariser of
             the FFN routers and of the attention V/O routers.
         output_router_logits: the causal LM returns the router logits and the weighted regulariser (``aux_loss``;
@@ -91,7 +104,8 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
         position_embedding_type: "rope" (the paper; partial RoPE only) or "learned_absolute" (adds GPT-2-style learned
             positions to the embeddings, for function-preserving GPT-2 seeding; set ``partial_rotary_factor=0`` to
             drop RoPE).
-        max_position_embeddings: size of the learned position table (unused with RoPE alone).
+        max_position_embeddings: the trained context: the size of the learned position table, and what the yarn,
+            llama3, longrope and dynamic RoPE scalings extend.
         attention_bias: biases on Q, K, V (per value expert) and the attention output (GPT-2 seeding; the paper has
             none).
         mlp_bias: per-expert biases on both expert projections (GPT-2 seeding; the paper has none).
@@ -124,8 +138,7 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
     attention_output_dropout: int | float = 0.0
     norm_scheme: str = "peri"
     layer_norm_eps: int | float = 1e-5
-    rope_theta: int | float = 10000.0
-    partial_rotary_factor: int | float = 0.5
+    rope_parameters: RopeParameters | dict | None = None
     router_aux_loss_coef: int | float = 0.01
     attention_router_aux_loss_coef: int | float = 0.001
     output_router_logits: bool = False
@@ -145,6 +158,7 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.initializer_range is None and isinstance(self.num_hidden_layers, int) and self.num_hidden_layers > 0:
             self.initializer_range = (2 / self.num_hidden_layers) ** 0.5
+        kwargs.setdefault("partial_rotary_factor", DEFAULT_PARTIAL_ROTARY_FACTOR)  # moved into rope_parameters
         super().__post_init__(**kwargs)
         self.validate_architecture()  # a ValueError here; `@strict` runs the check again, wrapped in its own error
 
@@ -169,12 +183,44 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
             )
         return cls(**{**PRESETS[name], **overrides})
 
+    @property
+    def rope_theta(self) -> float:
+        """The RoPE base, ``rope_parameters["rope_theta"]``."""
+        return (self.rope_parameters or {}).get("rope_theta", self.default_theta)
+
+    @rope_theta.setter
+    def rope_theta(self, value: float):
+        self.rope_parameters = {**(self.rope_parameters or {}), "rope_theta": value}
+
+    @property
+    def partial_rotary_factor(self) -> float:
+        """The rotated fraction of each head, ``rope_parameters["partial_rotary_factor"]``."""
+        return (self.rope_parameters or {}).get("partial_rotary_factor", DEFAULT_PARTIAL_ROTARY_FACTOR)
+
+    @partial_rotary_factor.setter
+    def partial_rotary_factor(self, value: float):
+        self.rope_parameters = {**(self.rope_parameters or {}), "partial_rotary_factor": value}
+
     def num_rotary_dims(self) -> int:
         """Leading dims of each head that get RoPE: ``partial_rotary_factor * head_dim``, rounded down to even."""
         rotary = int(self.partial_rotary_factor * self.head_dim + 1e-9)  # 2 / head_dim * head_dim may be 1.999...
         return rotary - rotary % 2
 
     num_rotary_dims = derived_property(num_rotary_dims, "partial_rotary_factor * head_dim, rounded down to even")
+
+    def rotary_config(self) -> "MoEUTConfig":
+        """A copy whose heads are the rotated width, wholly rotated: what transformers' RoPE functions (which rotate
+        ``int(head_dim * partial_rotary_factor)`` dims, not rounded down to even) are given."""
+        rotary = copy.copy(self)
+        rotary.head_dim = self.num_rotary_dims
+        rotary.rope_parameters = {**self.rope_parameters, "partial_rotary_factor": 1.0}
+        return rotary
+
+    def validate_rope(self):
+        """transformers' checks of ``rope_parameters``, on the rotated width (an odd head may be wholly rotated: the
+        official code then rotates all its dims but the last)."""
+        if self.rope_parameters and self.num_rotary_dims > 0:
+            super(MoEUTConfig, self.rotary_config()).validate_rope()
 
     def validate_architecture(self):
         """Every field's allowed values (see `config_checks`)."""
@@ -213,11 +259,14 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
             f"{2 / self.head_dim!r}.",
         )
         check_finite_positive(self, ("rope_theta",))
-        rope_parameters = getattr(self, "rope_parameters", None)  # also set by a `rope_scaling` keyword
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        require(rope_type in ROPE_TYPES, f"rope_parameters rope_type={rope_type!r}; allowed: {ROPE_TYPES}.")
+        minimum = {"default": 0, "dynamic": 4}.get(rope_type, 2)  # dynamic NTK divides by (rotated dims - 2)
         require(
-            rope_parameters is None,
-            f"rope_parameters (or rope_scaling)={rope_parameters}: MoEUT's RoPE is plain and partial, set by "
-            "rope_theta and partial_rotary_factor; allowed: None.",
+            self.num_rotary_dims >= minimum,
+            f"rope_parameters rope_type={rope_type!r} scales RoPE, but partial_rotary_factor="
+            f"{self.partial_rotary_factor} rotates {self.num_rotary_dims} dims of each head; allowed: at least "
+            f"{minimum}.",
         )
 
 

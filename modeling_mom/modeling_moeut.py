@@ -34,6 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     MoeModelOutputWithPast,
 )
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.processing_utils import Unpack
@@ -66,26 +67,47 @@ from .shared_modeling import (
 
 
 class MoEUTRotaryEmbedding(nn.Module):
-    """RoPE tables for the first `config.num_rotary_dims` dims of each head ("rotate half" convention).
+    """RoPE tables for the first `config.num_rotary_dims` dims of each head ("rotate half" convention), with
+    transformers' RoPE scalings (`config.rope_parameters`) computed for that width.
 
     The frequencies are computed in fp32 at every call (a few numbers) rather than kept in a buffer, which
     `model.to(torch.bfloat16)` would round: at the 244M preset that shifts phases by up to 0.45 rad within 1024
-    positions.
+    positions. Dynamic NTK scaling takes the call's largest position, so it is a function of the positions alone
+    (transformers' buffer only grows and resets; within one sequence the two agree).
     """
 
     def __init__(self, config: MoEUTConfig):
         super().__init__()
         self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.rotary_config = config.rotary_config()
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """The inverse frequencies at the trained context (`max_position_embeddings`), `[num_rotary_dims / 2]`."""
+        return self.frequencies(torch.device("cpu"), torch.float32)[0]
+
+    def frequencies(
+        self, device: torch.device, dtype: torch.dtype, seq_len: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies `[num_rotary_dims / 2]` and the cos/sin scale (yarn's and longrope's attention
+        factor; 1 otherwise), for positions below `seq_len` (only dynamic and longrope scaling read it)."""
+        rotary = self.config.num_rotary_dims
+        if self.rope_type == "default":
+            exponents = torch.arange(0, rotary, 2, dtype=dtype, device=device) / max(rotary, 1)
+            return 1.0 / self.config.rope_theta**exponents, 1.0
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.rotary_config, device, seq_len=seq_len)
+        return inv_freq.to(device=device, dtype=dtype), scaling
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, T]` positions -> cos, sin `[B, T, num_rotary_dims]`."""
-        rotary = self.config.num_rotary_dims
         dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 in a float64 model
-        exponents = torch.arange(0, rotary, 2, dtype=dtype, device=x.device) / max(rotary, 1)
-        freqs = position_ids[..., None].to(dtype) * (1.0 / self.config.rope_theta**exponents)
+        seq_len = position_ids.max() + 1 if self.rope_type in ("dynamic", "longrope") else None
+        inv_freq, scaling = self.frequencies(x.device, dtype, seq_len)
+        freqs = position_ids[..., None].to(dtype) * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
 
 
 def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@ construction, and (for fields set after construction, like `from_pretrained(path
 model is built from the configuration, before any layer is."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -147,20 +146,6 @@ def test_moeut_presets_refuse_unknown_overrides_and_names():
     with pytest.raises(ValueError, match=r"Unknown MoEUT preset \['moeut-44m'\]; allowed: \['moeut-44m'"):
         MoEUTConfig.from_preset(["moeut-44m"])
     assert MoEUTConfig.from_preset("moeut-44m", num_experts=64).num_experts == 64
-
-
-def test_moeut_refuses_rope_scaling_it_would_ignore():
-    """rope_scaling / rope_parameters were saved and ignored (logits unchanged)."""
-    for overrides in ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
-                      {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}):
-        with pytest.raises(ValueError, match=r"rope_parameters \(or rope_scaling\)=.*allowed: None"), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers: `rope_scaling` is deprecated
-            test_moeut.tiny_config(**overrides)
-    config = test_moeut.tiny_config()
-    config.rope_parameters = {"rope_type": "linear", "factor": 2.0}
-    with pytest.raises(ValueError, match="rope_parameters"):
-        MoEUTForCausalLM(config)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM, MoEUTForSequenceClassification, MoEUTModel
 from modeling_mom.modeling_moeut import (
@@ -71,6 +72,7 @@ VARIANTS = [
     dict(norm_scheme="pre", num_unique_layers=1),
     dict(norm_scheme="post", head_dim=9, partial_rotary_factor=1.0),  # odd head_dim: 9 rotated dims -> 8
     dict(partial_rotary_factor=0.0, num_hidden_layers=6, num_unique_layers=3),
+    dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}, max_position_embeddings=6),  # decodes past 6
 ]
 
 
@@ -92,6 +94,9 @@ def variant_id(variant):
         (dict(expert_dropout=1.0), "expert_dropout"),
         (dict(head_dim=0), "head_dim"),
         (dict(rope_theta=0), "rope_theta"),
+        (dict(rope_parameters={"rope_type": "ntk"}), "rope_type='ntk'"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}, partial_rotary_factor=0.0),
+         "partial_rotary_factor=0.0 rotates 0 dims"),
         (dict(initializer_range=-1.0), "initializer_range"),
     ],
 )
@@ -544,6 +549,65 @@ def test_rope_keeps_fp32_frequencies_in_a_half_precision_model():
     cos16, sin16 = rotary.to(torch.bfloat16)(torch.zeros(1, dtype=torch.bfloat16), positions)
     torch.testing.assert_close(cos16.float(), cos32, atol=8e-3, rtol=0)  # bf16 rounding of values in [-1, 1] only
     torch.testing.assert_close(sin16.float(), sin32, atol=8e-3, rtol=0)
+
+
+ROPE_SCALINGS = {
+    "linear": {"factor": 4.0},
+    "dynamic": {"factor": 4.0},
+    "yarn": {"factor": 4.0},
+    "llama3": {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+    "longrope": {"long_factor": [1.0, 2.0, 4.0, 8.0], "short_factor": [1.0] * 4},
+}
+
+
+@pytest.mark.parametrize("rope_type", ROPE_SCALINGS)
+def test_rope_scaling_is_transformers_on_the_rotated_width(rope_type):
+    """transformers' RoPE functions get the rotated width (9 dims of `head_dim=9` rounded down to 8), and the tables
+    follow them: scaled frequencies, and yarn's and longrope's cos/sin scale."""
+    rope_parameters = {"rope_type": rope_type, **ROPE_SCALINGS[rope_type]}
+    config = tiny_config(head_dim=9, partial_rotary_factor=1.0, max_position_embeddings=16,
+                         rope_parameters=rope_parameters)
+    reference_config = tiny_config(head_dim=8, partial_rotary_factor=1.0, max_position_embeddings=16,
+                                   rope_parameters=dict(rope_parameters))
+    rotary = MoEUTRotaryEmbedding(config)
+    for length in (10, 40):  # within and past the trained context (dynamic and longrope differ there)
+        positions = torch.arange(length)[None]
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](reference_config, seq_len=torch.tensor(length))
+        angles = positions[..., None].float() * inv_freq
+        cos, sin = rotary(torch.zeros(1), positions)
+        assert cos.shape == (1, length, 8)
+        torch.testing.assert_close(cos, torch.cat([angles.cos(), angles.cos()], -1) * scale)
+        torch.testing.assert_close(sin, torch.cat([angles.sin(), angles.sin()], -1) * scale)
+
+
+def test_rope_scaling_changes_only_what_it_should():
+    """Linear scaling changes every logit past the first token; dynamic NTK changes nothing for a sequence within
+    the trained context and, past it, every position (its base grows with the sequence)."""
+    torch.manual_seed(0)
+    ids = torch.randint(2, VOCAB, (1, 12))
+    plain = MoEUTForCausalLM(tiny_config(max_position_embeddings=8)).eval()
+    scaled = {}
+    for rope_type in ("linear", "dynamic"):
+        config = tiny_config(max_position_embeddings=8, rope_parameters={"rope_type": rope_type, "factor": 4.0})
+        scaled[rope_type] = MoEUTForCausalLM(config).eval()
+        scaled[rope_type].load_state_dict(plain.state_dict())
+    logits = plain(ids).logits
+    assert not torch.allclose(scaled["linear"](ids).logits[:, 1:], logits[:, 1:], atol=1e-3)
+    torch.testing.assert_close(scaled["dynamic"](ids[:, :8]).logits, plain(ids[:, :8]).logits)
+    assert not torch.allclose(scaled["dynamic"](ids).logits[:, 1:], logits[:, 1:], atol=1e-3)
+
+
+def test_rope_fields_of_earlier_configurations_load_into_rope_parameters(tmp_path):
+    """Configurations saved before `rope_parameters` hold `rope_theta` and `partial_rotary_factor` as fields."""
+    config = tiny_config(rope_theta=500.0, partial_rotary_factor=0.6)
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.6}
+    saved = config.to_dict()
+    saved.update(saved.pop("rope_parameters"))
+    del saved["rope_type"]
+    loaded = MoEUTConfig.from_dict(saved)
+    assert loaded.rope_parameters == config.rope_parameters and loaded.num_rotary_dims == 6
+    loaded.rope_theta = 800.0  # attributes as before
+    assert loaded.rope_parameters["rope_theta"] == 800.0
 
 
 def test_remote_code_load_without_the_package(tmp_path):

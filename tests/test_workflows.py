@@ -632,6 +632,21 @@ def test_moduleformer_card_describes_the_model_as_it_is(tmp_path):
     assert "routing loss `mi` with coefficient 0.01" in str(hub.render_card(str(tmp_path), "me/pruned"))
 
 
+def test_moeut_card_names_its_rope(tmp_path):
+    """The card read `partial_rotary_factor` as a field of the saved config; it is in `rope_parameters` now, with any
+    RoPE scaling."""
+    from modeling_mom import MoEUTForCausalLM
+
+    from .test_moeut import tiny_config
+
+    MoEUTForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    card = str(hub.render_card(str(tmp_path), "me/moeut"))
+    assert "positions:\nRoPE on a 0.5 fraction of each head's dimensions." in card
+    MoEUTForCausalLM(tiny_config(rope_parameters={"rope_type": "yarn", "factor": 4.0})).save_pretrained(tmp_path)
+    card = str(hub.render_card(str(tmp_path), "me/moeut"))
+    assert "dimensions, with transformers' `yarn` RoPE scaling beyond the 1024 trained positions" in card
+
+
 def test_mom_without_routers_is_described_as_such(tmp_path):
     """Pools of one module without SKIP have no router (a shared layer applied num_rounds times): the conversion
     summary and the card said "learned (mlp routers ..., train them)"."""
