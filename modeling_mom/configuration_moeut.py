@@ -214,6 +214,7 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
         rotary = copy.copy(self)
         rotary.head_dim = self.num_rotary_dims
         rotary.rope_parameters = {**self.rope_parameters, "partial_rotary_factor": 1.0}
+        rotary.standardize_rope_params()  # a dict set as an attribute may lack `rope_type` and `rope_theta`
         return rotary
 
     def validate_rope(self):
@@ -259,7 +260,11 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
             f"{2 / self.head_dim!r}.",
         )
         check_finite_positive(self, ("rope_theta",))
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        require(
+            isinstance(self.rope_parameters, dict),
+            f"rope_parameters={self.rope_parameters!r}; allowed: a dict (transformers' RoPE parameters).",
+        )
+        rope_type = self.rope_parameters.get("rope_type", "default")
         require(rope_type in ROPE_TYPES, f"rope_parameters rope_type={rope_type!r}; allowed: {ROPE_TYPES}.")
         minimum = {"default": 0, "dynamic": 4}.get(rope_type, 2)  # dynamic NTK divides by (rotated dims - 2)
         require(

@@ -79,8 +79,8 @@ class MoEUTRotaryEmbedding(nn.Module):
     def __init__(self, config: MoEUTConfig):
         super().__init__()
         self.config = config
-        self.rope_type = config.rope_parameters["rope_type"]
         self.rotary_config = config.rotary_config()
+        self.rope_type = self.rotary_config.rope_parameters["rope_type"]
 
     @property
     def inv_freq(self) -> torch.Tensor:

@@ -610,6 +610,17 @@ def test_rope_fields_of_earlier_configurations_load_into_rope_parameters(tmp_pat
     assert loaded.rope_parameters["rope_theta"] == 800.0
 
 
+def test_rope_parameters_set_as_an_attribute_are_checked_and_completed():
+    """A dict set after construction is not standardised by transformers: the model fills in the defaults."""
+    config = tiny_config()
+    config.rope_parameters = {"factor": 2.0, "rope_type": "linear"}
+    rotary = MoEUTForCausalLM(config).model.rotary_emb
+    torch.testing.assert_close(rotary.inv_freq, MoEUTRotaryEmbedding(tiny_config()).inv_freq / 2)
+    config.rope_parameters = None
+    with pytest.raises(ValueError, match=r"rope_parameters=None; allowed: a dict"):
+        MoEUTForCausalLM(config)
+
+
 def test_remote_code_load_without_the_package(tmp_path):
     torch.manual_seed(0)
     model = MoEUTForCausalLM(tiny_config()).eval()
