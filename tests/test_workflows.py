@@ -970,11 +970,11 @@ PAGE_FAULT_PROBE = textwrap.dedent(
     from modeling_mom.workflows.cpu_memory import keep_freed_memory
     kept = sys.argv[1] == "keep" and keep_freed_memory()
     faults = []
-    for _ in range(8):
+    for _ in range(16):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.ones(2**24)  # 64 MB, above glibc's mmap threshold; freed at once
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(kept, max(faults[4:]))
+    print(kept, max(faults[8:]))
     """
 )
 
@@ -983,9 +983,10 @@ PAGE_FAULT_PROBE = textwrap.dedent(
 def test_kept_memory_is_reused_without_page_faults():
     """A 64 MB tensor allocated and freed again and again, with huge pages as the `mom` command asks for them: with
     glibc's defaults each allocation is a fresh mapping that faults in (~544 faults measured); once
-    `keep_freed_memory()` ran, the allocations reuse the kept block once the heap has settled (0 faults from the
-    fourth on in every run measured; sometimes the second or third still faults, as the 2 MB-aligned block finds its
-    place; a few faults are allowed for Python's own objects)."""
+    `keep_freed_memory()` ran, the allocations reuse the kept block once the heap has settled, as the 2 MB-aligned
+    block finds its place: over 70 runs the last allocation that faulted was the first in most, and at the latest
+    the sixth (the check had started at the fifth and failed once in a full suite run); the second half of 16 is
+    checked. A few faults are allowed for Python's own objects."""
     results = {}
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}
     for mode in ("default", "keep"):
