@@ -79,7 +79,7 @@ class MoEUTRotaryEmbedding(nn.Module):
     def __init__(self, config: MoEUTConfig):
         super().__init__()
         self.config = config
-        self.rotary_config = config.rotary_config()
+        self.rotary_config = config.rotary_config()  # the RoPE of `config` when the model was built
         self.rope_type = self.rotary_config.rope_parameters["rope_type"]
 
     @property
@@ -92,10 +92,10 @@ class MoEUTRotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, float]:
         """Inverse frequencies `[num_rotary_dims / 2]` and the cos/sin scale (yarn's and longrope's attention
         factor; 1 otherwise), for positions below `seq_len` (only dynamic and longrope scaling read it)."""
-        rotary = self.config.num_rotary_dims
         if self.rope_type == "default":
+            rotary = self.rotary_config.head_dim
             exponents = torch.arange(0, rotary, 2, dtype=dtype, device=device) / max(rotary, 1)
-            return 1.0 / self.config.rope_theta**exponents, 1.0
+            return 1.0 / self.rotary_config.rope_theta**exponents, 1.0
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.rotary_config, device, seq_len=seq_len)
         return inv_freq.to(device=device, dtype=dtype), scaling
 
