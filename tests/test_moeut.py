@@ -622,8 +622,10 @@ def test_rope_parameters_set_as_an_attribute_are_checked_and_completed():
 
 
 def test_remote_code_load_without_the_package(tmp_path):
+    """With a RoPE scaling past the trained context, so that the copied configuration file's `rope_parameters` count."""
     torch.manual_seed(0)
-    model = MoEUTForCausalLM(tiny_config()).eval()
+    model = MoEUTForCausalLM(tiny_config(rope_parameters={"rope_type": "yarn", "factor": 4.0},
+                                         max_position_embeddings=6)).eval()
     assert_remote_code_load_matches(model, *left_padded_batch(), tmp_path)
 
 
