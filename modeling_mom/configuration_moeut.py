@@ -104,8 +104,10 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
         position_embedding_type: "rope" (the paper; partial RoPE only) or "learned_absolute" (adds GPT-2-style learned
             positions to the embeddings, for function-preserving GPT-2 seeding; set ``partial_rotary_factor=0`` to
             drop RoPE).
-        max_position_embeddings: the trained context: the size of the learned position table, and what the yarn,
-            llama3, longrope and dynamic RoPE scalings extend.
+        max_position_embeddings: the size of the learned position table; with a RoPE scaling, transformers' meaning:
+            dynamic NTK scales past it, and yarn, llama3 and longrope take the trained context from
+            ``rope_parameters["original_max_position_embeddings"]``, which defaults to it (longrope derives its
+            attention scale from the ratio of the two).
         attention_bias: biases on Q, K, V (per value expert) and the attention output (GPT-2 seeding; the paper has
             none).
         mlp_bias: per-expert biases on both expert projections (GPT-2 seeding; the paper has none).
