@@ -123,6 +123,8 @@ def convert(src: str | Path, dtype: torch.dtype | None = None) -> ModuleFormerFo
             f"n_embd, vocab_size): {listed(misshapen)}."
         )
     model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:  # the head was built on the meta device: point it at the loaded embeddings
+        model.tie_weights()
     return model.eval()
 
 

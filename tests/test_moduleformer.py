@@ -680,6 +680,29 @@ def test_official_checkpoint_converts_to_the_official_function(shape, fmt, tmp_p
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+def test_official_checkpoint_with_tied_head_converts_with_the_head_tied(tmp_path):
+    """With `tie_word_embeddings`, a MoLM checkpoint stores no `lm_head.weight`: the converted head is the loaded
+    embeddings (the model is built on the meta device, so an untied head would have no values to save)."""
+    from conversion.molm_to_moduleformer import convert, main
+
+    official = {**MOLM_700M_8B, "vocab_size": 50, "n_embd": 16, "n_layer": 2, "ffd_hidden": 12, "gating_size": 6}
+    official.update(n_att_experts=4, n_mlp_experts=5, tie_word_embeddings=True, torch_dtype="float32")
+    official.update(n_head=1, att_hidden=16)
+    state = official_checkpoint(official)
+    src = tmp_path / "molm"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(official))
+    torch.save({k: v for k, v in state.items() if k != "lm_head.weight"}, src / "pytorch_model.bin")
+    model = convert(src)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 50, (2, 7))
+    expected = official_forward({**state, "lm_head.weight": state["transformer.wte.weight"]}, official, ids)
+    torch.testing.assert_close(model(ids).logits.double(), expected, atol=ATOL, rtol=0)
+    main(["--src", str(src), "--out", str(tmp_path / "converted")])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "converted").eval()
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
 # ------------------------------------------------------------------------------------------ GPT-2 seeding
 
 
