@@ -118,6 +118,7 @@ def moeut_config(gpt2_config, exact: bool, num_unique_layers: int | None, expert
         required = {k: fields[k] for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size")}
         required.update(
             num_attention_experts=1, hidden_act=gpt2_config.activation_function, norm_scheme="pre",
+            layer_norm_eps=gpt2_config.layer_norm_epsilon,
             position_embedding_type="learned_absolute", partial_rotary_factor=0.0, attention_bias=True, mlp_bias=True,
             tie_word_embeddings=gpt2_config.tie_word_embeddings, lm_head_bias=False,
         )  # fmt: skip

@@ -23,6 +23,14 @@ class ValidatedConfigMixin:
         (loaded[0] if isinstance(loaded, tuple) else loaded).validate_architecture()  # (config, unused kwargs)
         return loaded
 
+    def __setattr__(self, name, value):
+        """An alias of `attribute_map` (ModuleFormer's official MoLM keys) is set through the field it names, so that
+        `@strict`, which looks its type checks up by the name given, checks the value (`n_layer=2.5` passed before)."""
+        if name in type(self).attribute_map:
+            setattr(self, type(self).attribute_map[name], value)
+        else:
+            super().__setattr__(name, value)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.validate_architecture()  # a plain ValueError for this package's fields
         self.validate()  # every other check transformers makes when it writes config.json
@@ -61,17 +69,24 @@ def check_positive(config, names) -> None:
         require(value >= 1, f"{name}={value} must be a positive integer.")
 
 
+def is_real(value) -> bool:
+    """An int or float (not a bool): values kept inside dicts, such as RoPE's, escape `@strict`'s type checks."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_non_negative(config, names) -> None:
     for name in names:
         value = getattr(config, name)
-        require(math.isfinite(value) and value >= 0, f"{name}={value} must be a finite number >= 0.")
+        ok = is_real(value) and math.isfinite(value) and value >= 0
+        require(ok, f"{name}={value!r} must be a finite number >= 0.")
 
 
 def check_finite_positive(config, names) -> None:
     """Real-valued fields that must be > 0 and finite (an infinite epsilon or temperature gives constant outputs)."""
     for name in names:
         value = getattr(config, name)
-        require(math.isfinite(value) and value > 0, f"{name}={value} must be a finite number > 0.")
+        ok = is_real(value) and math.isfinite(value) and value > 0
+        require(ok, f"{name}={value!r} must be a finite number > 0.")
 
 
 def check_dropouts(config, names) -> None:

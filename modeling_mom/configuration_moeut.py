@@ -3,6 +3,7 @@
 
 import copy
 import dataclasses
+import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -17,6 +18,7 @@ from .config_checks import (
     check_non_negative,
     check_positive,
     derived_property,
+    is_real,
     require,
 )
 
@@ -223,7 +225,10 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
         """transformers' checks of ``rope_parameters``, on the rotated width (an odd head may be wholly rotated: the
         official code then rotates all its dims but the last)."""
         if self.rope_parameters and self.num_rotary_dims > 0:
-            super(MoEUTConfig, self.rotary_config()).validate_rope()
+            try:
+                super(MoEUTConfig, self.rotary_config()).validate_rope()
+            except KeyError as error:  # a key the type needs is missing
+                raise ValueError(f"rope_parameters={self.rope_parameters}: {error.args[0]}") from None
 
     def validate_architecture(self):
         """Every field's allowed values (see `config_checks`)."""
@@ -252,8 +257,12 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
             f"1..num_attention_experts={self.num_attention_experts}.",
         )
         require(
-            0 <= self.partial_rotary_factor <= 1,
-            f"partial_rotary_factor={self.partial_rotary_factor}; allowed: 0..1.",
+            isinstance(self.rope_parameters, dict),
+            f"rope_parameters={self.rope_parameters!r}; allowed: a dict (transformers' RoPE parameters).",
+        )
+        require(
+            is_real(self.partial_rotary_factor) and 0 <= self.partial_rotary_factor <= 1,
+            f"partial_rotary_factor={self.partial_rotary_factor!r}; allowed: a number in 0..1.",
         )
         require(
             self.partial_rotary_factor == 0 or self.num_rotary_dims > 0,
@@ -262,12 +271,13 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
             f"{2 / self.head_dim!r}.",
         )
         check_finite_positive(self, ("rope_theta",))
-        require(
-            isinstance(self.rope_parameters, dict),
-            f"rope_parameters={self.rope_parameters!r}; allowed: a dict (transformers' RoPE parameters).",
-        )
         rope_type = self.rope_parameters.get("rope_type", "default")
         require(rope_type in ROPE_TYPES, f"rope_parameters rope_type={rope_type!r}; allowed: {ROPE_TYPES}.")
+        factor = self.rope_parameters.get("factor")  # transformers only logs a bad one: factor 0 gave NaN positions
+        require(
+            rope_type == "default" or factor is None or (is_real(factor) and math.isfinite(factor) and factor > 0),
+            f"rope_parameters factor={factor!r} (rope_type={rope_type!r}); allowed: a finite number > 0.",
+        )
         minimum = {"default": 0, "dynamic": 4}.get(rope_type, 2)  # dynamic NTK divides by (rotated dims - 2)
         require(
             self.num_rotary_dims >= minimum,
@@ -275,6 +285,7 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
             f"{self.partial_rotary_factor} rotates {self.num_rotary_dims} dims of each head; allowed: at least "
             f"{minimum}.",
         )
+        self.validate_rope()  # transformers' checks of the type's keys, as a ValueError here
 
 
 __all__ = ["MoEUTConfig"]

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from huggingface_hub.errors import StrictDataclassFieldValidationError
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from modeling_mom import ModuleFormerForCausalLM, MoEUTConfig, MoEUTForCausalLM, MoMForCausalLM
 
@@ -137,6 +138,22 @@ def test_moduleformer_per_layer_counts_are_named():
         counts = [4] * (layers - 1) + [value] if not name.startswith("pruned") else [0] * (layers - 1) + [value]
         with pytest.raises(ValueError, match=rf"{name}\[{layers - 1}\]={value} must be {message}"):
             test_moduleformer.tiny_config(**{name: counts})
+
+
+@pytest.mark.parametrize(
+    "alias, value, field",
+    [("n_layer", 2.5, "num_hidden_layers"), ("n_head", "2", "num_attention_heads"),
+     ("gating_size", None, "router_hidden_size"), ("resid_pdrop", "0.1", "resid_dropout")],
+)  # fmt: skip
+def test_moduleformer_official_keys_are_type_checked_as_their_fields(alias, value, field, tmp_path):
+    """Values given under the official MoLM names (`attribute_map`) skipped `@strict`'s type checks: `n_layer=2.5`
+    was accepted and failed later inside `range`, `n_head="2"` with a comparison error that named no field."""
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"field '{field}'"):
+        test_moduleformer.tiny_config(**{alias: value})
+    test_moduleformer.tiny_config().save_pretrained(tmp_path)
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"field '{field}'"):
+        AutoConfig.from_pretrained(tmp_path, **{alias: value})
+    assert test_moduleformer.tiny_config(n_layer=3).num_hidden_layers == 3
 
 
 def test_moeut_presets_refuse_unknown_overrides_and_names():

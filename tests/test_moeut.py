@@ -98,6 +98,12 @@ def variant_id(variant):
         (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}, partial_rotary_factor=0.0),
          "partial_rotary_factor=0.0 rotates 0 dims"),
         (dict(initializer_range=-1.0), "initializer_range"),
+        # values inside rope_parameters escape @strict's type checks; transformers only logs a bad factor
+        (dict(partial_rotary_factor="0.5"), "partial_rotary_factor='0.5'; allowed: a number"),
+        (dict(rope_theta="x"), "rope_theta='x' must be a finite number"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 0.0}), "factor=0.0 .* a finite number > 0"),  # NaN
+        (dict(rope_parameters={"rope_type": "yarn", "factor": math.nan}), "factor=nan"),
+        (dict(rope_parameters={"rope_type": "linear"}), "Missing required keys .* {'factor'}"),  # was a KeyError
     ],
 )
 def test_invalid_config_raises_naming_the_field(overrides, field):
@@ -685,6 +691,17 @@ def test_exact_conversion_equals_gpt2(gpt2_overrides, tmp_path):
     assert torch.equal(model.generate(ids, **kwargs), gpt2.generate(ids, **kwargs))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded(ids).logits, expected, **TOL)
+
+
+def test_exact_conversion_refuses_overrides_that_change_the_function():
+    """A LayerNorm epsilon other than GPT-2's was accepted with exact=True, and the logits then differed by 0.4."""
+    from conversion.gpt2_to_moeut import convert
+
+    gpt2 = tiny_gpt2(n_layer=2)
+    for field, value in (("layer_norm_eps", 1e-2), ("norm_scheme", "peri"), ("hidden_act", "relu")):
+        with pytest.raises(ValueError, match=re.escape(f"; got {{'{field}': {value!r}}}")):
+            convert(gpt2, exact=True, expert_size=64, **{field: value})
+    assert convert(gpt2, exact=True, expert_size=64, layer_norm_eps=1e-5).config.layer_norm_eps == 1e-5
 
 
 def test_shared_conversion_holds_every_gpt2_layer_as_experts():
