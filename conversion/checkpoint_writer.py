@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from modeling_mom.workflows.common import check_can_be_directory, move_into_place, sibling_dir
 
@@ -42,6 +42,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False, source: st
     working directory, nor the `source` checkpoint directory (or one that contains it), which replacing would delete."""
     out = Path(out)
     check_can_be_directory(out, f"--out {out}")
+    check_can_be_directory(out.parent, f"--out {out}")  # where it is staged, then renamed into place
     cwd = Path.cwd()
     if out.resolve() in (cwd, *cwd.parents):  # it is renamed into place, which the working directory cannot be
         raise ValueError(f"--out {out} is the working directory or contains it; name a new directory instead.")
@@ -52,6 +53,25 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False, source: st
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it.")
     return out
+
+
+def check_tokenizer_files(source: str | os.PathLike | None) -> None:
+    """A ValueError if the local checkpoint directory `source` has tokenizer files that do not load (they were copied
+    as they were, and the converted checkpoint then failed in every training command); none at all is fine."""
+    if source is None or not Path(source).is_dir():
+        return
+    if not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+        return
+    try:
+        AutoConfig.from_pretrained(source)  # which the tokenizer's loading reads too
+    except Exception:  # the converter's own checks of the source name the problem
+        return
+    try:
+        AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # a damaged JSON file, or one `tokenizers` cannot read, raises anything
+        raise ValueError(
+            f"the tokenizer files in {source} do not load ({type(error).__name__}: {error}); repair or remove them."
+        ) from error
 
 
 def copy_tokenizer(source: str | os.PathLike, target: Path) -> list[str]:
@@ -102,11 +122,12 @@ def convert_and_save(
     tokenizer_source: str | os.PathLike | None,
     add_files: Callable[[Path], None] | None = None,
 ) -> tuple[PreTrainedModel, list[str]]:
-    """A converter command line's work: check `--out` first (before a long conversion), build the model, save it
-    all or nothing (with `add_files`, see :func:`save_converted`). A ValueError (bad options, a source that does not
-    fit) becomes the parser's usage error. Returns the model and the tokenizer files copied."""
+    """A converter command line's work: check `--out` and the tokenizer files first (before a long conversion), build
+    the model, save it all or nothing (with `add_files`, see :func:`save_converted`). A ValueError (bad options, a
+    source that does not fit) becomes the parser's usage error. Returns the model and the tokenizer files copied."""
     try:
         check_output_dir(args.out, args.overwrite, tokenizer_source)
+        check_tokenizer_files(tokenizer_source)
         model = build()
         return model, save_converted(model, args.out, tokenizer_source, args.overwrite, add_files)
     except ValueError as error:

@@ -3,9 +3,11 @@ be a GPT-2 before anything is converted (another architecture's weights would lo
 load report to say so); and the parts every converter copies the same way (embeddings, final norm, head)."""
 
 import os
+import pickle
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
 from modeling_mom.workflows.common import SEED_RANGE
@@ -17,6 +19,8 @@ def gpt2_config_of(gpt2: str | os.PathLike | GPT2LMHeadModel) -> GPT2Config:
         raise TypeError(f"gpt2 must be a GPT2LMHeadModel, a directory or a hub id; got a {type(gpt2).__name__}.")
     if isinstance(gpt2, GPT2LMHeadModel):
         config = gpt2.config
+    elif os.path.isdir(gpt2) and not os.path.isfile(os.path.join(gpt2, "config.json")):
+        raise ValueError(f"{gpt2} has no config.json, so it is not a saved model; a GPT-2 checkpoint is required.")
     else:
         try:
             config = AutoConfig.from_pretrained(gpt2)
@@ -60,8 +64,9 @@ def load_gpt2(gpt2: str | os.PathLike | GPT2LMHeadModel) -> GPT2LMHeadModel:
         return gpt2
     try:
         model, info = GPT2LMHeadModel.from_pretrained(gpt2, dtype=torch.float32, output_loading_info=True)
-    except OSError as error:  # no weights, or a shard missing
-        raise ValueError(f"cannot load GPT-2 weights from {gpt2}: {error}") from error
+    except (OSError, SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        # no weights, a shard missing, a damaged file, or tensors shaped unlike the config says
+        raise ValueError(f"cannot load GPT-2 weights from {gpt2}: {type(error).__name__}: {error}") from error
     if info["missing_keys"]:  # left randomly initialised: the conversion would not be of this GPT-2
         missing = sorted(info["missing_keys"])
         shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")

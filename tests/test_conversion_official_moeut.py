@@ -199,6 +199,8 @@ UNSUPPORTED = {
     "transformer.activation": ("topk", "transformer.activation='topk'; allowed: ('relu', 'gelu')"),
     "moe.perplexity_reg_mode": ("step", "moe.perplexity_reg_mode='step'; allowed: 'layers_time'"),
     "transformer.universal.group_size": (3, "group_size=3; allowed: a divisor of encoder_n_layers=4"),
+    "transformer.n_heads": (0, "transformer.n_heads=0; allowed: a positive integer"),  # was a ZeroDivisionError
+    "state_size": (0, "state_size=0; allowed: a positive integer"),  # was refused as our hidden_size
 }
 
 

@@ -96,7 +96,6 @@ def test_the_working_directory_is_refused_as_output(name, gpt2_dir, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "work"] and not list(work.iterdir())
 
 
-
 @pytest.mark.parametrize("name", CONVERTERS)
 def test_outputs_that_cannot_be_written_or_would_delete_the_source_are_refused(name, gpt2_dir, tmp_path, capsys):
     """`--overwrite` into the source GPT-2 (or a directory holding it) replaced the source with the conversion; an
@@ -114,6 +113,41 @@ def test_outputs_that_cannot_be_written_or_would_delete_the_source_are_refused(n
         assert message in capsys.readouterr().err, out
     assert sorted(p.name for p in gpt2_dir.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "gpt2"]
+
+
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_an_output_in_a_read_only_location_is_refused_before_converting(name, gpt2_dir, tmp_path, monkeypatch, capsys):
+    """A read-only `--out` location failed with a PermissionError traceback after the whole conversion. Root may
+    write anywhere but on read-only filesystems, so the location's refusal is simulated where the probe writes."""
+    from modeling_mom.workflows import common
+
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    probe = common.tempfile.TemporaryDirectory
+
+    def refusing_probe(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == read_only:
+            raise PermissionError(13, "Permission denied")
+        return probe(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(common.tempfile, "TemporaryDirectory", refusing_probe)
+    monkeypatch.setattr(checkpoint_writer, "save_converted", lambda *args: pytest.fail("converted and saved"))
+    for out in (read_only / "new", read_only / "new" / "deeper"):
+        with pytest.raises(SystemExit):
+            run(name, gpt2_dir, out)
+        assert f"--out {out}: cannot write in {read_only} (Permission denied)" in capsys.readouterr().err
+    assert not list(read_only.iterdir())
+
+
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_tokenizer_files_that_do_not_load_are_refused_before_converting(name, gpt2_dir, tmp_path, capsys):
+    """They were copied as they were (`mom convert` then said both that there was no tokenizer and which files it
+    had copied, and exited 0); every training command failed on the converted checkpoint."""
+    (gpt2_dir / "tokenizer.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        run(name, gpt2_dir, tmp_path / "out")
+    assert f"the tokenizer files in {gpt2_dir} do not load (JSONDecodeError: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", CONVERTERS)
@@ -160,8 +194,9 @@ def test_a_failed_move_aside_leaves_no_directory_behind(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", CONVERTERS)
 def test_a_source_without_usable_weights_is_refused(name, gpt2_dir, tmp_path, capsys):
-    """A missing directory, a directory without weights and weights lacking layers (which would load randomly
-    initialised) are usage errors naming the problem; a GPT-2 saved without its head (`GPT2Model`) converts."""
+    """A missing directory, a directory without weights, weights lacking layers (which would load randomly
+    initialised), a damaged weights file and weights of other shapes than the config's are usage errors naming the
+    problem; a GPT-2 saved without its head (`GPT2Model`) converts."""
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text((gpt2_dir / "config.json").read_text())
@@ -171,10 +206,20 @@ def test_a_source_without_usable_weights_is_refused(name, gpt2_dir, tmp_path, ca
         fewer_layers
     )
     (fewer_layers / "config.json").write_text((gpt2_dir / "config.json").read_text())  # says n_layer=2
+    (tmp_path / "no_config").mkdir()
+    damaged, narrower = tmp_path / "damaged", tmp_path / "narrower"  # were tracebacks
+    damaged.mkdir()
+    (damaged / "config.json").write_text((gpt2_dir / "config.json").read_text())
+    (damaged / "model.safetensors").write_bytes(b"not a safetensors file")
+    GPT2LMHeadModel(GPT2Config(vocab_size=4, n_positions=16, n_embd=16, n_layer=2, n_head=4)).save_pretrained(narrower)
+    (narrower / "config.json").write_text((gpt2_dir / "config.json").read_text())  # says n_embd=32
     cases = {
         tmp_path / "missing": "is not a GPT-2 checkpoint directory or a reachable hub id",
+        tmp_path / "no_config": "has no config.json, so it is not a saved model",  # was "Unrecognized model"
         no_weights: "cannot load GPT-2 weights from",
         fewer_layers: "weights lack 12 tensor(s) its config needs: transformer.h.1.attn.c_attn.bias, ",
+        damaged: f"cannot load GPT-2 weights from {damaged}: SafetensorError: ",
+        narrower: f"cannot load GPT-2 weights from {narrower}: RuntimeError: ",
     }
     for source, message in cases.items():
         with pytest.raises(SystemExit):

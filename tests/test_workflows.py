@@ -756,6 +756,7 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
     (tmp_path / "word_labels.jsonl").write_text('{"sentence": "good", "label": "positive"}\n')
     (tmp_path / "null_text.jsonl").write_text('{"text": "the cat ."}\n{"text": null}\n')
     (tmp_path / "one_line.jsonl").write_text('{"text": "the cat ."}\n')
+    (tmp_path / "empty.jsonl").write_text("")
     sums = ["--train-file", str(workspace / "sum_train.jsonl"), "--validation-file", str(workspace / "sum_eval.jsonl"),
             "--max-new-tokens", "16"]
     lm = ["--dataset", corpus, "--block-size", "32"]  # with the bad values below, commands that would train
@@ -772,6 +773,8 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
             "pretrain", "--model", gpt2, "--dataset", corpus, "--block-size", "32",
             "--validation-file", str(tmp_path / "one_line.jsonl")],
         "is not valid JSON": ["pretrain", "--model", gpt2, "--dataset", str(tmp_path / "malformed.jsonl")],
+        "empty.jsonl is empty; it needs rows with the column(s) ['text']": [  # a StopIteration traceback
+            "pretrain", "--model", gpt2, "--dataset", str(tmp_path / "empty.jsonl")],
         "lacks the column(s) ['story']": ["pretrain", "--model", gpt2, "--dataset", corpus, "--text-column", "story"],
         "is not a GLUE task": ["glue", "--model", gpt2, "--task", "sst3", *sst2],
         "has no config.json": ["glue", "--model", str(tmp_path / "no_config"), "--task", "sst2", *sst2],

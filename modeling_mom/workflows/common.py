@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -35,15 +36,21 @@ def check_positive(args, *names: str) -> None:
 
 
 def check_can_be_directory(directory: str | Path, option: str) -> None:
-    """`directory` is one, or can be made: the nearest existing path of it and its parents must be a directory. A
-    file there failed only when the first file was written, after the model had loaded (FileExistsError,
-    NotADirectoryError). `option` names the argument in the message, e.g. "--out runs/x"."""
+    """`directory` is one, or can be made: the nearest existing path of it and its parents must be a directory, and
+    writable (an empty directory is made and removed there to find out). A file there failed only when the first file
+    was written, after the model had loaded (FileExistsError, NotADirectoryError). `option` names the argument in the
+    message, e.g. "--out runs/x"."""
     directory = Path(directory)
     existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise WorkflowError(
             f"{option}: {existing} exists and is not a directory; name a directory (an existing one or a new one)."
         )
+    if existing is not None:  # a read-only location failed only at the first write, after the work
+        try:
+            tempfile.TemporaryDirectory(dir=existing, prefix=".mom-write-probe-").cleanup()
+        except OSError as error:
+            raise WorkflowError(f"{option}: cannot write in {existing} ({error.strerror}); name a writable location.")
 
 
 def load_model_config(model: str, option: str = "--model") -> PreTrainedConfig:
@@ -166,6 +173,8 @@ def load_local_split(path: str, columns: list[str]):
         )
     if not file.is_file():
         raise WorkflowError(f"data file {path} does not exist.")
+    if file.stat().st_size == 0:  # `datasets` raised a bare StopIteration on an empty JSON file
+        raise WorkflowError(f"data file {path} is empty; it needs rows with the column(s) {columns}.")
     # a TSV cell is its text verbatim (GLUE's files hold unmatched quotes): CSV quoting would merge rows
     options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if file.suffix.lower() == ".tsv" else {}
     try:
