@@ -11,7 +11,8 @@ through that expert's weight in one grouped matmul, and the results are scattere
 Selections equal to or above ``num_experts`` (MoM's SKIP) are dropped from the plan, so they contribute zero.
 
 The grouped matmul uses ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` on older torch) where the
-device and dtype support it, and otherwise one matmul per expert over ``split`` / ``unbind`` views. Indexing
+device and dtype support it (on operands zero-padded to 16-byte feature multiples where they are not), and
+otherwise one matmul per expert over ``split`` / ``unbind`` views. Indexing
 ``weight[e]`` inside an autograd loop is never used: its backward materialises a full-size zero gradient per
 expert (quadratic in the number of experts). Small bf16 products on CPU run as one ``bmm`` over the experts' rows
 padded to the largest count instead (each bf16 matmul has a large fixed cost there). Without autograd and with a
