@@ -645,6 +645,9 @@ def test_moeut_card_names_its_rope(tmp_path):
     MoEUTForCausalLM(tiny_config(rope_parameters={"rope_type": "yarn", "factor": 4.0})).save_pretrained(tmp_path)
     card = str(hub.render_card(str(tmp_path), "me/moeut"))
     assert "dimensions, with transformers' `yarn` RoPE scaling beyond the 1024 trained positions" in card
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}  # the trained context
+    MoEUTForCausalLM(tiny_config(rope_parameters=rope)).save_pretrained(tmp_path)
+    assert "scaling beyond the 256 trained positions" in str(hub.render_card(str(tmp_path), "me/moeut"))
 
 
 def test_mom_without_routers_is_described_as_such(tmp_path):
