@@ -243,8 +243,8 @@ def grouped_linear(
     # the bag's and the padding's tests read row counts, which torch.compile could only guard on per value: compiled
     # code skips them
     choose = use_grouped_mm is not False and not torch.compiler.is_compiling()
-    pad_features = use_grouped_mm is None and grouped_mm_supported(x) and not grouped_mm_supported(x, weight)
-    if use_grouped_mm is None:
+    automatic = use_grouped_mm is None
+    if automatic:
         use_grouped_mm = grouped_mm_supported(x, weight)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if not needs_grad and not torch.compiler.is_compiling() and _bag_wins(plan.token_index.shape[0], weight):
@@ -253,7 +253,7 @@ def grouped_linear(
         out = _padded_linear(x, weight, plan)
     elif use_grouped_mm:
         out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))
-    elif pad_features:
+    elif automatic and grouped_mm_supported(x):  # the build has grouped_mm, but the features are not aligned for it
         out = _feature_padded_grouped_mm(x, weight, plan)
     else:
         out = torch.cat([xe @ we for xe, we in zip(x.split(plan.counts), weight.unbind(0))])
