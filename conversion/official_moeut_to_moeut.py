@@ -175,9 +175,11 @@ def config_from_arguments(args: dict, vocab_size: int) -> tuple[MoEUTConfig, dic
             _refuse(name, value, allowed, why)
     if args["transformer.activation"] not in ACTIVATIONS:
         _refuse("transformer.activation", args["transformer.activation"], f"{ACTIVATIONS}")
-    sizes = ("state_size", "transformer.n_heads", "transformer.encoder_n_layers", "moe.n_experts", "moe.expert_size",
-             "lm.unroll")  # fmt: skip
-    for name in sizes + ("transformer.head_projection_size",) * (args["transformer.head_projection_size"] is not None):
+    sizes = ["state_size", "transformer.n_heads", "transformer.encoder_n_layers", "moe.n_experts", "moe.expert_size",
+             "lm.unroll"]  # fmt: skip
+    if args["transformer.head_projection_size"] is not None:  # None: state_size // n_heads
+        sizes.append("transformer.head_projection_size")
+    for name in sizes:
         if isinstance(args[name], bool) or not isinstance(args[name], int) or args[name] < 1:
             _refuse(name, args[name], "a positive integer")  # named as the training code names it (d // 0 before)
     d, heads, layers = args["state_size"], args["transformer.n_heads"], args["transformer.encoder_n_layers"]
