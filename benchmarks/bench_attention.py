@@ -1,13 +1,14 @@
 """Stick-breaking attention against causal `scaled_dot_product_attention` (issues 4 and 6): time and peak memory.
 
-For each sequence length: SDPA (`is_causal=True`, PyTorch's fused CPU kernel), our blocked stick-breaking kernel
-(`modeling_mom.stickbreaking_attention`, fp32 whatever the input dtype; in fwd+bwd also with `recompute_weights=True`,
-its O(T x D)-memory form) and, at short lengths, the naive
+For each sequence length: SDPA (`is_causal=True`, PyTorch's fused kernel for the device), our blocked stick-breaking
+kernel (`modeling_mom.stickbreaking_attention`, fp32 whatever the input dtype; in fwd+bwd also with
+`recompute_weights=True`, its O(T x D)-memory form) and, at short lengths, the naive
 full-matrix log-space formula through plain autograd (moduleformer.md's reference: O(T x S) tensors, several of them
 kept for backward). Forward alone (no autograd) and forward + backward; ratio = time / SDPA's time in the same run,
 medians. Peak memory is measured after the timings, once per figure: the growth of the process's peak resident
 set during one call (`/proc/self/status` VmHWM, reset through `/proc/self/clear_refs`), with glibc told to return
-every block of 64 KiB or more to the system when freed, so that a freed temporary does not hide a later one.
+every block of 64 KiB or more to the system when freed, so that a freed temporary does not hide a later one; with
+`--device cuda`, the growth of the peak of memory allocated on the device.
 
     python -m benchmarks.bench_attention --json attention.json --markdown attention.md
     OMP_NUM_THREADS=1 python -m benchmarks.bench_attention --tiny --threads 1   # smoke test (seconds)
@@ -75,7 +76,16 @@ def _status_kib(field: str) -> int:
 
 
 def peak_memory_mib(step) -> float | None:
-    """Growth of the peak resident set during one `step()`, in MiB (None where /proc is not Linux's)."""
+    """Growth of the peak resident set during one `step()`, in MiB (None where /proc is not Linux's); on an
+    accelerator, the growth of the peak of memory allocated on it."""
+    if torch.get_default_device().type != "cpu":
+        gc.collect()
+        torch.accelerator.synchronize()
+        torch.accelerator.reset_peak_memory_stats()
+        before = torch.accelerator.memory_allocated()
+        step()
+        torch.accelerator.synchronize()
+        return (torch.accelerator.max_memory_allocated() - before) / 2**20
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
@@ -107,7 +117,7 @@ def main():
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
     if min(args.seqs) < 1:
         parser.error(f"--seqs {args.seqs}: lengths must be >= 1.")
-    setup(args.threads, args.seed, args.malloc)
+    setup(args.threads, args.seed, args.malloc, args.device)
     dtype = DTYPES[args.dtype]
 
     results = []
@@ -137,8 +147,10 @@ def main():
     input_mib = 3 * args.batch * args.heads * 1024 * args.head_dim * dtype.itemsize / 2**20
     notes = [
         f"B={args.batch}, H={args.heads}, D={args.head_dim}, inputs {args.dtype} (stick-breaking computes in fp32), "
-        f"causal, {args.threads} threads. Forward runs without autograd; fwd+bwd backpropagates a ones gradient. "
-        f"Peak memory: growth of the resident set during one call, beyond the inputs (q, k, v = "
+        f"causal, {args.device}, {args.threads} threads. Forward runs without autograd; fwd+bwd backpropagates a ones "
+        f"gradient. "
+        f"Peak memory: growth of the resident set (on an accelerator: of its allocated memory) during one call, "
+        f"beyond the inputs (q, k, v = "
         f"{input_mib:.3f} MiB per 1k tokens); fwd+bwd includes the three input gradients."
     ]
     header = ["T", "pass", "implementation", "median (min) ms", "time / SDPA", "foreign load", "peak MiB"]

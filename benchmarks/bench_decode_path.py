@@ -108,7 +108,7 @@ def main():
     parser.add_argument("--moeut-forward", action="store_true",
                         help="time whole MoEUT-44M forwards: unsorted bags vs the sorted dispatch")  # fmt: skip
     args = parser.parse_args()
-    setup(args.threads, args.seed, args.malloc)
+    setup(args.threads, args.seed, args.malloc, args.device)
     if args.moeut_forward:
         return moeut_forward_report(args)
     if _GROUPED_MM is None:

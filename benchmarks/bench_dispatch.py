@@ -191,11 +191,16 @@ def main():
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a smoke test")
     parser.add_argument("--cases", nargs="+", choices=[*SHAPES, "decode"], default=[*SHAPES, "decode"])
+    parser.add_argument("--tokens", type=int, help="tokens of every case but decoding (default 1024; a GPU needs more)")
     args = parser.parse_args()
-    setup(args.threads, args.seed, args.malloc)
+    if args.tokens is not None and args.tokens < 1:
+        parser.error(f"--tokens={args.tokens} must be >= 1.")
+    setup(args.threads, args.seed, args.malloc, args.device)
     dtype = DTYPES[args.dtype]
     shapes = {name: (TINY_SWITCHHEAD if "switchhead" in name else TINY) if args.tiny else shape
               for name, shape in SHAPES.items()}  # fmt: skip
+    if args.tokens is not None:
+        shapes = {name: (args.tokens, *shape[1:]) for name, shape in shapes.items()}
     results, rows, differences = [], [], {}
     for name in args.cases:
         if name == "decode":

@@ -18,8 +18,13 @@ Per model: training step (forward + backward) tokens/s, activation memory (bytes
 step, the part of training memory that grows with the batch), prefill tokens/s (batch 1), cached greedy decoding
 tokens/s at batch 1 and 8 (the time of `generate`, its prompt's prefill included), forward FLOPs per token
 (counted by `torch.utils.flop_counter` on a training-length forward: matmuls, the dispatch's grouped matmuls and
-attention, so shared layers count once per application) and KV-cache bytes per token (measured on the model's own
-cache after a prefill).
+attention, so shared layers count once per application), the training step's achieved TFLOP/s (its forward and
+backward FLOPs, counted the same way, times its tokens/s; with `--peak-tflops`, also as the model FLOP utilisation)
+and KV-cache bytes per token (measured on the model's own cache after a prefill).
+
+On a GPU (bf16; `--peak-tflops` is the card's dense bf16 peak, e.g. 989 for an H100/H200 SXM):
+
+    python -m benchmarks.bench_models --device cuda --dtype bf16 --peak-tflops 989 --batch 16 --seq 1024
 
 `--scaling` measures instead how the training step's time per token grows with the sequence length (256 to 2048
 tokens, batch `max(1, --scaling-tokens // T)`: a step holds `--scaling-tokens` tokens, or one sequence of T where T
@@ -52,6 +57,7 @@ from benchmarks.common import (
     non_embedding_parameters,
     prefill,
     setup,
+    synchronize,
     time_interleaved,
     timing_dict,
     train_step,
@@ -140,11 +146,17 @@ def _cpu_sdpa_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     return 4 * math.prod(q_shape[:-1]) * k_shape[-2] * q_shape[-1]
 
 
+def _cpu_sdpa_backward_flops(grad_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    """The scores recomputed and the gradients of the probabilities, q, k and v: five products, `10 B H T S D`."""
+    return 10 * math.prod(q_shape[:-1]) * k_shape[-2] * q_shape[-1]
+
+
 FLOP_FORMULAS = {
     torch.ops.aten._grouped_mm: _grouped_mm_flops,
     torch.ops.aten._embedding_bag_forward_only: _embedding_bag_flops,
     torch.ops.aten._embedding_bag: _embedding_bag_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
 }
 
 
@@ -157,6 +169,14 @@ def forward_flops_per_token(model, input_ids) -> float:
     return counter.get_total_flops() / input_ids.numel()
 
 
+def train_flops_per_token(model, input_ids) -> float:
+    """FLOPs per token of one training step (forward and backward of the LM loss), counted as the forward's are;
+    the numerator of the step's model FLOP utilisation."""
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        train_step(model, input_ids)()
+    return counter.get_total_flops() / input_ids.numel()
+
+
 def time_pair(baseline_fn, models, args) -> list[dict]:
     """Train step, prefill and decoding of the baseline and its models, alternately; plus their analytic costs."""
     built = {"baseline": baseline_fn(), **{name: fn() for name, fn in models}}
@@ -166,6 +186,7 @@ def time_pair(baseline_fn, models, args) -> list[dict]:
     results = {name: {"parameters": count_parameters(m)} for name, m in built.items()}
     for name, model in built.items():
         results[name]["forward_flops_per_token"] = forward_flops_per_token(model, train_ids)
+        results[name]["train_flops_per_token"] = train_flops_per_token(model, train_ids)
         results[name]["kv_cache_bytes_per_token"] = kv_bytes_per_token(model, prompt)
         results[name]["activation_bytes"] = activation_bytes(model, train_ids)
         gc.collect()
@@ -180,6 +201,10 @@ def time_pair(baseline_fn, models, args) -> list[dict]:
         timings = time_interleaved({n: make(m) for n, m in built.items()}, warmup=args.warmup, repeats=args.repeats)
         for name, timing in timings.items():
             results[name][what] = {**timing_dict(timing), "tokens_per_s": tokens / timing.median_s}
+    for values in results.values():
+        values["train"]["tflops"] = values["train_flops_per_token"] * values["train"]["tokens_per_s"] / 1e12
+        if args.peak_tflops:
+            values["train"]["model_flop_utilisation"] = values["train"]["tflops"] / args.peak_tflops
     del built
     gc.collect()
     return [{"model": name, **values} for name, values in results.items()]
@@ -223,18 +248,25 @@ def scaling_report(results: list[dict], args) -> None:
 
 
 def profile_training_step(name: str, model, args, rows: int = 10) -> str:
-    """torch.profiler's table of the `rows` operators with the most self CPU time in one training step (after one
-    untimed step), to show where the time goes; with the step's wall time with and without the profiler."""
+    """torch.profiler's table of the `rows` operators with the most self time (on the GPU with `--device cuda`, else
+    on the CPU) in one training step (after one untimed step), to show where the time goes; with the step's wall
+    time with and without the profiler."""
     step = train_step(model, torch.randint(model.config.vocab_size, (args.batch, args.seq)))
     step()
+    on_cuda = torch.get_default_device().type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
+    synchronize()
     start = time.perf_counter()
     step()
+    synchronize()
     plain = time.perf_counter() - start
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+    with torch.profiler.profile(activities=activities) as profiler:
         start = time.perf_counter()
         step()
+        synchronize()
         profiled = time.perf_counter() - start
-    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    sort_by = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
     return (
         f"### {name}: one training step, batch {args.batch} x {args.seq}, {args.dtype}\n\n"
         f"Step wall time {plain:.2f} s without the profiler, {profiled:.2f} s with it.\n\n```\n{table}```\n"
@@ -261,6 +293,8 @@ def main():
     parser.add_argument("--mf-layers", type=int, default=4, help="ModuleFormer depth (MoLM: 24)")
     parser.add_argument("--stack-layers", type=int, default=4,
                         help="layer applications of the MoEUT-244M-shaped stack (default 4: each shared layer twice)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's peak TFLOP/s in --dtype: adds each training step's model FLOP utilisation")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a smoke test")
     parser.add_argument(
         "--profile",
@@ -276,13 +310,15 @@ def main():
         args.pairs = ["mom", "moeut", "moduleformer"] + ([] if args.scaling else ["moeut-244m"])
     if args.stack_layers < 2 or args.stack_layers % 2:
         parser.error(f"--stack-layers={args.stack_layers}: must be a positive multiple of 2 (the shared layers).")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error(f"--peak-tflops={args.peak_tflops}: must be a positive number of TFLOP/s.")
     if min(args.scaling_seqs) < 1 or args.scaling_tokens < 1:
         parser.error(f"--scaling-seqs {args.scaling_seqs} and --scaling-tokens {args.scaling_tokens} must be >= 1.")
     if args.tiny:
         args.scaling_seqs, args.scaling_tokens = [16, 32], 32
         args.batch, args.seq, args.prompt, args.new_tokens = 2, 16, 8, 2
         args.mom_hidden, args.mom_layers, args.mom_modules, args.mf_hidden, args.mf_layers = 64, 3, 2, 64, 2
-    setup(args.threads, args.seed, args.malloc)
+    setup(args.threads, args.seed, args.malloc, args.device)
     all_pairs = pairs(args)
     if args.profile:
         report = [profile_training_step(name, fn(), args) for pair in args.pairs
@@ -307,6 +343,8 @@ def main():
                 f"{r['prefill']['tokens_per_s']:.0f}", f"{r['decode_b1']['tokens_per_s']:.1f}",
                 f"{ratio['decode_b1']:.2f}",
                 f"{r['decode_b8']['tokens_per_s']:.1f}", f"{r['forward_flops_per_token'] / 1e6:.1f}",
+                f"{r['train']['tflops']:.3f}", *([f"{100 * r['train']['model_flop_utilisation']:.1f}%"]
+                                                 if args.peak_tflops else []),
                 f"{r['kv_cache_bytes_per_token'] / 1024:.1f}", fmt_foreign_load(r["train"]["foreign_load"]),
             ])  # fmt: skip
     notes = [
@@ -318,12 +356,15 @@ def main():
         ),
         (
             "Speed-up columns are baseline time / model time (> 1: the model is faster). Activation memory: bytes "
-            "saved for backward in one training step. FLOPs: forward, per token."
+            "saved for backward in one training step. FLOPs: forward, per token. Train TFLOP/s: the FLOPs of one "
+            "training step (forward + backward, counted like the forward's) times its tokens/s"
+            + (f"; MFU: that over the peak of {args.peak_tflops} TFLOP/s given by --peak-tflops." if args.peak_tflops
+               else ".")
         ),
     ]
     header = ["pair", "model", "params", "train tok/s", "train speed-up", "activations MiB", "prefill tok/s",
-              "decode b1 tok/s", "decode b1 speed-up", "decode b8 tok/s", "fwd MFLOP/token", "KV KiB/token",
-              "foreign load (train)"]  # fmt: skip
+              "decode b1 tok/s", "decode b1 speed-up", "decode b8 tok/s", "fwd MFLOP/token", "train TFLOP/s",
+              *(["train MFU"] if args.peak_tflops else []), "KV KiB/token", "foreign load (train)"]  # fmt: skip
     write_report("Architectures vs dense baselines", header, rows, {"args": vars(args), "results": results}, args,
                  notes)  # fmt: skip
 

@@ -122,7 +122,7 @@ def main():
     for name in ("hidden", "layers", "batch", "seq", "prompt", "new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
-    setup(args.threads, args.seed, args.malloc)
+    setup(args.threads, args.seed, args.malloc, args.device)
 
     results = [run_case(case, args) for case in args.cases]
     rows = []

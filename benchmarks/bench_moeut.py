@@ -178,7 +178,7 @@ def main():
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1.")
     if args.seq > 1024 or args.prompt + args.new_tokens > 1024:
         parser.error(f"--seq={args.seq} and --prompt + --new-tokens={args.prompt + args.new_tokens} must be <= 1024")
-    setup(args.threads, args.seed, args.malloc)
+    setup(args.threads, args.seed, args.malloc, args.device)
 
     results = [run_case(case, args) for case in args.cases]
     rows = []

@@ -156,7 +156,7 @@ def main():
         structure = mom_structure(args.layers, args.modules)
     except ValueError as error:
         parser.error(str(error))
-    setup(args.threads, args.seed, args.malloc)
+    setup(args.threads, args.seed, args.malloc, args.device)
 
     results = [run_case(case, args) for case in args.cases]
     rows = []

@@ -6,7 +6,7 @@ reference machine), then (`setup` also makes glibc keep freed memory for reuse u
 see `modeling_mom.workflows.cpu_memory`):
 
     args = build_parser("what it measures").parse_args()
-    setup(args.threads, args.seed, args.malloc)
+    setup(args.threads, args.seed, args.malloc, args.device)
     timings = time_interleaved({"gpt2": step_a, "mom": step_b}, warmup=args.warmup, repeats=args.repeats)
     write_report(title, header, rows, payload, args)
 
@@ -14,6 +14,10 @@ Each figure is the median (and minimum) over repeats, with the "foreign load" be
 cores other processes used while it was being timed (busy jiffies of the whole machine from `/proc/stat`, minus
 this process's own CPU time). Figures taken with a foreign load above `FOREIGN_LOAD_WARNING` are unreliable on a
 2-core machine and are marked.
+
+`--device cuda` (or another accelerator torch knows) makes it the default device: models, inputs and every tensor
+the scripts create live there, and each timed call ends with a device synchronisation, so the time is the device's,
+not the launch's. The foreign load still counts the host's CPUs only.
 """
 
 import argparse
@@ -32,7 +36,7 @@ import torch
 from modeling_mom.workflows.cpu_memory import keep_freed_memory
 
 FOREIGN_LOAD_WARNING = 0.3
-_ENVIRONMENT = {"malloc": "default"}  # what `setup` changed
+_ENVIRONMENT = {"malloc": "default", "device": "cpu"}  # what `setup` changed
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -62,6 +66,12 @@ class Timing:
         return self.foreign_load is not None and self.foreign_load > FOREIGN_LOAD_WARNING
 
 
+def synchronize() -> None:
+    """Wait for the default device's queued work (nothing to wait for on the CPU)."""
+    if torch.get_default_device().type != "cpu":
+        torch.accelerator.synchronize()
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1, repeats: int = 5) -> dict[str, Timing]:
     """Time each function `repeats` times, round-robin (a, b, a, b, ...) so slow drifts of the machine's load hit
     every function alike; `warmup` untimed rounds first. Returns a `Timing` per name."""
@@ -74,8 +84,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1, repe
     foreign = dict.fromkeys(fns, 0.0)
     for _ in range(repeats):
         for name, fn in fns.items():
+            synchronize()
             busy0, cpu0, t0 = _machine_busy_seconds(), time.process_time(), time.perf_counter()
             fn()
+            synchronize()
             elapsed = time.perf_counter() - t0
             busy1, cpu1 = _machine_busy_seconds(), time.process_time()
             samples[name].append(elapsed)
@@ -95,6 +107,9 @@ def build_parser(description: str, repeats: int = 5) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats per figure (default {repeats})")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default 1)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
+    parser.add_argument(
+        "--device", default="cpu", help="where models and inputs live: cpu (default), or an accelerator such as cuda"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results as JSON to this path")
     parser.add_argument("--markdown", help="write the results as a Markdown table to this path")
@@ -108,14 +123,33 @@ def build_parser(description: str, repeats: int = 5) -> argparse.ArgumentParser:
     return parser
 
 
-def setup(threads: int, seed: int = 0, malloc: str = "keep") -> None:
-    """Fix the thread count (results depend on it), the random seed and how freed memory is handled."""
+def setup(threads: int, seed: int = 0, malloc: str = "keep", device: str = "cpu") -> None:
+    """Fix the thread count (results depend on it), the random seed, how freed memory is handled and the device
+    every model and tensor is created on."""
     if threads < 1:
         raise ValueError(f"--threads={threads} must be >= 1.")
+    target = _checked_device(device)
     if malloc == "keep":
         _ENVIRONMENT["malloc"] = "keep" if keep_freed_memory() else "default (not glibc)"
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    torch.set_default_device(target)
+    _ENVIRONMENT["device"] = torch.cuda.get_device_name(target) if target.type == "cuda" else str(target)
+
+
+def _checked_device(device: str) -> torch.device:
+    """`device` as a torch device, refused by name where this torch cannot compute on it."""
+    try:
+        target = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device={device!r} is not a device name (cpu, cuda, cuda:1, ...): {error}") from None
+    if target.type == "cpu":
+        return target
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is None or accelerator.type != target.type:
+        found = "none" if accelerator is None else accelerator.type
+        raise ValueError(f"--device={device!r}: this torch has no {target.type} device (accelerator found: {found}).")
+    return target
 
 
 def environment() -> dict:

@@ -1,4 +1,5 @@
-"""The analytic side of the benchmarks: FLOP counts checked against counts derived by hand (no timing here)."""
+"""The analytic side of the benchmarks: FLOP counts checked against counts derived by hand, and the device and dtype
+each run gets (no timing here)."""
 
 import pytest
 import torch
@@ -7,7 +8,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks.bench_dispatch import build_layer
-from benchmarks.bench_models import FLOP_FORMULAS, forward_flops_per_token
+from benchmarks.bench_models import FLOP_FORMULAS, forward_flops_per_token, train_flops_per_token
+from benchmarks.common import setup
+from benchmarks.run_suite import section_runs
+from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM, MoEUTConfig, MoEUTForCausalLM
 
 
 def test_gpt2_forward_flops_per_token_match_the_hand_count():
@@ -35,3 +39,47 @@ def test_expert_dispatch_flops_are_the_useful_flops(tokens):
     with FlopCounterMode(display=False) as counter:
         dense(torch.randn(tokens, d))
     assert counter.get_total_flops() == 2 * tokens * d * width  # the convention the formulas follow
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "moeut", "moduleformer"])
+def test_a_training_step_counts_every_backward_product(architecture):
+    """Every product's backward computes two products of its size (the input's and the weight's gradients), grouped
+    matmuls included, and SDPA's backward five (the scores recomputed, then the gradients of the probabilities, q, k
+    and v) against its forward's two: a training step is 3x the forward's FLOPs plus half of SDPA's. Less means some
+    backward kernel went uncounted. (ModuleFormer's stick-breaking attention is plain products.)"""
+    common = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, max_position_embeddings=64)
+    model = {
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64,
+                                                   attn_pdrop=0.0)),  # as the benchmarks' baselines: SDPA's kernel
+        "moeut": lambda: MoEUTForCausalLM(MoEUTConfig(num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                                                      moe_intermediate_size=16, **common)),
+        "moduleformer": lambda: ModuleFormerForCausalLM(ModuleFormerConfig(num_hidden_layers=2, **common)),
+    }[architecture]()  # fmt: skip
+    input_ids = torch.randint(100, (2, 64))  # 128 rows: the grouped matmuls, not decoding's bags
+    forward = forward_flops_per_token(model, input_ids) * input_ids.numel()
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        model(input_ids=input_ids)
+    sdpa = sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if "scaled_dot_product" in str(op))
+    assert (sdpa > 0) == (architecture != "moduleformer")
+    train = train_flops_per_token(model, input_ids) * input_ids.numel()
+    assert train == pytest.approx(3 * forward + sdpa / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "not-a-device"])
+def test_setup_refuses_a_device_this_torch_cannot_use(device):
+    if device != "not-a-device" and torch.accelerator.is_available():
+        pytest.skip(f"this machine has an accelerator ({torch.accelerator.current_accelerator()})")
+    with pytest.raises(ValueError, match=f"--device='{device}'"):
+        setup(threads=1, malloc="default", device=device)
+    assert torch.get_default_device().type == "cpu"
+
+
+def test_the_suite_runs_every_section_in_each_dtype_on_an_accelerator():
+    """On the CPU bf16 runs only where a section lists it (fp32 everywhere); on a GPU each section runs once per
+    dtype, with its own larger shapes."""
+    assert section_runs("models", ["fp32"], "cpu") == [("bench_models", ["--dtype", "fp32"])]
+    on_gpu = section_runs("dispatch", ["bf16", "fp32"], "cuda")
+    assert [(module, extra[-2:]) for module, extra in on_gpu] == [
+        ("bench_dispatch", ["--dtype", "bf16"]), ("bench_dispatch", ["--dtype", "fp32"])
+    ]  # fmt: skip
+    assert all("--tokens" in extra for _, extra in on_gpu)
