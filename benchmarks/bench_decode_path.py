@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_decode_path --json decode_path.json --markdown decode_path.md
     python -m benchmarks.bench_decode_path --moeut-forward --repeats 30   # MoEUT-44M: unsorted bags vs sorted
+    python -m benchmarks.bench_decode_path --feature-padding               # unaligned features: padded vs loop
     OMP_NUM_THREADS=1 python -m benchmarks.bench_decode_path --threads 1 --repeats 1 --tiny   # smoke test
 
 `moe_dispatch.grouped_linear` computes a projection through `embedding_bag` (each row times its expert's weight,
@@ -10,6 +11,10 @@ and through `grouped_mm` (each expert's weight read once for all its rows, one p
 This measures both on the same sorted rows, one projection at a time, at each architecture's expert shapes, so the
 limits can be checked on another machine: "grouped / bag" > 1 means the bag is faster, and "taken" says which path
 the dispatch picks there.
+
+`--feature-padding` compares instead, with and without autograd, the two paths of features `grouped_mm` cannot take
+as they are (MoEUT-44M's 82-wide SwitchHead heads): `grouped_mm` on zero-padded operands and the per-expert loop,
+by rows per expert; "loop / padded" > 1 means the padding is faster, and "taken" says which one the dispatch picks.
 
 `--moeut-forward` times whole MoEUT-44M forwards without autograd instead (batch x tokens: decoding steps and short
 prompts), with MoEUT's unsorted bags (`moe_dispatch.bag_mixture`, taken at most one choice per expert) and with
@@ -26,7 +31,14 @@ import torch
 
 from benchmarks.common import DTYPES, Timing, build_parser, fmt_load, setup, time_interleaved, timing_dict, write_report
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM, modeling_moeut
-from modeling_mom.moe_dispatch import _GROUPED_MM, _bag_wins, bag_mixture, plan_dispatch
+from modeling_mom.moe_dispatch import (
+    _GROUPED_MM,
+    _bag_wins,
+    _feature_padded_grouped_mm,
+    _feature_padding_wins,
+    bag_mixture,
+    plan_dispatch,
+)
 
 SHAPES = {  # name: (experts, in, out)
     "moeut-244m ffn up": (387, 1024, 128),
@@ -40,6 +52,8 @@ SHAPES = {  # name: (experts, in, out)
 ROWS_PER_EXPERT = (0.25, 1, 2, 4, 6, 8, 16)
 TINY = {"tiny": (6, 32, 16)}
 FORWARD_SHAPES = ((1, 1), (8, 1), (1, 4), (1, 16), (1, 64))  # (batch, tokens)
+UNALIGNED_SHAPES = {"moeut-44m switchhead v": (32, 412, 82), "moeut-44m switchhead o": (32, 82, 412)}
+UNALIGNED_ROWS_PER_EXPERT = (8, 16, 32, 64, 128, 256, 512)
 
 
 def fmt_us(timing: Timing) -> str:
@@ -64,6 +78,50 @@ def projection_functions(num_experts: int, in_features: int, out_features: int, 
 
     difference = (bag() - grouped()).abs().max().item()
     return {"grouped": grouped, "bag": bag}, _bag_wins(plan.token_index.shape[0], weight), difference
+
+
+def feature_padding_report(args):
+    """Unaligned features, with and without autograd: `grouped_mm` on zero-padded operands vs the per-expert loop."""
+    shapes = {"tiny": (6, 30, 18)} if args.tiny else UNALIGNED_SHAPES
+    per_expert_counts = (2, 8) if args.tiny else UNALIGNED_ROWS_PER_EXPERT
+    dtype = DTYPES[args.dtype]
+    results, rows = [], []
+    for name, (num_experts, in_features, out_features) in shapes.items():
+        weight = (torch.randn(num_experts, in_features, out_features, dtype=dtype) * in_features**-0.5).requires_grad_()
+        for per_expert, backward in [(count, grad) for grad in (False, True) for count in per_expert_counts]:
+            plan = plan_dispatch(torch.randint(num_experts, (per_expert * num_experts, 1)), num_experts)
+            x = torch.randn(per_expert * num_experts, in_features, dtype=dtype, requires_grad=True)
+            grad = torch.randn(x.shape[0], out_features, dtype=dtype)
+
+            def step(forward):
+                def run():
+                    x.grad = weight.grad = None
+                    with torch.set_grad_enabled(backward):
+                        out = forward(x, weight, plan)
+                    if backward:
+                        out.backward(grad)
+
+                return run
+
+            def loop(x, weight, plan):  # the dispatch's per-expert loop (the bag never: it may run without autograd)
+                return torch.cat([xe @ we for xe, we in zip(x.split(plan.counts), weight.unbind(0))])
+
+            fns = {"loop": step(loop), "padded": step(_feature_padded_grouped_mm)}
+            timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
+            ratio = timings["loop"].median_s / timings["padded"].median_s
+            taken = "padded" if _feature_padding_wins(x, weight, plan, backward) else "loop"
+            results.append({"shape": name, "rows_per_expert": per_expert, "backward": backward, "taken": taken,
+                            "loop_over_padded": ratio,
+                            **{impl: timing_dict(timing) for impl, timing in timings.items()}})  # fmt: skip
+            rows.append([name, f"{num_experts} x {in_features} x {out_features}", per_expert,
+                         "fwd+bwd" if backward else "fwd, no autograd", fmt_us(timings["loop"]),
+                         fmt_us(timings["padded"]), f"{ratio:.2f}", taken, fmt_load(timings["padded"])])  # fmt: skip
+    notes = [f"dtype={args.dtype}; one projection, rows = experts x rows per expert, each row's expert at random."]
+    header = ["shape", "experts x in x out", "rows per expert", "pass", "loop median (min) µs",
+              "padded median (min) µs", "loop / padded", "taken", "foreign load"]  # fmt: skip
+    payload = {"args": vars(args), "results": results}
+    write_report("Unaligned features: zero-padded grouped_mm vs the per-expert loop", header, rows, payload, args,
+                 notes)  # fmt: skip
 
 
 def moeut_forward_report(args):
@@ -107,12 +165,16 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="one tiny shape, for a smoke test")
     parser.add_argument("--moeut-forward", action="store_true",
                         help="time whole MoEUT-44M forwards: unsorted bags vs the sorted dispatch")  # fmt: skip
+    parser.add_argument("--feature-padding", action="store_true",
+                        help="unaligned features: zero-padded grouped_mm vs the per-expert loop")  # fmt: skip
     args = parser.parse_args()
     setup(args.threads, args.seed, args.malloc, args.device)
     if args.moeut_forward:
         return moeut_forward_report(args)
     if _GROUPED_MM is None:
         raise SystemExit("this torch build has no grouped_mm: nothing to compare the embedding_bag path with")
+    if args.feature_padding:
+        return feature_padding_report(args)
     results, rows, largest_difference = [], [], 0.0
     for name, (num_experts, in_features, out_features) in (TINY if args.tiny else SHAPES).items():
         for per_expert in ROWS_PER_EXPERT:

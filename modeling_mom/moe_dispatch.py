@@ -172,15 +172,19 @@ def bag_mixture(
     `E`: no SKIP) and `gates` (1 if None) are `[N, k]`. One `embedding_bag`: the bank is viewed as `E * in` rows of
     `out` features, and row n's bag holds its experts' rows, weighted by the gated inputs and summed. It reads only
     the chosen experts' weights, with no sort, no per-expert matmul (whose fixed cost dominates at a few rows), no
-    copy of the weights and no scatter: the gate-weighted sum over a token's experts is the bag's own sum.
+    copy of the weights and no scatter: the gate-weighted sum over a token's experts is the bag's own sum. CPU
+    threads share the bags, not the rows of a bag, so with fewer rows than threads (decoding one sequence) each
+    choice gets its own bag and the `k` results are summed: at MoEUT-44M's FFN down projection (1 token, 12
+    experts) 0.6x the time of one bag.
     """
     num_experts, in_features, out_features = weight.shape
     bags = (selected * in_features).unsqueeze(-1) + torch.arange(in_features, device=x.device)  # [N, k, in]
-    per_sample = x if gates is None else x * gates.unsqueeze(-1).to(x.dtype)
+    per_sample = (x if gates is None else x * gates.unsqueeze(-1).to(x.dtype)).expand(bags.shape)
     bank = weight.reshape(num_experts * in_features, out_features)
-    return F.embedding_bag(
-        bags.flatten(1), bank, per_sample_weights=per_sample.expand(bags.shape).flatten(1), mode="sum"
-    )
+    if bags.shape[0] < torch.get_num_threads() and bags.shape[1] > 1:  # threads share bags, not a bag's rows: split
+        parts = F.embedding_bag(bags.flatten(0, 1), bank, per_sample_weights=per_sample.flatten(0, 1), mode="sum")
+        return parts.view(*bags.shape[:2], out_features).sum(1)
+    return F.embedding_bag(bags.flatten(1), bank, per_sample_weights=per_sample.flatten(1), mode="sum")
 
 
 def _padded_wins(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan) -> bool:
@@ -221,6 +225,21 @@ def _feature_padded_grouped_mm(x: torch.Tensor, weight: torch.Tensor, plan: Disp
     return _GROUPED_MM(x, weight, offs=plan.offsets)[:, :out_features]
 
 
+def _feature_padding_wins(x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan, needs_grad: bool) -> bool:
+    """Whether `_feature_padded_grouped_mm` beats the per-expert loop. With autograd it is as fast as the loop or
+    faster, and on a GPU it saves one kernel launch per expert. Without autograd on CPU (prompts) its copy of the
+    weight costs more than the loop's per-expert overhead: always where the output features are padded (the copy is
+    strided and the output sliced), and below ~64 rows per expert where only the input features are. Measured at
+    MoEUT-44M's SwitchHead shapes (fp32, 2 threads, `benchmarks/bench_decode_path.py --feature-padding`), as the
+    loop's time over the padded one's in two runs: V (412 -> 82) 0.62-0.84 without autograd at 8-512 rows per
+    expert, 0.98-1.12 with it; O (82 -> 412) 0.81-0.94 without autograd at 8-32 rows, 1.06-1.36 at 64-512, 1.02-1.22
+    with it (`benchmarks/results/feature-padding-amx.md` is the second run)."""
+    if needs_grad or x.device.type != "cpu":
+        return True
+    output_aligned = weight.shape[-1] % (16 // x.element_size()) == 0
+    return output_aligned and x.shape[0] >= 64 * plan.num_experts
+
+
 def grouped_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -233,9 +252,9 @@ def grouped_linear(
     `use_grouped_mm=None` picks `grouped_mm` when supported (see :func:`grouped_mm_supported`); `False` forces the
     per-expert `split`/`unbind` loop, which is also the reference the fast paths are tested against. Unless forced,
     small bf16 products on CPU run as one padded `bmm` (see :func:`_padded_wins`), features that `grouped_mm` cannot
-    take run through it zero-padded (see :func:`_feature_padded_grouped_mm`), and without autograd, with a few rows
-    per small expert (decoding), one `embedding_bag` over the chosen experts' weights computes every row (see
-    :func:`_bag_wins`).
+    take run through it zero-padded where that pays (see :func:`_feature_padding_wins`), and without autograd, with a
+    few rows per small expert (decoding), one `embedding_bag` over the chosen experts' weights computes every row
+    (see :func:`_bag_wins`).
     """
     if torch.is_autocast_enabled(x.device.type):  # `grouped_mm` has no autocast rule: cast as a matmul would be
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -253,8 +272,8 @@ def grouped_linear(
         out = _padded_linear(x, weight, plan)
     elif use_grouped_mm:
         out = _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=plan.offsets))
-    elif automatic and grouped_mm_supported(x):  # the build has grouped_mm, but the features are not aligned for it
-        out = _feature_padded_grouped_mm(x, weight, plan)
+    elif automatic and grouped_mm_supported(x) and _feature_padding_wins(x, weight, plan, needs_grad):
+        out = _feature_padded_grouped_mm(x, weight, plan)  # the build has grouped_mm, but the features are unaligned
     else:
         out = torch.cat([xe @ we for xe, we in zip(x.split(plan.counts), weight.unbind(0))])
     if bias is not None:

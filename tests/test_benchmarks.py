@@ -46,13 +46,14 @@ def test_a_training_step_counts_every_backward_product(architecture):
     """Every product's backward computes two products of its size (the input's and the weight's gradients), grouped
     matmuls included, and SDPA's backward five (the scores recomputed, then the gradients of the probabilities, q, k
     and v) against its forward's two: a training step is 3x the forward's FLOPs plus half of SDPA's. Less means some
-    backward kernel went uncounted. (ModuleFormer's stick-breaking attention is plain products.)"""
+    backward kernel went uncounted. (ModuleFormer's stick-breaking attention is plain products. The counts are of
+    the products run, so MoEUT's heads are 16 wide here: unaligned ones are zero-padded in training only.)"""
     common = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, max_position_embeddings=64)
     model = {
         "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64,
                                                    attn_pdrop=0.0)),  # as the benchmarks' baselines: SDPA's kernel
         "moeut": lambda: MoEUTForCausalLM(MoEUTConfig(num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
-                                                      moe_intermediate_size=16, **common)),
+                                                      moe_intermediate_size=16, head_dim=16, **common)),
         "moduleformer": lambda: ModuleFormerForCausalLM(ModuleFormerConfig(num_hidden_layers=2, **common)),
     }[architecture]()  # fmt: skip
     input_ids = torch.randint(100, (2, 64))  # 128 rows: the grouped matmuls, not decoding's bags

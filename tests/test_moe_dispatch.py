@@ -338,6 +338,33 @@ def test_misaligned_features_run_grouped_mm_on_padded_operands(monkeypatch, out_
         torch.testing.assert_close(leaf.grad.double(), leaf64.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "out_features, rows_per_expert, padded",
+    [(24, 64, True), (24, 8, False), (5, 64, False)],
+    ids=["input_padded_many_rows", "input_padded_few_rows", "output_padded"],
+)
+def test_without_autograd_on_cpu_feature_padding_is_taken_where_it_pays(
+    monkeypatch, out_features, rows_per_expert, padded
+):
+    """Without autograd on CPU the padded copy of the weight costs more than the per-expert loop saves, unless only
+    the input features are padded and each expert has 64 rows or more (see `_feature_padding_wins`); either way the
+    values are the loop's."""
+    from modeling_mom import moe_dispatch
+
+    if not grouped_mm_supported(torch.randn(1, IN_FEATURES)):
+        pytest.skip("this torch build has no grouped_mm")
+    used = []
+    real = moe_dispatch._feature_padded_grouped_mm
+    monkeypatch.setattr(moe_dispatch, "_feature_padded_grouped_mm", lambda *args: used.append(1) or real(*args))
+    rows = NUM_EXPERTS * rows_per_expert
+    plan = plan_dispatch((torch.arange(rows) % NUM_EXPERTS).unsqueeze(1), NUM_EXPERTS)
+    x, weight = torch.randn(rows, 37), torch.randn(NUM_EXPERTS, 37, out_features)
+    with torch.no_grad():
+        out = grouped_linear(x, weight, plan)
+    assert len(used) == int(padded)
+    torch.testing.assert_close(out, grouped_linear(x, weight, plan, use_grouped_mm=False), atol=1e-5, rtol=1e-5)
+
+
 def test_aligned_features_pick_grouped_mm_where_the_build_has_it():
     x, weight = torch.randn(3, IN_FEATURES), torch.randn(NUM_EXPERTS, IN_FEATURES, OUT_FEATURES)
     assert grouped_mm_supported(x, weight) == grouped_mm_supported(x)
