@@ -48,9 +48,12 @@ from .shared_modeling import (
     CausalLMWithRouterLosses,
     CheckedConfigMixin,
     LearnedPositionEmbedding,
+    QuestionAnsweringWithRouterLosses,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
+    TokenClassifierWithRouterLosses,
     accepts_past_key_values,
+    classifier_dropout,
     position_ids_from_mask,
     with_cache,
 )
@@ -308,6 +311,8 @@ class ModuleFormerPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, ModuleFor
         "AutoModel": "ModuleFormerModel",
         "AutoModelForCausalLM": "ModuleFormerForCausalLM",
         "AutoModelForSequenceClassification": "ModuleFormerForSequenceClassification",
+        "AutoModelForTokenClassification": "ModuleFormerForTokenClassification",
+        "AutoModelForQuestionAnswering": "ModuleFormerForQuestionAnswering",
     }
 
     def init_continuous_batching(self, *args, **kwargs):
@@ -511,9 +516,29 @@ class ModuleFormerForSequenceClassification(SequenceClassifierWithRouterLosses, 
         self.post_init()
 
 
+class ModuleFormerForTokenClassification(TokenClassifierWithRouterLosses, ModuleFormerPreTrainedModel):
+    """ModuleFormer with a linear head on every token (e.g. named entities), after `classifier_dropout(config)`."""
+
+    def __init__(self, config: ModuleFormerConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = ModuleFormerModel(config)
+        self.dropout = classifier_dropout(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
+class ModuleFormerForQuestionAnswering(QuestionAnsweringWithRouterLosses, ModuleFormerPreTrainedModel):
+    """ModuleFormer with a linear head giving each token an answer-start and an answer-end logit (extractive QA)."""
+
+    def __init__(self, config: ModuleFormerConfig):
+        super().__init__(config)
+        self.model = ModuleFormerModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
 __all__ = [
-    "ModuleFormerPreTrainedModel",
-    "ModuleFormerModel",
-    "ModuleFormerForCausalLM",
-    "ModuleFormerForSequenceClassification",
-]
+    "ModuleFormerPreTrainedModel", "ModuleFormerModel", "ModuleFormerForCausalLM",
+    "ModuleFormerForSequenceClassification", "ModuleFormerForTokenClassification", "ModuleFormerForQuestionAnswering",
+]  # fmt: skip

@@ -58,9 +58,12 @@ from .shared_modeling import (
     CausalLMWithRouterLosses,
     CheckedConfigMixin,
     LearnedPositionEmbedding,
+    QuestionAnsweringWithRouterLosses,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
+    TokenClassifierWithRouterLosses,
     accepts_past_key_values,
+    classifier_dropout,
     position_ids_from_mask,
     with_cache,
 )
@@ -367,6 +370,8 @@ class MoEUTPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel)
         "AutoModel": "MoEUTModel",
         "AutoModelForCausalLM": "MoEUTForCausalLM",
         "AutoModelForSequenceClassification": "MoEUTForSequenceClassification",
+        "AutoModelForTokenClassification": "MoEUTForTokenClassification",
+        "AutoModelForQuestionAnswering": "MoEUTForQuestionAnswering",
     }
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
@@ -542,4 +547,29 @@ class MoEUTForSequenceClassification(SequenceClassifierWithRouterLosses, MoEUTPr
         self.post_init()
 
 
-__all__ = ["MoEUTPreTrainedModel", "MoEUTModel", "MoEUTForCausalLM", "MoEUTForSequenceClassification"]
+class MoEUTForTokenClassification(TokenClassifierWithRouterLosses, MoEUTPreTrainedModel):
+    """MoEUT with a linear head on every token (e.g. named entities), after `classifier_dropout(config)`."""
+
+    def __init__(self, config: MoEUTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MoEUTModel(config)
+        self.dropout = classifier_dropout(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
+class MoEUTForQuestionAnswering(QuestionAnsweringWithRouterLosses, MoEUTPreTrainedModel):
+    """MoEUT with a linear head giving each token an answer-start and an answer-end logit (extractive QA)."""
+
+    def __init__(self, config: MoEUTConfig):
+        super().__init__(config)
+        self.model = MoEUTModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
+__all__ = [
+    "MoEUTPreTrainedModel", "MoEUTModel", "MoEUTForCausalLM", "MoEUTForSequenceClassification",
+    "MoEUTForTokenClassification", "MoEUTForQuestionAnswering",
+]  # fmt: skip

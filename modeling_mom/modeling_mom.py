@@ -46,9 +46,12 @@ from .shared_modeling import (
     CausalLMWithRouterLosses,
     CheckedConfigMixin,
     LearnedPositionEmbedding,
+    QuestionAnsweringWithRouterLosses,
     RemoteCodeMixin,
     SequenceClassifierWithRouterLosses,
+    TokenClassifierWithRouterLosses,
     accepts_past_key_values,
+    classifier_dropout,
     position_ids_from_mask,
     with_cache,
 )
@@ -440,6 +443,8 @@ class MoMPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel):
         "AutoModel": "MoMModel",
         "AutoModelForCausalLM": "MoMForCausalLM",
         "AutoModelForSequenceClassification": "MoMForSequenceClassification",
+        "AutoModelForTokenClassification": "MoMForTokenClassification",
+        "AutoModelForQuestionAnswering": "MoMForQuestionAnswering",
     }
 
     @torch.no_grad()
@@ -595,4 +600,29 @@ class MoMForSequenceClassification(SequenceClassifierWithRouterLosses, MoMPreTra
         self.post_init()
 
 
-__all__ = ["MoMPreTrainedModel", "MoMModel", "MoMForCausalLM", "MoMForSequenceClassification"]
+class MoMForTokenClassification(TokenClassifierWithRouterLosses, MoMPreTrainedModel):
+    """MoM with a linear head on every token (e.g. named entities), after `classifier_dropout(config)`."""
+
+    def __init__(self, config: MoMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MoMModel(config)
+        self.dropout = classifier_dropout(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
+class MoMForQuestionAnswering(QuestionAnsweringWithRouterLosses, MoMPreTrainedModel):
+    """MoM with a linear head giving each token an answer-start and an answer-end logit (extractive QA)."""
+
+    def __init__(self, config: MoMConfig):
+        super().__init__(config)
+        self.model = MoMModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
+__all__ = [
+    "MoMPreTrainedModel", "MoMModel", "MoMForCausalLM", "MoMForSequenceClassification",
+    "MoMForTokenClassification", "MoMForQuestionAnswering",
+]  # fmt: skip

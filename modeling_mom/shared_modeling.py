@@ -1,11 +1,11 @@
 """Pieces every architecture of this package uses the same way: remote-code saving, the cache's name across
-transformers versions, positions from the attention mask, last-token pooling, and the two task heads (causal LM and
-sequence classifier) with router losses.
+transformers versions, positions from the attention mask, last-token pooling, and the task heads (causal LM,
+sequence classifier, token classifier, extractive question answering) with router losses.
 
-The heads only differ by which router losses an architecture has: each `...ForCausalLM` /
-`...ForSequenceClassification` sets `self.model` (returning `MoeModelOutputWithPast`) and its output layer, and
-defines `router_losses` (see `RouterLossesMixin`). They come first among the bases, so that their `forward` is used,
-as with transformers' `GenericForSequenceClassification`:
+The heads only differ by which router losses an architecture has: each `...ForCausalLM`,
+`...ForSequenceClassification`, `...ForTokenClassification` and `...ForQuestionAnswering` sets `self.model`
+(returning `MoeModelOutputWithPast`) and its output layer, and defines `router_losses` (see `RouterLossesMixin`).
+They come first among the bases, so that their `forward` is used, as with transformers' `GenericFor...` heads:
 
     class MoMForCausalLM(CausalLMWithRouterLosses, MoMPreTrainedModel, GenerationMixin): ...
 """
@@ -18,7 +18,9 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
     MoeModelOutputWithPast,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.processing_utils import Unpack
@@ -65,10 +67,10 @@ class CheckedConfigMixin:
 
 
 class RemoteCodeMixin:
-    """Saves checkpoints that load through all four Auto classes with `trust_remote_code=True`.
+    """Saves checkpoints that load through every Auto class of the architecture with `trust_remote_code=True`.
 
-    transformers records only the saved class in `config.auto_map`; this writes the whole map (config, base model,
-    causal LM, sequence classifier) before saving, so any of them loads from a checkpoint of any of them. Each
+    transformers records only the saved class in `config.auto_map`; this writes the whole map (config, base model and
+    every task head) before saving, so any of them loads from a checkpoint of any of them. Each
     concrete class is marked for the Auto class that names it, so `save_pretrained` copies the code files.
     Subclasses list their classes in `_remote_code_classes` (`{"AutoModel": "XModel", ...}`). Loading a state dict
     without the tied head (a Trainer checkpoint being resumed) does not report it as missing.
@@ -368,6 +370,101 @@ class SequenceClassifierWithRouterLosses(RouterLossesMixin):
             getattr(outputs, CACHE_FIELD),
             loss=loss,
             logits=pooled_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+def classifier_dropout(config) -> nn.Dropout:
+    """The token classifier's dropout: `config.classifier_dropout` where it is set (an extra config attribute), else
+    0.1, as in transformers' token classifiers."""
+    probability = getattr(config, "classifier_dropout", None)
+    return nn.Dropout(0.1 if probability is None else probability)
+
+
+class TokenClassifierWithRouterLosses(RouterLossesMixin):
+    """`self.model` -> `self.dropout` -> `self.score` on every token (each sees its left context only: these are
+    causal models); the cross-entropy over labelled tokens (`-100` ignored) plus the router losses. The loss is a
+    mean, so the Trainer divides it by the accumulation steps itself (`accepts_loss_kwargs = False`)."""
+
+    accepts_loss_kwargs = False
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> TokenClassifierOutput:
+        r"""
+        labels: `[B, T]` class indices, `-100` for tokens without a label. The router losses are added as in the
+            causal LM.
+        """
+        outputs, _ = self._run_base_model(
+            labels,
+            output_router_logits,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.score(self.dropout(outputs.last_hidden_state))  # [B, T, num_labels]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+            loss, _ = self._add_router_losses(loss, outputs, attention_mask)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class QuestionAnsweringWithRouterLosses(RouterLossesMixin):
+    """`self.model` -> `self.qa_outputs` (two logits per token: answer start and end); the mean of the start and end
+    cross-entropies (positions outside the sequence are clamped to it and ignored) plus the router losses."""
+
+    accepts_loss_kwargs = False
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> QuestionAnsweringModelOutput:
+        r"""
+        start_positions, end_positions: `[B]` token indices of each answer's first and last token. With both, the
+            loss is returned, and the router losses are added as in the causal LM.
+        """
+        outputs, _ = self._run_base_model(
+            start_positions,
+            output_router_logits,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(-1)  # [B, T] each
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+            loss, _ = self._add_router_losses(loss, outputs, attention_mask)
+        return QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits.contiguous(),
+            end_logits=end_logits.contiguous(),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

@@ -29,13 +29,14 @@ Defined here:
   by the user, `inputs_embeds` prompts, dict outputs, router logits during generation. Needs
   `self.model_tester.prepare_config_and_inputs_for_common()` and the config's `vocab_size` / `pad_token_id`.
 * `CausalLMModelTester`: a tiny-model tester parameterised by class attributes `config_class`,
-  `base_model_class`, `causal_lm_class`, `sequence_classification_class` (optional) and `config_kwargs`; its
+  `base_model_class`, `causal_lm_class`, `sequence_classification_class`, `token_classification_class`,
+  `question_answering_class` (the heads optional) and `config_kwargs`; its
   inputs are a left-padded batch (`batch_size` x `seq_length`, row i padded by `i` tokens).
 * `CausalLMModelTest`: `ModelTesterMixin + GenerationTesterMixin + TrainingTesterMixin` plus `test_config`
   (`ConfigTester.run_common_tests`) and `test_training_step_under_bf16_autocast` (the `Trainer(bf16=True)` path)
   for the tester named by `model_tester_class`; `all_model_classes` and the static class-name registration below
   are derived from that tester. Combine it with `unittest.TestCase`.
-* `register_static_names(model_type, base_model_class, causal_lm_class, sequence_classification_class=None)`: adds
+* `register_static_names(model_type, base_model_class, causal_lm_class, *head_classes)`: adds
   the class names to transformers' static `MODEL_*_MAPPING_NAMES` (test process only), which the common tests use
   to give head classes labels and to leave base models out of the training tests.
 
@@ -398,7 +399,14 @@ TrainingTesterMixin = _training_mixin.TrainingTesterMixin
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def register_static_names(model_type, base_model_class, causal_lm_class, sequence_classification_class=None):
+def register_static_names(
+    model_type,
+    base_model_class,
+    causal_lm_class,
+    sequence_classification_class=None,
+    token_classification_class=None,
+    question_answering_class=None,
+):
     """Adds our class names to transformers' static `MODEL_*_MAPPING_NAMES` (in this process).
 
     The common tests look class *names* up there (`Auto*.register` does not update them): head classes found there
@@ -408,6 +416,8 @@ def register_static_names(model_type, base_model_class, causal_lm_class, sequenc
         (modeling_auto.MODEL_MAPPING_NAMES, base_model_class),
         (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, causal_lm_class),
         (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, sequence_classification_class),
+        (modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, token_classification_class),
+        (modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES, question_answering_class),
     )
     for mapping, model_class in entries:
         if model_class is None:
@@ -424,6 +434,8 @@ class CausalLMModelTester:
     base_model_class = None
     causal_lm_class = None
     sequence_classification_class = None
+    token_classification_class = None
+    question_answering_class = None
     config_kwargs: dict = {}
     batch_size = 3
     seq_length = 7
@@ -441,7 +453,8 @@ class CausalLMModelTester:
 
     @classmethod
     def model_classes(cls) -> tuple:
-        classes = (cls.base_model_class, cls.causal_lm_class, cls.sequence_classification_class)
+        classes = (cls.base_model_class, cls.causal_lm_class, cls.sequence_classification_class,
+                   cls.token_classification_class, cls.question_answering_class)  # fmt: skip
         return tuple(model_class for model_class in classes if model_class is not None)
 
     def get_config(self):
@@ -486,6 +499,8 @@ class CausalLMModelTest(ModelTesterMixin, GenerationTesterMixin, TrainingTesterM
             tester.base_model_class,
             tester.causal_lm_class,
             tester.sequence_classification_class,
+            tester.token_classification_class,
+            tester.question_answering_class,
         )
 
     def setUp(self):

@@ -1,4 +1,4 @@
-"""The remote-code contract shared by the architectures' test files: a saved checkpoint loads through all four Auto
+"""The remote-code contract shared by the architectures' test files: a saved checkpoint loads through all six Auto
 classes with `trust_remote_code=True` in a fresh process where `modeling_mom` cannot be imported, and computes what
 the in-package model computes."""
 
@@ -14,7 +14,8 @@ REMOTE_LOAD = textwrap.dedent(
     import sys
     sys.modules["modeling_mom"] = None  # the package must not be importable: only the saved code may run
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
     path, prefix = sys.argv[1], sys.argv[2]
     inputs = torch.load(path + "/inputs.pt")
     assert type(AutoConfig.from_pretrained(path, trust_remote_code=True)).__name__ == prefix + "Config"
@@ -26,6 +27,10 @@ REMOTE_LOAD = textwrap.dedent(
     assert type(AutoModel.from_pretrained(path, trust_remote_code=True)).__name__ == prefix + "Model"
     classifier = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True, num_labels=2)
     assert classifier(**inputs).logits.shape == (inputs["input_ids"].shape[0], 2)
+    tagger = AutoModelForTokenClassification.from_pretrained(path, trust_remote_code=True, num_labels=5)
+    assert tagger(**inputs).logits.shape == (*inputs["input_ids"].shape, 5)
+    reader = AutoModelForQuestionAnswering.from_pretrained(path, trust_remote_code=True)
+    assert reader(**inputs).start_logits.shape == inputs["input_ids"].shape
     """
 )
 

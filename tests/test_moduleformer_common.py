@@ -45,7 +45,9 @@ import unittest
 from modeling_mom import (
     ModuleFormerConfig,
     ModuleFormerForCausalLM,
+    ModuleFormerForQuestionAnswering,
     ModuleFormerForSequenceClassification,
+    ModuleFormerForTokenClassification,
     ModuleFormerModel,
 )
 
@@ -71,6 +73,8 @@ class ModuleFormerModelTester(CausalLMModelTester):
     base_model_class = ModuleFormerModel
     causal_lm_class = ModuleFormerForCausalLM
     sequence_classification_class = ModuleFormerForSequenceClassification
+    token_classification_class = ModuleFormerForTokenClassification
+    question_answering_class = ModuleFormerForQuestionAnswering
     config_kwargs = dict(
         COMMON,
         num_attention_heads=1,

@@ -29,7 +29,14 @@ composite models, no TP plan, no RoPE scaling, ...):
 
 import unittest
 
-from modeling_mom import MoEUTConfig, MoEUTForCausalLM, MoEUTForSequenceClassification, MoEUTModel
+from modeling_mom import (
+    MoEUTConfig,
+    MoEUTForCausalLM,
+    MoEUTForQuestionAnswering,
+    MoEUTForSequenceClassification,
+    MoEUTForTokenClassification,
+    MoEUTModel,
+)
 
 from .hf_common import CausalLMModelTest, CausalLMModelTester
 
@@ -39,6 +46,8 @@ class MoEUTModelTester(CausalLMModelTester):
     base_model_class = MoEUTModel
     causal_lm_class = MoEUTForCausalLM
     sequence_classification_class = MoEUTForSequenceClassification
+    token_classification_class = MoEUTForTokenClassification
+    question_answering_class = MoEUTForQuestionAnswering
     config_kwargs = dict(
         vocab_size=99,
         hidden_size=32,

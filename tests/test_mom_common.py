@@ -37,7 +37,14 @@ Why each skipped test does not apply (`pytest -rs` shows the upstream reasons):
 
 import unittest
 
-from modeling_mom import MoMConfig, MoMForCausalLM, MoMForSequenceClassification, MoMModel
+from modeling_mom import (
+    MoMConfig,
+    MoMForCausalLM,
+    MoMForQuestionAnswering,
+    MoMForSequenceClassification,
+    MoMForTokenClassification,
+    MoMModel,
+)
 
 from .hf_common import CausalLMModelTest, CausalLMModelTester
 
@@ -47,6 +54,8 @@ class MoMModelTester(CausalLMModelTester):
     base_model_class = MoMModel
     causal_lm_class = MoMForCausalLM
     sequence_classification_class = MoMForSequenceClassification
+    token_classification_class = MoMForTokenClassification
+    question_answering_class = MoMForQuestionAnswering
     config_kwargs = dict(
         vocab_size=99,
         hidden_size=32,

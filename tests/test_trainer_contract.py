@@ -4,23 +4,31 @@ Gradient accumulation, with the parts a plain next-token test leaves out: the ro
 micro-batch, so weighted by each micro-batch's share of the accumulated batch's label tokens) and the sequence
 classifier (a per-batch mean, which the Trainer must divide by the accumulation steps itself). Each case trains one
 SGD step as 2 x 4 accumulated rows and as 1 x 8 and compares the weights (fp32, 1e-6). Also: predictions, label
-smoothing, activation checkpointing with router losses, custom masks, classifier pooling on embeddings.
+smoothing, activation checkpointing with router losses, custom masks, classifier pooling on embeddings, and the
+token-classification and question-answering heads' losses.
 """
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from modeling_mom import (
     ModuleFormerForCausalLM,
+    ModuleFormerForQuestionAnswering,
     ModuleFormerForSequenceClassification,
+    ModuleFormerForTokenClassification,
     MoEUTForCausalLM,
+    MoEUTForQuestionAnswering,
     MoEUTForSequenceClassification,
+    MoEUTForTokenClassification,
     MoMForCausalLM,
+    MoMForQuestionAnswering,
     MoMForSequenceClassification,
+    MoMForTokenClassification,
 )
 
 from . import test_moduleformer, test_moeut, test_mom
@@ -40,6 +48,12 @@ CLASSES = {
     "mom": (MoMForCausalLM, MoMForSequenceClassification),
     "moeut": (MoEUTForCausalLM, MoEUTForSequenceClassification),
     "moduleformer": (ModuleFormerForCausalLM, ModuleFormerForSequenceClassification),
+}
+
+SPAN_HEADS = {  # token classification, extractive question answering
+    "mom": (MoMForTokenClassification, MoMForQuestionAnswering),
+    "moeut": (MoEUTForTokenClassification, MoEUTForQuestionAnswering),
+    "moduleformer": (ModuleFormerForTokenClassification, ModuleFormerForQuestionAnswering),
 }
 
 
@@ -165,3 +179,35 @@ def test_weight_decay_spares_norms_and_biases(arch, tmp_path):
     norms = {name for name, p in model.named_parameters() if "norm" in name or "bias" in name}
     assert norms and not decayed & norms
     assert {name for name, p in model.named_parameters() if p.dim() >= 2} - norms <= decayed
+
+
+@pytest.mark.parametrize("arch", CLASSES)
+@pytest.mark.parametrize("head", ["token_classification", "question_answering"])
+def test_token_and_answer_heads_add_the_router_losses_in_training_only(arch, head):
+    """The token classifier's loss is the cross-entropy over labelled tokens, the QA head's the mean of the start and
+    end cross-entropies; in training the weighted router losses are added, as in the other heads (fp32, 1e-6)."""
+    make_config, router_losses = ROUTER_LOSSES_ON[arch]
+    config = make_config(num_labels=3, classifier_dropout=0.0, **router_losses)
+    torch.manual_seed(0)
+    model = SPAN_HEADS[arch][head == "question_answering"](config)
+    ids = torch.randint(3, 50, (2, 10))
+    if head == "token_classification":
+        targets = {"labels": torch.randint(3, (2, 10)).masked_fill(torch.rand(2, 10) < 0.3, -100)}
+
+        def task_loss(out):
+            return F.cross_entropy(out.logits.flatten(0, 1), targets["labels"].flatten())
+    else:
+        targets = {"start_positions": torch.tensor([1, 4]), "end_positions": torch.tensor([3, 8])}
+
+        def task_loss(out):
+            start = F.cross_entropy(out.start_logits, targets["start_positions"])
+            return (start + F.cross_entropy(out.end_logits, targets["end_positions"])) / 2
+
+    for training in (False, True):
+        model.train(training)
+        out = model(ids, **targets)
+        expected = task_loss(out)
+        if training:
+            router_logits = model.model(ids, output_router_logits=True).router_logits
+            expected = expected + model.router_losses(router_logits, ids.shape[0], None)[1]
+        torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-6)
