@@ -405,15 +405,9 @@ class TokenClassifierWithRouterLosses(RouterLossesMixin):
             causal LM.
         """
         outputs, _ = self._run_base_model(
-            labels,
-            output_router_logits,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            **kwargs,
-        )
+            labels, output_router_logits, input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False, **kwargs,
+        )  # fmt: skip
         logits = self.score(self.dropout(outputs.last_hidden_state))  # [B, T, num_labels]
         loss = None
         if labels is not None:
@@ -447,15 +441,9 @@ class QuestionAnsweringWithRouterLosses(RouterLossesMixin):
             loss is returned, and the router losses are added as in the causal LM.
         """
         outputs, _ = self._run_base_model(
-            start_positions,
-            output_router_logits,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            **kwargs,
-        )
+            start_positions, output_router_logits, input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=False, **kwargs,
+        )  # fmt: skip
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(-1)  # [B, T] each
         loss = None
         if start_positions is not None and end_positions is not None:
