@@ -133,7 +133,8 @@ def setup(threads: int, seed: int = 0, malloc: str = "keep", device: str = "cpu"
         _ENVIRONMENT["malloc"] = "keep" if keep_freed_memory() else "default (not glibc)"
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    torch.set_default_device(target)
+    if target.type != "cpu":  # the default device is a function mode: ~7 us more per operator, even for "cpu"
+        torch.set_default_device(target)
     _ENVIRONMENT["device"] = torch.cuda.get_device_name(target) if target.type == "cuda" else str(target)
 
 

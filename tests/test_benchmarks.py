@@ -75,6 +75,15 @@ def test_setup_refuses_a_device_this_torch_cannot_use(device):
     assert torch.get_default_device().type == "cpu"
 
 
+def test_setup_on_the_cpu_adds_no_function_mode():
+    """`torch.set_default_device` installs a function mode that every operator then passes through, even for "cpu":
+    on the CPU the benchmarks must time the operators alone."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    setup(threads=torch.get_num_threads(), malloc="default", device="cpu")
+    assert not _get_current_function_mode_stack()
+
+
 def test_the_suite_runs_every_section_in_each_dtype_on_an_accelerator():
     """On the CPU bf16 runs only where a section lists it (fp32 everywhere); on a GPU each section runs once per
     dtype, with its own larger shapes."""
