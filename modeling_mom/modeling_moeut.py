@@ -395,7 +395,8 @@ class MoEUTPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel)
         """The official initialisation: std `initializer_range / sqrt(fan_in)` (initializer_range defaults to
         sqrt(2 / num_hidden_layers)), where the fan-in of an expert bank's output side is the whole bank's (the FFN
         down-projections: num_experts * moe_intermediate_size; SwitchHead's output experts: heads * head_dim), router
-        rows renormalised, embedding std 1/sqrt(d), PyTorch's default head.
+        rows renormalised, embedding std 1/sqrt(d), PyTorch's default for the output heads (LM, classifier, answer
+        span).
 
         Each parameter is initialised by the module that owns it directly: transformers skips custom-code modules
         without direct parameters.
@@ -403,7 +404,7 @@ class MoEUTPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel)
         super()._init_weights(module)
         scale = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            if module is getattr(self, "lm_head", None) or module is getattr(self, "score", None):
+            if any(module is getattr(self, head, None) for head in ("lm_head", "score", "qa_outputs")):
                 bound = module.weight.shape[1] ** -0.5  # nn.Linear's default: kaiming_uniform(a=sqrt(5)), U(+-bound)
                 init.uniform_(module.weight, -bound, bound)
                 if module.bias is not None:

@@ -397,12 +397,14 @@ class TokenClassifierWithRouterLosses(RouterLossesMixin):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
         r"""
         labels: `[B, T]` class indices, `-100` for tokens without a label. The router losses are added as in the
             causal LM.
+        use_cache: accepted and ignored (nothing is cached for a head that reads the whole sequence once).
         """
         outputs, _ = self._run_base_model(
             labels, output_router_logits, input_ids=input_ids, attention_mask=attention_mask,
@@ -433,12 +435,14 @@ class QuestionAnsweringWithRouterLosses(RouterLossesMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         r"""
         start_positions, end_positions: `[B]` token indices of each answer's first and last token. With both, the
             loss is returned, and the router losses are added as in the causal LM.
+        use_cache: accepted and ignored (nothing is cached for a head that reads the whole sequence once).
         """
         outputs, _ = self._run_base_model(
             start_positions, output_router_logits, input_ids=input_ids, attention_mask=attention_mask,

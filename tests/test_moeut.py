@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from modeling_mom import MoEUTConfig, MoEUTForCausalLM, MoEUTForSequenceClassification, MoEUTModel
+from modeling_mom import (
+    MoEUTConfig,
+    MoEUTForCausalLM,
+    MoEUTForQuestionAnswering,
+    MoEUTForSequenceClassification,
+    MoEUTForTokenClassification,
+    MoEUTModel,
+)
 from modeling_mom.modeling_moeut import (
     MoEUTAttention,
     MoEUTExperts,
@@ -505,6 +512,9 @@ def test_official_initialisation():
     torch.testing.assert_close(norms, norms.mean().expand_as(norms))  # equal row norms (renorm_keep_std)
     assert model.lm_head.bias is not None and model.lm_head.weight.abs().max() <= 1 / math.sqrt(64)
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    for head in (MoEUTForSequenceClassification(config).score, MoEUTForQuestionAnswering(config).qa_outputs,
+                 MoEUTForTokenClassification(config).score):  # the other heads: PyTorch's default too
+        assert head.weight.abs().max() <= 1 / math.sqrt(64) and head.weight.std() > 0.8 / math.sqrt(3 * 64)
 
 
 # ------------------------------------------------------------------------------------------ classifier

@@ -205,7 +205,7 @@ def test_token_and_answer_heads_add_the_router_losses_in_training_only(arch, hea
 
     for training in (False, True):
         model.train(training)
-        out = model(ids, **targets)
+        out = model(ids, **targets, use_cache=False)  # accepted, as transformers' heads do (nothing is cached)
         expected = task_loss(out)
         if training:
             router_logits = model.model(ids, output_router_logits=True).router_logits
