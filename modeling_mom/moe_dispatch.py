@@ -231,8 +231,8 @@ def _feature_padding_wins(x: torch.Tensor, weight: torch.Tensor, plan: DispatchP
     weight costs more than the loop's per-expert overhead: always where the output features are padded (the copy is
     strided and the output sliced), and below ~64 rows per expert where only the input features are. Measured at
     MoEUT-44M's SwitchHead shapes (fp32, 2 threads, `benchmarks/bench_decode_path.py --feature-padding`), as the
-    loop's time over the padded one's in two runs: V (412 -> 82) 0.62-0.84 without autograd at 8-512 rows per
-    expert, 0.98-1.12 with it; O (82 -> 412) 0.81-0.94 without autograd at 8-32 rows, 1.06-1.36 at 64-512, 1.02-1.22
+    loop's time over the padded one's in two runs: V (412 -> 82) 0.62-0.92 without autograd at 8-512 rows per
+    expert, 0.97-1.12 with it; O (82 -> 412) 0.81-0.97 without autograd at 8-32 rows, 1.12-1.36 at 64-512, 1.02-1.22
     with it (`benchmarks/results/feature-padding-amx.md` is the second run)."""
     if needs_grad or x.device.type != "cpu":
         return True
