@@ -379,7 +379,11 @@ def classifier_dropout(config) -> nn.Dropout:
     """The token classifier's dropout: `config.classifier_dropout` where it is set (an extra config attribute), else
     0.1, as in transformers' token classifiers."""
     probability = getattr(config, "classifier_dropout", None)
-    return nn.Dropout(0.1 if probability is None else probability)
+    if probability is None:
+        return nn.Dropout(0.1)
+    if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
+        raise ValueError(f"classifier_dropout={probability!r}: must be a probability between 0 and 1 (or unset: 0.1).")
+    return nn.Dropout(probability)
 
 
 class TokenClassifierWithRouterLosses(RouterLossesMixin):

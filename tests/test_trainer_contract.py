@@ -211,3 +211,10 @@ def test_token_and_answer_heads_add_the_router_losses_in_training_only(arch, hea
             router_logits = model.model(ids, output_router_logits=True).router_logits
             expected = expected + model.router_losses(router_logits, ids.shape[0], None)[1]
         torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "0.1", True])
+def test_a_bad_classifier_dropout_is_refused_by_name(value):
+    make_config, _ = ROUTER_LOSSES_ON["moeut"]
+    with pytest.raises(ValueError, match="classifier_dropout="):
+        MoEUTForTokenClassification(make_config(num_labels=3, classifier_dropout=value))
