@@ -92,7 +92,7 @@ def check_finite_positive(config, names) -> None:
 def check_dropouts(config, names) -> None:
     for name in names:
         value = getattr(config, name)
-        require(0 <= value < 1, f"{name}={value}; allowed: [0, 1).")
+        require(is_real(value) and 0 <= value < 1, f"{name}={value!r}; allowed: [0, 1).")
 
 
 def check_choices(config, allowed_by_name: dict) -> None:

@@ -27,6 +27,8 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .config_checks import check_dropouts
+
 logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. The models here
@@ -378,12 +380,10 @@ class SequenceClassifierWithRouterLosses(RouterLossesMixin):
 def classifier_dropout(config) -> nn.Dropout:
     """The token classifier's dropout: `config.classifier_dropout` where it is set (an extra config attribute), else
     0.1, as in transformers' token classifiers."""
-    probability = getattr(config, "classifier_dropout", None)
-    if probability is None:
+    if getattr(config, "classifier_dropout", None) is None:
         return nn.Dropout(0.1)
-    if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
-        raise ValueError(f"classifier_dropout={probability!r}: must be a probability between 0 and 1 (or unset: 0.1).")
-    return nn.Dropout(probability)
+    check_dropouts(config, ["classifier_dropout"])
+    return nn.Dropout(config.classifier_dropout)
 
 
 class TokenClassifierWithRouterLosses(RouterLossesMixin):
