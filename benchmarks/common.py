@@ -128,7 +128,7 @@ def setup(threads: int, seed: int = 0, malloc: str = "keep", device: str = "cpu"
     every model and tensor is created on."""
     if threads < 1:
         raise ValueError(f"--threads={threads} must be >= 1.")
-    target = _checked_device(device)
+    target = checked_device(device)
     if malloc == "keep":
         _ENVIRONMENT["malloc"] = "keep" if keep_freed_memory() else "default (not glibc)"
     torch.set_num_threads(threads)
@@ -138,7 +138,7 @@ def setup(threads: int, seed: int = 0, malloc: str = "keep", device: str = "cpu"
     _ENVIRONMENT["device"] = torch.cuda.get_device_name(target) if target.type == "cuda" else str(target)
 
 
-def _checked_device(device: str) -> torch.device:
+def checked_device(device: str) -> torch.device:
     """`device` as a torch device, refused by name where this torch cannot compute on it."""
     try:
         target = torch.device(device)

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import checked_device
+
 SECTIONS = {  # name -> [(module, extra arguments), ...]
     "models": [("bench_models", ["--dtype", "fp32"]), ("bench_models", ["--dtype", "bf16", "--pairs", "moeut",
                                                                          "moduleformer"])],
@@ -100,6 +102,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error(f"--peak-tflops={args.peak_tflops}: must be a positive number of TFLOP/s.")
+    try:  # here, not in every section's process: a device that is not there would fail them all
+        checked_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if args.device == "cpu":
         dtypes = args.dtypes or (["fp32", "bf16"] if native_bf16() else ["fp32"])
     else:

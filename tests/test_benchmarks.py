@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from benchmarks.bench_dispatch import build_layer
 from benchmarks.bench_models import FLOP_FORMULAS, forward_flops_per_token, train_flops_per_token
 from benchmarks.common import setup
+from benchmarks.run_suite import main as run_suite_main
 from benchmarks.run_suite import section_runs
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM, MoEUTConfig, MoEUTForCausalLM
 
@@ -82,6 +83,15 @@ def test_setup_on_the_cpu_adds_no_function_mode():
 
     setup(threads=torch.get_num_threads(), malloc="default", device="cpu")
     assert not _get_current_function_mode_stack()
+
+
+def test_the_suite_refuses_a_missing_device_before_running_any_section(tmp_path, capsys):
+    if torch.accelerator.is_available():
+        pytest.skip(f"this machine has an accelerator ({torch.accelerator.current_accelerator()})")
+    with pytest.raises(SystemExit):
+        run_suite_main(["--device", "cuda", "--out", str(tmp_path / "suite")])
+    assert "--device='cuda'" in capsys.readouterr().err
+    assert not (tmp_path / "suite").exists()
 
 
 def test_the_suite_runs_every_section_in_each_dtype_on_an_accelerator():
