@@ -240,10 +240,21 @@ def test_inference_matches_naive_loop(selected, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shared_input", [True, False], ids=["one-input-per-row", "one-input-per-choice"])
-def test_unsorted_bag_mixture_matches_a_loop(shared_input, dtype):
+@pytest.mark.parametrize("num_rows", [5, 1], ids=["one-bag-per-row", "one-bag-per-choice"])
+def test_unsorted_bag_mixture_matches_a_loop(num_rows, shared_input, dtype):
     """`bag_mixture`: each row's gate-weighted sum over its chosen experts (repeated choices included), computed
-    without a sort, equals the loop over rows and choices; the gate defaults to 1."""
-    num_rows, k, num_experts = 5, 3, 7
+    without a sort, equals the loop over rows and choices; the gate defaults to 1. With fewer rows than threads (one
+    row, two threads here) each choice gets its own bag and the row sums them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        check_bag_mixture_against_a_loop(num_rows, shared_input, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_bag_mixture_against_a_loop(num_rows, shared_input, dtype):
+    k, num_experts = 3, 7
     generator = torch.Generator().manual_seed(0)
     selected = torch.randint(num_experts, (num_rows, k), generator=generator)
     selected[0, 1] = selected[0, 0]
