@@ -18,11 +18,16 @@ from modeling_mom import ModuleFormerForCausalLM, MoEUTForCausalLM, MoMForCausal
 
 from . import test_moduleformer, test_moeut, test_mom
 
+# Each case costs 20-40 s of tracing, mostly recompiles (grad mode, each cache layer's first update, each new set of
+# expert row counts), so each model is the smallest that takes every code path once: MoM with the GRU router, whose
+# state is carried from round to round, and two modules per token (its default router is a plain Linear-ReLU-Linear,
+# and one module per token is the same code); MoEUT's two distinct layers without a repeat; one ModuleFormer layer
+# whose 40 tokens make two full stick-breaking blocks and a partial one.
 MODELS = {
-    "mom-mlp": lambda: MoMForCausalLM(test_mom.tiny_config()),
     "mom-gru-k2": lambda: MoMForCausalLM(test_mom.tiny_config(router_type="gru", num_modules_per_tok=2)),
-    "moeut": lambda: MoEUTForCausalLM(test_moeut.tiny_config()),
-    "moduleformer-stickbreaking": lambda: ModuleFormerForCausalLM(test_moduleformer.tiny_config()),
+    "moeut": lambda: MoEUTForCausalLM(test_moeut.tiny_config(num_hidden_layers=2)),
+    "moduleformer-stickbreaking": lambda: ModuleFormerForCausalLM(
+        test_moduleformer.tiny_config(num_hidden_layers=1, stick_breaking_chunk_size=16)),
 }
 
 
