@@ -540,7 +540,7 @@ def test_inspect_writes_pictures_and_tables(pipelines, arch):
     import matplotlib.image
 
     written = pipelines[arch]["routing"]
-    for key in ("heatmap", "histograms"):
+    for key in ("heatmap", "usage"):
         image = matplotlib.image.imread(written[key])
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     tokens = Path(written["tokens"]).read_text().splitlines()

@@ -21,8 +21,8 @@ def test_demo_runs_end_to_end(tmp_path):
             assert row["exact_difference"] <= 1e-5
         assert row["remote_difference"] <= 1e-6
         assert 0 < row["active_params"] < row["params"]
-        for picture in ("heatmap", "histograms"):
-            assert (tmp_path / row["model"] / f"routing{'_usage' if picture == 'histograms' else ''}.png").is_file()
+        for picture in ("routing.png", "routing_usage.png"):  # the heat map and the usage map
+            assert (tmp_path / row["model"] / picture).is_file()
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["table"].count("\n") == 1 + len(rows)  # header, rule, one line per model
     assert all(row["sample"].startswith(demo.PROBE) for row in rows)

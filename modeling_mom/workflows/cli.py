@@ -5,7 +5,7 @@
     mom pretrain --model DIR --out OUT         continued pretraining (OpenWebText by default)
     mom glue --model DIR --task TASK --out OUT fine-tune and evaluate on a GLUE task
     mom summarize --model DIR --out OUT        fine-tune and evaluate on XSUM (decoder-only, ROUGE)
-    mom inspect --model DIR --text ... --out P routing heat map, usage histograms and tables
+    mom inspect --model DIR --text ... --out P routing heat map, usage map and tables
     mom push DIR REPO_ID [--license ID]        upload weights, code, tokenizer and model card to the Hub
 
 `mom COMMAND --help` describes each. The training commands run under `accelerate launch` unchanged (DDP or FSDP,

@@ -388,7 +388,7 @@ def run(args) -> list[dict]:
         print(f"{'':>13} summary: {row['summary_sample']['generated']!r} "
               f"(reference {row['summary_sample']['reference']!r})")
         if "routing" in row:
-            print(f"{'':>13} routing: {row['routing']['heatmap']}, {row['routing']['histograms']}")
+            print(f"{'':>13} routing: {row['routing']['heatmap']}, {row['routing']['usage']}")
         print(f"{'':>13} checkpoints: {row['lm_checkpoint']}, {row['glue_checkpoint']}, {row['summarize_checkpoint']}")
     print(f"\nfinished in {elapsed:.0f} s; results in {out / 'results.json'}")
     (out / "results.json").write_text(json.dumps({"table": summary, "seconds": elapsed, "rows": rows}, indent=2,

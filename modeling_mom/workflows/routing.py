@@ -6,8 +6,9 @@
 For every router call (one per routed layer, or per round of a MoM chunk, in execution order) the token's
 highest-scoring choice is recorded; for MoM the last choice of a router with SKIP enabled is SKIP. With `--text`:
 a heat map (router call x token) at `--out` and a token table `<out>_tokens.csv`. With `--dataset`: the share of
-tokens choosing each option, per router call, as `<out>_usage.csv` and printed as a table. Both: usage histograms
-`<out>_usage.png`. Works for any architecture whose model records `router_logits` (`_can_record_outputs`).
+tokens choosing each option, per router call, as `<out>_usage.csv` and printed as a table. Either way, the shares
+(over the data set, else over the text) as a map, router call x choice, at `<out>_usage.png`. Works for any
+architecture whose model records `router_logits` (`_can_record_outputs`).
 """
 
 import argparse
@@ -151,32 +152,34 @@ def plot_heatmap(tokens: list[str], labels: list[str], choices: torch.Tensor, si
     ax.set_xlabel("token")
     ax.set_title("highest-scoring module / expert per token and router call")
     fig.colorbar(image, ax=ax, label="choice", ticks=range(most) if most <= 20 else None)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the canvas grows to fit the labels (tight_layout cut them)
     plt.close(fig)
 
 
 def plot_usage(labels: list[str], counts: list[Counter], sizes: list[int], path: Path) -> None:
+    """One map, router call x choice, coloured by the share of tokens choosing it (blank past a call's choices).
+    One picture scales to a MoEUT's hundred router calls, where a bar chart per call took ~10 s to lay out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    columns = min(4, len(labels))
-    rows = -(-len(labels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.2 * rows), squeeze=False)
-    for ax, label, counter, size in zip(axes.flat, labels, counts, sizes):
+    width = max(sizes)
+    shares = np.full((len(labels), width), np.nan)
+    for row, (counter, size) in enumerate(zip(counts, sizes)):
         total = max(sum(counter.values()), 1)
-        ax.bar(range(size), [counter.get(c, 0) / total for c in range(size)], color="tab:blue")
-        ax.set_title(label, fontsize=7)
-        ax.set_xticks(range(size))
-        ax.tick_params(labelsize=6)
-        ax.set_ylim(0, 1)
-    for ax in list(axes.flat)[len(labels) :]:
-        ax.axis("off")
-    fig.suptitle("share of tokens choosing each module / expert")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        shares[row, :size] = [counter.get(c, 0) / total for c in range(size)]
+    fig, ax = plt.subplots(figsize=(max(5, 0.3 * width + 3), max(3, 0.16 * len(labels) + 1.5)))
+    image = ax.imshow(np.ma.masked_invalid(shares), vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    if width <= 64:
+        ax.set_xticks(range(width))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    ax.set_xlabel("choice (module / expert)")
+    ax.set_title("share of tokens choosing each module / expert, per router call")
+    fig.colorbar(image, ax=ax, label="share of tokens", fraction=0.08)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -233,7 +236,7 @@ def inspect_model(model, tokenizer, out: str, text: str | None = None, texts: li
         write_csv(rows, out.with_name(out.stem + "_usage.csv"))
         written.update(table=str(out.with_name(out.stem + "_usage.csv")), markdown=markdown(rows))
     plot_usage(labels, counts, sizes, out.with_name(out.stem + "_usage.png"))
-    written["histograms"] = str(out.with_name(out.stem + "_usage.png"))
+    written["usage"] = str(out.with_name(out.stem + "_usage.png"))
     return written
 
 
@@ -276,7 +279,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--max-samples", type=int, default=200, help="texts of --dataset to use")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per text of --dataset")
-    parser.add_argument("--out", required=True, help="heat map path (.png); tables and histograms go beside it")
+    parser.add_argument("--out", required=True, help="heat map path (.png); tables and the usage map go beside it")
     args = parser.parse_args(argv)
     if args.text is None and args.dataset is None:
         raise WorkflowError("give --text, --dataset, or both.")
