@@ -886,6 +886,46 @@ def test_outputs_in_place_of_a_file_and_overlong_texts_are_refused_before_loadin
     assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "fixed", "mom", "wrong_type"]  # no pictures
 
 
+def test_inspect_checks_its_data_and_outputs_before_writing_anything(workspace, tmp_path, capsys):
+    """Each of these ended in a traceback: a batch of empty texts (a reshape of 0 elements in attention), a null
+    text (inside the tokenizer), a tokenizer larger than the model's vocabulary (IndexError in the embedding), a
+    directory where a file beside --out goes (IsADirectoryError, after the heat map was written). And with --text
+    and --dataset, the text's pictures were written before the data set failed."""
+    from modeling_mom.workflows.convert import main as convert_main
+
+    routed = str(tmp_path / "mom")
+    convert_main(["mom", "--gpt2", str(workspace / "gpt2"), "--out", routed])
+    small_vocab = mom_config_with(tmp_path / "small_vocab", workspace, vocab_size=10)
+    (tmp_path / "empty_texts.jsonl").write_text('{"text": ""}\n' * 9)
+    (tmp_path / "null_text.jsonl").write_text('{"text": "the cat ."}\n{"text": null}\n')
+    (tmp_path / "taken" / "routing_usage.png").mkdir(parents=True)
+    picture = str(tmp_path / "pictures" / "routing.png")
+    cases = {
+        "none of the 9 texts of --dataset has a token to route": [
+            "--model", routed, "--text", "the cat", "--dataset", str(tmp_path / "empty_texts.jsonl"), "--out", picture],
+        "column 'text' holds None where text is expected": [
+            "--model", routed, "--dataset", str(tmp_path / "null_text.jsonl"), "--out", picture],
+        f"the tokenizer has {len(embedded_data.build_tokenizer())} tokens but --model {small_vocab} has a vocabulary "
+        "of 10": ["--model", str(small_vocab), "--tokenizer", str(workspace / "gpt2"), "--text", "the cat",
+                  "--out", picture],
+        f"{tmp_path / 'taken' / 'routing_usage.png'}, written beside it, is a directory": [
+            "--model", routed, "--text", "the cat", "--out", str(tmp_path / "taken" / "routing.png")],
+    }
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["inspect", *argv])
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert exit_info.value.code == 2 and error.startswith("mom inspect: error:") and message in error, error
+    assert not (tmp_path / "pictures").exists()
+    assert [path.name for path in (tmp_path / "taken").iterdir()] == ["routing_usage.png"]
+    mixed = tmp_path / "mixed.jsonl"  # a first batch of 8 texts without tokens, then one with
+    mixed.write_text('{"text": ""}\n' * 8 + '{"text": "the cat ."}\n')
+    written = routing.main(["--model", routed, "--dataset", str(mixed), "--out", picture])
+    with open(written["table"]) as f:
+        header, *rows = csv.reader(f)
+    assert rows and all(sum(float(share) for share in row[1:] if share) == pytest.approx(1, abs=2e-3) for row in rows)
+
+
 def test_a_run_in_out_is_replaced_only_with_overwrite(workspace, tmp_path):
     """Training again into the --out of a run replaced its final model silently and mixed its checkpoints with the
     new run's (a later --resume took the old run's newest). Refused now unless --resume continues it or --overwrite

@@ -83,10 +83,10 @@ def is_classifier(config: PreTrainedConfig) -> bool:
 
 def check_language_model(model: str, config: PreTrainedConfig, tokenizer) -> None:
     """`model` must be a causal language model whose vocabulary holds every id of `tokenizer`: a classifier's
-    language-model head would start random, and a larger tokenizer fails deep inside training."""
+    language-model head would start random, and a larger tokenizer fails deep inside the model (an IndexError)."""
     if is_classifier(config):
         raise WorkflowError(
-            f"--model {model} is a sequence classifier ({', '.join(config.architectures)}); this command trains a "
+            f"--model {model} is a sequence classifier ({', '.join(config.architectures)}); this command needs a "
             "language model: give the checkpoint it was fine-tuned from (e.g. a pretrain or convert output)."
         )
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:

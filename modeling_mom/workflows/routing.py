@@ -27,12 +27,15 @@ from modeling_mom.shared_modeling import CACHE_FIELD
 from .common import (
     WorkflowError,
     check_can_be_directory,
+    check_columns,
+    check_language_model,
     check_positive,
     is_local_data,
     load_local_split,
     load_model_config,
     load_tokenizer,
     model_context_length,
+    text_cells,
 )
 
 
@@ -114,20 +117,26 @@ def route_text(model, tokenizer, text: str) -> tuple[list[str], list[str], torch
 
 
 def usage_over_texts(
-    model, tokenizer, texts: list[str], batch_size: int = 8
+    model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 8
 ) -> tuple[list[str], list[Counter], list[int]]:
-    """(call labels, top-1 choice counts per call over the real tokens of all texts, choices per call)."""
+    """(call labels, top-1 choice counts per call over the real tokens of all texts, choices per call); each text cut
+    to `max_length` tokens. A batch of texts without tokens (empty strings) is skipped: no router sees it."""
     counts, labels, sizes = None, None, None
     for start in tqdm(range(0, len(texts), batch_size), desc="routing texts", unit="batch"):
-        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
+        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                          max_length=max_length)  # fmt: skip
         batch = batch.to(model.device)
         real = batch["attention_mask"].reshape(-1).bool()
+        if not real.any():
+            continue
         with torch.no_grad(), RouterRecorder(model) as recorder:
             model(**batch)
         labels, choices, sizes = recorder.choices(real.shape[0])
         counts = counts or [Counter() for _ in labels]
         for counter, chosen in zip(counts, choices):
             counter.update(chosen[real].tolist())
+    if counts is None:
+        raise WorkflowError(f"none of the {len(texts)} texts of --dataset has a token to route.")
     return labels, counts, sizes
 
 
@@ -204,39 +213,57 @@ def markdown(rows: list[list]) -> str:
 
 
 def check_picture_path(out: Path) -> None:
-    """--out names a .png file that can be written: not a directory, in a directory that is or can be made."""
+    """--out names a .png file that can be written, as can the files beside it: none is a directory, and their
+    directory is or can be made."""
     if out.suffix.lower() != ".png" or out.is_dir():
         found = "; it is a directory" if out.is_dir() else ""
         raise WorkflowError(f"--out {out} must name a .png file (the heat map; tables are written beside it){found}.")
+    beside = [str(path) for path in output_paths(out).values() if path.is_dir()]
+    if beside:
+        raise WorkflowError(f"--out {out}: {', '.join(beside)}, written beside it, is a directory; choose another "
+                            "--out.")
     check_can_be_directory(out.parent, f"--out {out}")
 
 
-def inspect_model(model, tokenizer, out: str, text: str | None = None, texts: list[str] | None = None) -> dict:
-    """Write the pictures and tables for `text` and/or `texts`; returns the paths written."""
-    out = Path(out)
-    check_picture_path(out)
+def output_paths(out: Path) -> dict[str, Path]:
+    """Every file `inspect` may write for `--out`: the heat map, and beside it the tables and the usage map."""
+    return {"heatmap": out, "tokens": out.with_name(out.stem + "_tokens.csv"),
+            "table": out.with_name(out.stem + "_usage.csv"), "usage": out.with_name(out.stem + "_usage.png")}
+
+
+def inspect_model(model, tokenizer, out: str, text: str | None = None, texts: list[str] | None = None,
+                  max_length: int | None = None) -> dict:
+    """Route `text` and/or `texts` (each cut to `max_length` tokens, by default the model's positions), then write
+    their pictures and tables, so that a failure writes nothing; returns the paths written, and for `texts` the usage
+    table as Markdown."""
+    paths = output_paths(Path(out))
+    check_picture_path(paths["heatmap"])
     model.eval()
-    written = {}
-    if text is not None:
-        tokens, labels, choices, sizes = route_text(model, tokenizer, text)
-        if not labels:
-            raise WorkflowError("no router ran for this text (e.g. a model converted with fixed routing).")
-        out.parent.mkdir(parents=True, exist_ok=True)  # only once there is something to write
-        plot_heatmap(tokens, labels, choices, sizes, out)
-        write_csv([["token", *labels], *[[t, *choices[:, i].tolist()] for i, t in enumerate(tokens)]],
-                  out.with_name(out.stem + "_tokens.csv"))
-        counts = [Counter(row.tolist()) for row in choices]
-        written.update(heatmap=str(out), tokens=str(out.with_name(out.stem + "_tokens.csv")))
-    if texts:
-        labels, counts, sizes = usage_over_texts(model, tokenizer, texts)
+    routed = route_text(model, tokenizer, text) if text is not None else None
+    if routed is not None and not routed[1]:
+        raise WorkflowError("no router ran for this text (e.g. a model converted with fixed routing).")
+    if texts is not None:
+        max_length = max_length or model_context_length(model.config)
+        labels, counts, sizes = usage_over_texts(model, tokenizer, texts, max_length)
         if not labels:
             raise WorkflowError("no router ran on these texts (e.g. a model converted with fixed routing).")
-        out.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        _, labels, choices, sizes = routed
+        counts = [Counter(row.tolist()) for row in choices]
+    paths["heatmap"].parent.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if routed is not None:
+        tokens, text_labels, choices, text_sizes = routed
+        plot_heatmap(tokens, text_labels, choices, text_sizes, paths["heatmap"])
+        write_csv([["token", *text_labels], *[[t, *choices[:, i].tolist()] for i, t in enumerate(tokens)]],
+                  paths["tokens"])  # fmt: skip
+        written.update(heatmap=str(paths["heatmap"]), tokens=str(paths["tokens"]))
+    if texts is not None:
         rows = usage_rows(labels, counts, sizes)
-        write_csv(rows, out.with_name(out.stem + "_usage.csv"))
-        written.update(table=str(out.with_name(out.stem + "_usage.csv")), markdown=markdown(rows))
-    plot_usage(labels, counts, sizes, out.with_name(out.stem + "_usage.png"))
-    written["usage"] = str(out.with_name(out.stem + "_usage.png"))
+        write_csv(rows, paths["table"])
+        written.update(table=str(paths["table"]), markdown=markdown(rows))
+    plot_usage(labels, counts, sizes, paths["usage"])
+    written["usage"] = str(paths["usage"])
     return written
 
 
@@ -287,9 +314,10 @@ def main(argv=None) -> dict:
     check_picture_path(Path(args.out))
     config = load_model_config(args.model)
     tokenizer = load_tokenizer(args.model, args.tokenizer, needs_padding=args.dataset is not None)
+    check_language_model(args.model, config, tokenizer)
     if args.text is not None:
         text_ids(tokenizer, args.text, config)
-    tokenizer.model_max_length = min(args.max_length, getattr(config, "max_position_embeddings", args.max_length))
+    max_length = min(args.max_length, model_context_length(config) or args.max_length)
     texts = None
     if args.dataset is not None:
         if is_local_data(args.dataset):
@@ -301,9 +329,10 @@ def main(argv=None) -> dict:
                 data = load_dataset(args.dataset, split=args.split)
             except Exception as error:  # datasets raises many types for a bad name or split
                 raise WorkflowError(f"--dataset {args.dataset}: cannot load it ({error}).") from error
-        texts = data.select(range(min(args.max_samples, len(data))))[args.text_column]
+        check_columns(data, [args.text_column], f"--dataset {args.dataset}")
+        texts = text_cells(data.select(range(min(args.max_samples, len(data))))[:], args.text_column)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    written = inspect_model(model, tokenizer, args.out, text=args.text, texts=texts)
+    written = inspect_model(model, tokenizer, args.out, text=args.text, texts=texts, max_length=max_length)
     if "markdown" in written:
         print(written.pop("markdown"))
     print("wrote " + ", ".join(written.values()))
