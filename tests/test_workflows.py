@@ -28,6 +28,7 @@ import pytest
 import torch
 import yaml
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -550,6 +551,10 @@ def test_inspect_writes_pictures_and_tables(pipelines, arch):
     assert header[0] == "router call" and rows
     for row in rows:
         assert sum(float(x) for x in row[1:] if x) == pytest.approx(1.0, abs=0.01)  # shares rounded to 3 decimals
+    config = AutoConfig.from_pretrained(pipelines[arch]["lm"]["checkpoint"])
+    if getattr(config, "enable_skip", False):  # SKIP, each router's last choice, has its own column
+        largest_pool = max(config.num_attention_modules, config.num_ffn_modules)
+        assert header[-1] == "SKIP" and header[-2] == f"choice {largest_pool - 1}", header
 
 
 def test_active_parameters_of_gpt2_are_all_but_other_positions(workspace):
@@ -874,8 +879,9 @@ def test_outputs_in_place_of_a_file_and_overlong_texts_are_refused_before_loadin
             "inspect", "--model", routed, "--text", "the cat sees the river . " * 20, "--out", picture],
         f"{wrong_type / 'config.json'} is invalid (Validation error for field 'num_rounds': TypeError: ": [
             "inspect", "--model", str(wrong_type), "--text", "the cat", "--out", picture],
-        # the pictures' directory used to be made before routing found nothing to draw
-        "no router ran for this text": ["inspect", "--model", fixed, "--text", "the cat", "--out", picture],
+        # the pictures' directory used to be made before routing found nothing to draw; now refused from its config
+        f"--model {fixed} has routing_mode='sequential': round h of every chunk runs module h for every token": [
+            "inspect", "--model", fixed, "--text", "the cat", "--out", picture],
     }
     for message, argv in cases.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -901,6 +907,8 @@ def test_inspect_checks_its_data_and_outputs_before_writing_anything(workspace, 
     (tmp_path / "taken" / "routing_usage.png").mkdir(parents=True)
     picture = str(tmp_path / "pictures" / "routing.png")
     cases = {
+        f"--out {picture}/ must name a .png file (the heat map; tables are written beside it); it is a directory": [
+            "--model", routed, "--text", "the cat", "--out", picture + "/"],  # was written as the file routing.png
         "none of the 9 texts of --dataset has a token to route": [
             "--model", routed, "--text", "the cat", "--dataset", str(tmp_path / "empty_texts.jsonl"), "--out", picture],
         "column 'text' holds None where text is expected": [

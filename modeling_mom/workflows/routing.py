@@ -4,7 +4,7 @@
     mom inspect --model DIR --dataset held_out.jsonl --out routing.png       # usage table over a data set
 
 For every router call (one per routed layer, or per round of a MoM chunk, in execution order) the token's
-highest-scoring choice is recorded; for MoM the last choice of a router with SKIP enabled is SKIP. With `--text`:
+highest-scoring choice is recorded: a module or expert number, or SKIP (a MoM router with `enable_skip`). With `--text`:
 a heat map (router call x token) at `--out` and a token table `<out>_tokens.csv`. With `--dataset`: the share of
 tokens choosing each option, per router call, as `<out>_usage.csv` and printed as a table. Either way, the shares
 (over the data set, else over the text) as a map, router call x choice, at `<out>_usage.png`. Works for any
@@ -14,6 +14,8 @@ architecture whose model records `router_logits` (`_can_record_outputs`).
 import argparse
 import csv
 import inspect
+import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -38,6 +40,23 @@ from .common import (
     text_cells,
 )
 
+SKIP = -1  # the recorded choice of a token that picked SKIP (a MoM router's last choice, with `enable_skip`)
+
+
+def has_skip(model) -> bool:
+    """Whether every router's last choice is SKIP (MoM's `enable_skip`)."""
+    return bool(getattr(model.config, "enable_skip", False))
+
+
+def choice_names(sizes: list[int], skip: bool) -> list[str]:
+    """The columns of the usage map and table: the modules / experts of the largest router, then SKIP if any."""
+    return [str(c) for c in range(max(sizes))] + (["SKIP"] if skip else [])
+
+
+def column(choice: int, sizes: list[int]) -> int:
+    """A choice's column in `choice_names`: SKIP goes last whatever the router's size."""
+    return max(sizes) if choice == SKIP else choice
+
 
 class RouterRecorder:
     """Forward hooks on a model's routers: each call's name and `[tokens, choices]` logits, in execution order."""
@@ -53,6 +72,7 @@ class RouterRecorder:
         self.index = recorder.index if isinstance(recorder, OutputRecorder) else 0
         self.routers = {module: name.removeprefix("model.") for name, module in model.named_modules()
                         if isinstance(module, target)}
+        self.skip = has_skip(model)
         self.calls: list[tuple[str, torch.Tensor]] = []
         self._hooks = []
 
@@ -70,7 +90,8 @@ class RouterRecorder:
         self.calls.append((self.routers[module], logits.detach().float()))
 
     def choices(self, num_tokens: int) -> tuple[list[str], list[torch.Tensor], list[int]]:
-        """Call labels, each call's top-1 choice per token `[num_tokens]`, and each call's number of choices.
+        """Call labels, each call's top-1 choice per token `[num_tokens]` (`SKIP` for SKIP), and each call's number of
+        modules or experts.
 
         A router run more than once (MoM's rounds) is labelled "name, round r"; a router scoring several groups
         per token (`[tokens, groups, choices]` logits, e.g. one per attention head) counts as one call per group,
@@ -82,11 +103,13 @@ class RouterRecorder:
         for name, logits in self.calls:
             seen[name] += 1
             label = f"{name}, round {seen[name]}" if per_router[name] > 1 else name
-            size = logits.shape[-1]
-            groups = logits.numel() // (size * num_tokens)
-            if groups * size * num_tokens != logits.numel():
-                raise WorkflowError(f"router {name} scored {logits.numel() // size} rows for {num_tokens} tokens.")
-            chosen = logits.reshape(num_tokens, groups, size).argmax(-1)
+            width = logits.shape[-1]
+            groups = logits.numel() // (width * num_tokens)
+            if groups * width * num_tokens != logits.numel():
+                raise WorkflowError(f"router {name} scored {logits.numel() // width} rows for {num_tokens} tokens.")
+            chosen = logits.reshape(num_tokens, groups, width).argmax(-1)
+            size = width - int(self.skip)
+            chosen[chosen == size] = SKIP
             for group in range(groups):
                 labels.append(f"{label} [group {group}]" if groups > 1 else label)
                 choices.append(chosen[:, group])
@@ -141,48 +164,67 @@ def usage_over_texts(
 
 
 def plot_heatmap(tokens: list[str], labels: list[str], choices: torch.Tensor, sizes: list[int], path: Path) -> None:
+    """Router call x token, coloured by the token's choice; SKIP in grey, marked "S"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from matplotlib.colors import ListedColormap
 
     most = max(sizes)
     palette = "tab10" if most <= 10 else "tab20" if most <= 20 else None
-    cmap = ListedColormap(plt.get_cmap(palette).colors[:most]) if palette else "viridis"  # one colour per choice
+    cmap = ListedColormap(plt.get_cmap(palette).colors[:most]) if palette else plt.get_cmap("viridis")
+    cmap = cmap.with_extremes(bad="lightgrey")  # one colour per choice; SKIP is masked
+    values = np.ma.masked_equal(choices.numpy(), SKIP)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(tokens) + 3), max(3, 0.32 * len(labels) + 1.5)))
-    image = ax.imshow(choices.numpy(), cmap=cmap, vmin=-0.5, vmax=most - 0.5, aspect="auto", interpolation="nearest")
+    image = ax.imshow(values, cmap=cmap, vmin=-0.5, vmax=most - 0.5, aspect="auto", interpolation="nearest")
     if len(tokens) <= 48 and len(labels) <= 64:
         for row in range(choices.shape[0]):
             for col in range(choices.shape[1]):
-                ax.text(col, row, int(choices[row, col]), ha="center", va="center", fontsize=7)
+                choice = int(choices[row, col])
+                ax.text(col, row, "S" if choice == SKIP else choice, ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=90, fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xlabel("token")
-    ax.set_title("highest-scoring module / expert per token and router call")
+    title = "highest-scoring module / expert per token and router call"
+    ax.set_title(title + ("\n(grey, S: SKIP)" if (choices == SKIP).any() else ""))
     fig.colorbar(image, ax=ax, label="choice", ticks=range(most) if most <= 20 else None)
     fig.savefig(path, dpi=110, bbox_inches="tight")  # the canvas grows to fit the labels (tight_layout cut them)
     plt.close(fig)
 
 
-def plot_usage(labels: list[str], counts: list[Counter], sizes: list[int], path: Path) -> None:
-    """One map, router call x choice, coloured by the share of tokens choosing it (blank past a call's choices).
-    One picture scales to a MoEUT's hundred router calls, where a bar chart per call took ~10 s to lay out."""
+def usage_shares(counts: list[Counter], sizes: list[int], skip: bool):
+    """`[calls, choice_names]` shares of tokens per call and choice; NaN past a call's choices."""
+    import numpy as np
+
+    shares = np.full((len(counts), len(choice_names(sizes, skip))), np.nan)
+    for row, (counter, size) in enumerate(zip(counts, sizes)):
+        total = max(sum(counter.values()), 1)
+        for choice in [*range(size), *([SKIP] if skip else [])]:
+            shares[row, column(choice, sizes)] = counter.get(choice, 0) / total
+    return shares
+
+
+def plot_usage(labels: list[str], counts: list[Counter], sizes: list[int], skip: bool, path: Path) -> None:
+    """One map, router call x choice, coloured by the share of tokens choosing it (blank past a call's choices),
+    on a scale up to the largest share, so that a hundred experts' small shares stay apart. One picture scales to a
+    MoEUT's hundred router calls, where a bar chart per call took ~10 s to lay out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    width = max(sizes)
-    shares = np.full((len(labels), width), np.nan)
-    for row, (counter, size) in enumerate(zip(counts, sizes)):
-        total = max(sum(counter.values()), 1)
-        shares[row, :size] = [counter.get(c, 0) / total for c in range(size)]
-    fig, ax = plt.subplots(figsize=(max(5, 0.3 * width + 3), max(3, 0.16 * len(labels) + 1.5)))
-    image = ax.imshow(np.ma.masked_invalid(shares), vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-    if width <= 64:
-        ax.set_xticks(range(width))
+    names = choice_names(sizes, skip)
+    shares = usage_shares(counts, sizes, skip)
+    fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(names) + 3), max(3, 0.16 * len(labels) + 1.5)))
+    image = ax.imshow(np.ma.masked_invalid(shares), vmin=0, vmax=max(np.nanmax(shares), 1e-3), aspect="auto",
+                      interpolation="nearest")  # fmt: skip
+    if len(names) <= 64:
+        ax.set_xticks(range(len(names)), names)
+    elif skip:
+        ax.set_xticks([*range(0, len(names) - 1, 10), len(names) - 1], [*range(0, len(names) - 1, 10), "SKIP"])
     ax.tick_params(axis="x", labelsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=6)
     ax.set_xlabel("choice (module / expert)")
@@ -192,14 +234,12 @@ def plot_usage(labels: list[str], counts: list[Counter], sizes: list[int], path:
     plt.close(fig)
 
 
-def usage_rows(labels: list[str], counts: list[Counter], sizes: list[int]) -> list[list]:
+def usage_rows(labels: list[str], counts: list[Counter], sizes: list[int], skip: bool) -> list[list]:
     """Table rows: router call, then the share of tokens choosing each option (blank past its choices)."""
-    width = max(sizes)
-    rows = [["router call", *[f"choice {c}" for c in range(width)]]]
-    for label, counter, size in zip(labels, counts, sizes):
-        total = max(sum(counter.values()), 1)
-        rows.append([label, *[f"{counter.get(c, 0) / total:.3f}" if c < size else "" for c in range(width)]])
-    return rows
+    shares = usage_shares(counts, sizes, skip)
+    header = ["router call", *[name if name == "SKIP" else f"choice {name}" for name in choice_names(sizes, skip)]]
+    cells = [["" if math.isnan(share) else f"{share:.3f}" for share in row] for row in shares.tolist()]
+    return [header, *[[label, *row] for label, row in zip(labels, cells)]]
 
 
 def write_csv(rows: list[list], path: Path) -> None:
@@ -212,17 +252,26 @@ def markdown(rows: list[list]) -> str:
     return "\n".join([lines[0], "|" + "---|" * len(rows[0]), *lines[1:]])
 
 
-def check_picture_path(out: Path) -> None:
+def check_picture_path(name: str) -> None:
     """--out names a .png file that can be written, as can the files beside it: none is a directory, and their
     directory is or can be made."""
-    if out.suffix.lower() != ".png" or out.is_dir():
-        found = "; it is a directory" if out.is_dir() else ""
-        raise WorkflowError(f"--out {out} must name a .png file (the heat map; tables are written beside it){found}.")
+    out = Path(name)
+    directory = out.is_dir() or name.endswith(("/", os.sep))  # Path("x.png/") is Path("x.png")
+    if out.suffix.lower() != ".png" or directory:
+        found = "; it is a directory" if directory else ""
+        raise WorkflowError(f"--out {name} must name a .png file (the heat map; tables are written beside it){found}.")
     beside = [str(path) for path in output_paths(out).values() if path.is_dir()]
     if beside:
         raise WorkflowError(f"--out {out}: {', '.join(beside)}, written beside it, is a directory; choose another "
                             "--out.")
     check_can_be_directory(out.parent, f"--out {out}")
+
+
+def check_routes_tokens(config, model: str = "the model") -> None:
+    """Refuse, before loading the weights, a MoM whose routers never run (`routing_mode="sequential"`)."""
+    if getattr(config, "routing_mode", None) == "sequential":
+        raise WorkflowError(f"{model} has routing_mode='sequential': round h of every chunk runs module h for "
+                            "every token, so no router runs; inspect a model with 'learned' or 'all_modules' routing.")
 
 
 def output_paths(out: Path) -> dict[str, Path]:
@@ -236,8 +285,9 @@ def inspect_model(model, tokenizer, out: str, text: str | None = None, texts: li
     """Route `text` and/or `texts` (each cut to `max_length` tokens, by default the model's positions), then write
     their pictures and tables, so that a failure writes nothing; returns the paths written, and for `texts` the usage
     table as Markdown."""
+    check_picture_path(out)
+    check_routes_tokens(model.config)
     paths = output_paths(Path(out))
-    check_picture_path(paths["heatmap"])
     model.eval()
     routed = route_text(model, tokenizer, text) if text is not None else None
     if routed is not None and not routed[1]:
@@ -255,14 +305,14 @@ def inspect_model(model, tokenizer, out: str, text: str | None = None, texts: li
     if routed is not None:
         tokens, text_labels, choices, text_sizes = routed
         plot_heatmap(tokens, text_labels, choices, text_sizes, paths["heatmap"])
-        write_csv([["token", *text_labels], *[[t, *choices[:, i].tolist()] for i, t in enumerate(tokens)]],
-                  paths["tokens"])  # fmt: skip
+        cells = [["SKIP" if c == SKIP else c for c in choices[:, i].tolist()] for i in range(len(tokens))]
+        write_csv([["token", *text_labels], *[[t, *row] for t, row in zip(tokens, cells)]], paths["tokens"])
         written.update(heatmap=str(paths["heatmap"]), tokens=str(paths["tokens"]))
     if texts is not None:
-        rows = usage_rows(labels, counts, sizes)
+        rows = usage_rows(labels, counts, sizes, has_skip(model))
         write_csv(rows, paths["table"])
         written.update(table=str(paths["table"]), markdown=markdown(rows))
-    plot_usage(labels, counts, sizes, paths["usage"])
+    plot_usage(labels, counts, sizes, has_skip(model), paths["usage"])
     written["usage"] = str(paths["usage"])
     return written
 
@@ -311,8 +361,9 @@ def main(argv=None) -> dict:
     if args.text is None and args.dataset is None:
         raise WorkflowError("give --text, --dataset, or both.")
     check_positive(args, "max_samples", "max_length")
-    check_picture_path(Path(args.out))
+    check_picture_path(args.out)
     config = load_model_config(args.model)
+    check_routes_tokens(config, f"--model {args.model}")
     tokenizer = load_tokenizer(args.model, args.tokenizer, needs_padding=args.dataset is not None)
     check_language_model(args.model, config, tokenizer)
     if args.text is not None:
