@@ -14,7 +14,9 @@ A token's path, from `input_ids` to logits:
     LN_f -> lm_head
 
 All expert work goes through the shared dispatch (`moe_dispatch`): one sort per routing decision, reused for the
-query map and the output reduce of the attention experts. Expert weights use the official `[E, in, out]` layout.
+query map and the output reduce of the attention experts. The FFN experts follow transformers' experts contract
+(`@use_experts_implementation`), so its `grouped_mm` / `batched_mm` kernels can replace the dispatch there. Expert
+weights use the official `[E, in, out]` layout.
 """
 
 import torch
@@ -24,6 +26,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 from transformers.generation import GenerationMixin
+from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     MoeModelOutputWithPast,
@@ -36,7 +39,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moduleformer import ModuleFormerConfig
 from .moduleformer_modularity import ModuleFormerModularityMixin
-from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispatch, scatter_rows
+from .moe_dispatch import DispatchPlan, experts_bias_flag, gather_rows, grouped_linear, plan_dispatch, scatter_rows
 from .routing_losses import (
     at_least_float32,
     concentration_loss,
@@ -47,6 +50,7 @@ from .routing_losses import (
 from .shared_modeling import (
     CausalLMWithRouterLosses,
     CheckedConfigMixin,
+    EagerExpertsMixin,
     LearnedPositionEmbedding,
     QuestionAnsweringWithRouterLosses,
     RemoteCodeMixin,
@@ -257,17 +261,31 @@ class ModuleFormerAttention(ModuleFormerExperts):
         return out.view(batch, heads, k, seq, head_dim), None
 
 
+@use_experts_implementation(is_transposed=True, has_gate=False)
 class ModuleFormerMoE(ModuleFormerExperts):
-    """Feed-forward experts `W_2[e] act(W_1[e] x)`, no bias unless `expert_bias`; output = gate-weighted sum."""
+    """Feed-forward experts `W_2[e] act(W_1[e] x)`, no bias unless `expert_bias`; output = gate-weighted sum.
+
+    The layer routes (`self.router`), then calls it with transformers' experts contract, so that
+    `model.set_experts_implementation("grouped_mm" | "batched_mm")` switches from the shared dispatch (`forward`,
+    "eager", the default) to transformers' kernels. Those read the weights as `up_proj` / `down_proj` (and
+    `*_bias`): aliases of `input_proj` / `output_proj`, the names this model shares with its attention experts.
+    """
+
+    has_bias = experts_bias_flag("expert_bias")
+    up_proj = property(lambda self: self.input_proj)
+    down_proj = property(lambda self: self.output_proj)
+    up_proj_bias = property(lambda self: self.input_bias)
+    down_proj_bias = property(lambda self: self.output_bias)
 
     def __init__(self, config: ModuleFormerConfig, num_experts: int, num_pruned: int):
         super().__init__(config, num_experts, num_pruned, config.num_experts_per_tok, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
+        self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        plan, gates = self.route(x)
-        return self.project_out(self.act(self.project_in(x, plan)), plan, gates, x.shape[0]).view_as(hidden_states)
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """`[N, d]` tokens, `[N, k]` experts and gates -> `[N, d]`."""
+        plan = plan_dispatch(top_k_index, self.num_experts)
+        hidden = self.act_fn(self.project_in(hidden_states, plan))
+        return self.project_out(hidden, plan, top_k_weights, hidden_states.shape[0])
 
 
 class ModuleFormerDecoderLayer(GradientCheckpointingLayer):
@@ -294,10 +312,20 @@ class ModuleFormerDecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states), key_padding_mask, cache, output_attentions
         )
         hidden_states = hidden_states + self.dropout(attn_output)
-        return hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+        return hidden_states + self.dropout(self._feed_forward(self.post_attention_layernorm(hidden_states)))
+
+    def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Route, then call the experts. An adapter on the expert weights (peft's `target_parameters`) wraps
+        `self.mlp` in a module that hides its attributes, so the router is read from the wrapped module."""
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B * T, d]
+        experts = self.mlp.get_base_layer() if hasattr(self.mlp, "get_base_layer") else self.mlp
+        _, gates, selected = experts.router(x)
+        return self.mlp(x, selected, gates.to(x.dtype)).view_as(hidden_states)
 
 
-class ModuleFormerPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, ModuleFormerModularityMixin, PreTrainedModel):
+class ModuleFormerPreTrainedModel(
+    CheckedConfigMixin, RemoteCodeMixin, EagerExpertsMixin, ModuleFormerModularityMixin, PreTrainedModel
+):
     config_class = ModuleFormerConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

@@ -46,6 +46,7 @@ from .configuration_moeut import MoEUTConfig
 from .moe_dispatch import (
     bag_mixture,
     bag_mixture_wins,
+    experts_bias_flag,
     gather_rows,
     grouped_linear,
     plan_dispatch,
@@ -57,6 +58,7 @@ from .shared_modeling import (
     CACHE_FIELD,
     CausalLMWithRouterLosses,
     CheckedConfigMixin,
+    EagerExpertsMixin,
     LearnedPositionEmbedding,
     QuestionAnsweringWithRouterLosses,
     RemoteCodeMixin,
@@ -173,14 +175,7 @@ class MoEUTExperts(nn.Module):
             self.down_proj_bias = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    @property
-    def has_bias(self) -> bool:
-        """Whether the experts add biases (`config.mlp_bias`); transformers' kernels read it too."""
-        return self.config.mlp_bias
-
-    @has_bias.setter
-    def has_bias(self, _decorator_default: bool) -> None:
-        """Ignored: the decorator assigns one class-wide value after `__init__`; the config decides."""
+    has_bias = experts_bias_flag("mlp_bias")  # transformers' kernels read it too
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """`[N, d]` tokens, `[N, K]` experts and gates -> `[N, d]`. Without autograd and with at most one choice per
@@ -353,7 +348,7 @@ class MoEUTDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(expert_input, normed)
 
 
-class MoEUTPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel):
+class MoEUTPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, EagerExpertsMixin, PreTrainedModel):
     config_class = MoEUTConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -373,10 +368,6 @@ class MoEUTPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, PreTrainedModel)
         "AutoModelForTokenClassification": "MoEUTForTokenClassification",
         "AutoModelForQuestionAnswering": "MoEUTForQuestionAnswering",
     }
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """The default experts implementation is "eager", i.e. `MoEUTExperts.forward`: the shared dispatch."""
-        return super().get_correct_experts_implementation(requested_experts or "eager")
 
     @property
     def router_losses_with_labels(self) -> bool:

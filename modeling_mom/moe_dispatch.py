@@ -33,6 +33,13 @@ import torch.nn.functional as F
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def experts_bias_flag(config_field: str) -> property:
+    """`has_bias` of an experts class under transformers' `@use_experts_implementation`, read from
+    `config.<config_field>`: the decorator assigns one class-wide value after `__init__`, which is ignored, since
+    whether the experts have biases is a config choice."""
+    return property(lambda self: getattr(self.config, config_field), lambda self, class_wide_value: None)
+
+
 @dataclass
 class DispatchPlan:
     """Where each kept (token, slot) pair goes, sorted by expert.

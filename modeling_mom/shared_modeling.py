@@ -68,6 +68,15 @@ class CheckedConfigMixin:
         super().__init__(config, *inputs, **kwargs)
 
 
+class EagerExpertsMixin:
+    """Models whose experts classes carry `@use_experts_implementation`: their own `forward` (transformers' "eager"
+    experts implementation, here the shared dispatch of `moe_dispatch`) is the default, where transformers would pick
+    "grouped_mm"; `experts_implementation=` at loading or `set_experts_implementation` still switch."""
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        return super().get_correct_experts_implementation(requested_experts or "eager")
+
+
 class RemoteCodeMixin:
     """Saves checkpoints that load through every Auto class of the architecture with `trust_remote_code=True`.
 

@@ -88,7 +88,7 @@ def test_experts_match_per_expert_reference(normalize):
         for g, e in zip(gates[n], selected[n]):
             h = F.gelu(flat[n].double() @ mlp.input_proj[e].double() + mlp.input_bias[e], approximate="tanh")
             expected_mlp[n] += g * (h @ mlp.output_proj[e].double() + mlp.output_bias[e])
-    torch.testing.assert_close(mlp(x).reshape(10, 32).double(), expected_mlp, atol=ATOL, rtol=0)
+    torch.testing.assert_close(layer._feed_forward(x).reshape(10, 32).double(), expected_mlp, atol=ATOL, rtol=0)
 
     keys = attn.k_proj(x).view(2, 5, 2, 8).transpose(1, 2)  # [B, H, T, 8]
     values = attn.v_proj(x).view(2, 5, 2, 8).transpose(1, 2)
@@ -475,6 +475,20 @@ def test_pruned_model_keeps_logits_and_round_trips(normalize, tmp_path):
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
     if not normalize:  # one subprocess is enough: the remote code path is the same for both gate modes
         check_remote_load(model, tmp_path / "pruned")
+
+
+def test_experts_implementations_agree_after_pruning_and_extension():
+    """transformers' `grouped_mm` and `batched_mm` kernels run the FFN experts (with biases) as our dispatch does, also
+    on pools pruned and then extended; fp32, within 1e-6 (sums in another order: ~6e-8 here)."""
+    model = tiny_model(expert_bias=True, num_experts=8)
+    ids = torch.randint(3, 53, (2, 9))
+    model.prune_experts(model.expert_usage([ids]), keep_top_n=5)
+    model.add_experts(2)
+    assert model.config._experts_implementation == "eager"  # the shared dispatch by default
+    expected = model(ids).logits
+    for implementation in ("grouped_mm", "batched_mm"):
+        model.set_experts_implementation(implementation)
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-6, rtol=0)
 
 
 def test_prune_threshold_is_a_share_of_each_routers_selections():

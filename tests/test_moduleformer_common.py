@@ -30,11 +30,9 @@ Why each skipped test does not apply (`pytest -rs` shows the upstream reasons):
 - No tensor-parallel plan (`test_tp_plan_matches_params`, ...): not part of this CPU-first plugin's contract.
 - No load-time checkpoint key conversion (`test_reverse_loading_mapping`, ...): official MoLM checkpoints are
   converted offline by `conversion/molm_to_moduleformer.py` (tested against the official forward).
-- The experts dispatch through our shared `moe_dispatch`, not transformers' `@use_experts_implementation` interface
-  (`test_eager_matches_batched_and_grouped_inference_*`, `test_moe_models_record_router_logits`): the attention
-  experts (per-expert query and output maps around a shared attention) do not fit its FFN-shaped contract, and one
-  dispatch serves both pools; recording and returning `router_logits` is checked by
-  `test_output_router_logits_from_config`, which runs, and by `test_generate_with_router_logits`.
+- Only the FFN experts carry `@use_experts_implementation` (so `test_eager_matches_batched_and_grouped_inference_*`
+  and `test_moe_models_record_router_logits` run): the attention experts (per-expert query and output maps around a
+  shared attention) do not fit its FFN-shaped contract.
 - `ModuleFormerCommonTest.test_generate_dict_outputs`: it expects `config.num_attention_heads` attention maps per
   layer, one per head; with k_att=2 there are two per head (see above). It runs on `ModuleFormerSoftmaxCommonTest`
   (k_att=1), and stick-breaking attention weights are checked in tests/test_moduleformer.py.
