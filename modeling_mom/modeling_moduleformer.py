@@ -465,7 +465,10 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
-        if cache is not None and (not isinstance(cache, Cache) or cache.is_compileable):
+        if cache is not None and not isinstance(cache, Cache):
+            refuse_cache(f"got a {type(cache).__name__}, which is no Cache (legacy tuples of keys and values are not "
+                         "taken: wrap them with DynamicCache(...))")
+        if cache is not None and cache.is_compileable:
             refuse_cache(f"got {type(cache).__name__}, whose layers have a fixed size or are paged")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)

@@ -391,6 +391,21 @@ def test_a_mask_that_is_not_a_2d_padding_mask_is_refused_by_shape():
         with pytest.raises(ValueError, match=r"needs a 2-D padding mask of shape \(batch, past \+ current length\)"):
             model(ids, attention_mask=mask)
 
+def test_a_legacy_tuple_cache_is_refused_with_its_remedy():
+    """A tuple of (keys, values) per layer was refused as a cache "whose layers have a fixed size or are paged";
+    the message now says what it is, and the remedy it names gives the cached logits."""
+    from transformers import DynamicCache
+
+    model = tiny_model().eval()
+    ids = torch.randint(3, 53, (1, 8))
+    cache = model(ids[:, :5], use_cache=True).cache
+    legacy = tuple((layer.keys, layer.values) for layer in cache.layers)
+    with pytest.raises(ValueError, match=r"got a tuple, which is no Cache \(legacy tuples .* DynamicCache\(\.\.\.\)\)"):
+        model(ids[:, 5:], cache=legacy)
+    logits = model(ids[:, 5:], cache=DynamicCache(legacy)).logits
+    torch.testing.assert_close(logits, model(ids).logits[:, 5:], atol=ATOL, rtol=0)
+
+
 def test_a_fixed_size_cache_is_refused_clearly():
     """A static cache returns all its slots, filled or not, and generation turns the mask 4-D for it: refused by name
     (it failed on the mask, and a hand-made StaticCache gave wrong logits)."""
