@@ -221,10 +221,8 @@ def plot_usage(labels: list[str], counts: list[Counter], sizes: list[int], skip:
     fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(names) + 3), max(3, 0.16 * len(labels) + 1.5)))
     image = ax.imshow(np.ma.masked_invalid(shares), vmin=0, vmax=max(np.nanmax(shares), 1e-3), aspect="auto",
                       interpolation="nearest")  # fmt: skip
-    if len(names) <= 64:
-        ax.set_xticks(range(len(names)), names)
-    elif skip:
-        ax.set_xticks([*range(0, len(names) - 1, 10), len(names) - 1], [*range(0, len(names) - 1, 10), "SKIP"])
+    ticks = range(len(names)) if len(names) <= 64 else [*range(0, len(names) - 1, 10), len(names) - 1]
+    ax.set_xticks(ticks, [names[t] for t in ticks])  # the last column is SKIP, if the routers have it
     ax.tick_params(axis="x", labelsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=6)
     ax.set_xlabel("choice (module / expert)")
