@@ -902,6 +902,9 @@ def test_inspect_checks_its_data_and_outputs_before_writing_anything(workspace, 
     routed = str(tmp_path / "mom")
     convert_main(["mom", "--gpt2", str(workspace / "gpt2"), "--out", routed])
     small_vocab = mom_config_with(tmp_path / "small_vocab", workspace, vocab_size=10)
+    shared = mom_config_with(tmp_path / "shared", workspace, num_attention_modules=1, num_ffn_modules=1,
+                             enable_skip=False)  # fmt: skip
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shared)).save_pretrained(shared)  # no router at all
     (tmp_path / "empty_texts.jsonl").write_text('{"text": ""}\n' * 9)
     (tmp_path / "null_text.jsonl").write_text('{"text": "the cat ."}\n{"text": null}\n')
     (tmp_path / "taken" / "routing_usage.png").mkdir(parents=True)
@@ -909,6 +912,11 @@ def test_inspect_checks_its_data_and_outputs_before_writing_anything(workspace, 
     cases = {
         f"--out {picture}/ must name a .png file (the heat map; tables are written beside it); it is a directory": [
             "--model", routed, "--text", "the cat", "--out", picture + "/"],  # was written as the file routing.png
+        "no router ran for this text: the model has none (e.g. a MoM whose pools each hold one module": [
+            "--model", str(shared), "--tokenizer", str(workspace / "gpt2"), "--text", "the cat", "--out", picture],
+        "no router ran on these texts: the model has none": [
+            "--model", str(shared), "--tokenizer", str(workspace / "gpt2"), "--dataset",
+            str(tmp_path / "null_text.jsonl"), "--max-samples", "1", "--out", picture],
         "none of the 9 texts of --dataset has a token to route": [
             "--model", routed, "--text", "the cat", "--dataset", str(tmp_path / "empty_texts.jsonl"), "--out", picture],
         "column 'text' holds None where text is expected": [

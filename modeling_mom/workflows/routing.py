@@ -43,6 +43,9 @@ from .common import (
 SKIP = -1  # the recorded choice of a token that picked SKIP (a MoM router's last choice, with `enable_skip`)
 
 
+NO_ROUTERS = "the model has none (e.g. a MoM whose pools each hold one module, without SKIP)."
+
+
 def has_skip(model) -> bool:
     """Whether every router's last choice is SKIP (MoM's `enable_skip`)."""
     return bool(getattr(model.config, "enable_skip", False))
@@ -130,7 +133,7 @@ def text_ids(tokenizer, text: str, config) -> torch.Tensor:
 
 
 def route_text(model, tokenizer, text: str) -> tuple[list[str], list[str], torch.Tensor, list[int]]:
-    """(tokens, call labels, top-1 choices `[calls, tokens]`, choices per call) for one text."""
+    """(tokens, call labels, top-1 choices `[calls, tokens]`, modules or experts per call) for one text."""
     input_ids = text_ids(tokenizer, text, model.config).to(model.device)
     with torch.no_grad(), RouterRecorder(model) as recorder:
         model(input_ids)
@@ -142,7 +145,8 @@ def route_text(model, tokenizer, text: str) -> tuple[list[str], list[str], torch
 def usage_over_texts(
     model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 8
 ) -> tuple[list[str], list[Counter], list[int]]:
-    """(call labels, top-1 choice counts per call over the real tokens of all texts, choices per call); each text cut
+    """(call labels, top-1 choice counts per call over the real tokens of all texts, modules or experts per call); each
+    text cut
     to `max_length` tokens. A batch of texts without tokens (empty strings) is skipped: no router sees it."""
     counts, labels, sizes = None, None, None
     for start in tqdm(range(0, len(texts), batch_size), desc="routing texts", unit="batch"):
@@ -289,12 +293,12 @@ def inspect_model(model, tokenizer, out: str, text: str | None = None, texts: li
     model.eval()
     routed = route_text(model, tokenizer, text) if text is not None else None
     if routed is not None and not routed[1]:
-        raise WorkflowError("no router ran for this text (e.g. a model converted with fixed routing).")
+        raise WorkflowError(f"no router ran for this text: {NO_ROUTERS}")
     if texts is not None:
         max_length = max_length or model_context_length(model.config)
         labels, counts, sizes = usage_over_texts(model, tokenizer, texts, max_length)
         if not labels:
-            raise WorkflowError("no router ran on these texts (e.g. a model converted with fixed routing).")
+            raise WorkflowError(f"no router ran on these texts: {NO_ROUTERS}")
     else:
         _, labels, choices, sizes = routed
         counts = [Counter(row.tolist()) for row in choices]
