@@ -14,6 +14,7 @@ from .config_checks import (
     derived_property,
     require,
 )
+from .moe_tensor_parallel import experts_tp_plan
 
 ATTENTION_FUNCTIONS = ("stickbreaking", "stickbreaking_2024", "softmax")
 POSITION_EMBEDDING_TYPES = ("none", "learned")
@@ -164,6 +165,12 @@ class ModuleFormerConfig(ValidatedConfigMixin, PreTrainedConfig):
         return self.attention_hidden_size // self.num_attention_heads
 
     head_dim = derived_property(head_dim, "attention_hidden_size // num_attention_heads")
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor parallelism: each rank holds a slice of every FFN expert; attention experts and routers are
+        replicated."""
+        return experts_tp_plan("layers.*.mlp", "input_proj", "output_proj", "input_bias" if self.expert_bias else None)
 
     @property
     def shares_hidden_states_as_kv(self) -> bool:

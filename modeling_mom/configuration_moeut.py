@@ -21,6 +21,7 @@ from .config_checks import (
     is_real,
     require,
 )
+from .moe_tensor_parallel import experts_tp_plan
 
 NORM_SCHEMES = ("peri", "pre", "post")
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute")
@@ -186,6 +187,12 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
                 f"{sorted(PRESETS[name])}, and any other field of MoEUTConfig can be given too."
             )
         return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor parallelism: each rank holds a slice of every FFN expert; attention and routers are replicated."""
+        up_bias = "up_proj_bias" if self.mlp_bias else None
+        return experts_tp_plan("layers.*.mlp.experts", "up_proj", "down_proj", up_bias)
 
     @property
     def rope_theta(self) -> float:

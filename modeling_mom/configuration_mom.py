@@ -136,6 +136,9 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
     eos_token_id: int | list[int] | None = 50256
     tie_word_embeddings: bool = True
 
+    # tensor parallelism: the vocabulary (embedding and tied head) split over the ranks; module pools replicated
+    base_model_tp_plan = {"embed_tokens": "embedding_rowwise"}
+
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size

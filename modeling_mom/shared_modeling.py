@@ -270,6 +270,8 @@ class CausalLMWithRouterLosses(RouterLossesMixin):
     """`self.model` -> `self.lm_head`; the next-token loss (honouring the Trainer's `num_items_in_batch`) plus the
     router losses."""
 
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # tensor parallelism: the vocabulary split over the ranks
+
     def __init_subclass__(cls, **kwargs):
         """Name the class among transformers' causal LMs (model type -> class name), as its own models are: code
         keyed on that map treats the class as one. The Trainer's label smoothing shifts the labels only for those
