@@ -40,6 +40,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mom import MoMConfig
 from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispatch, scatter_rows
+from .moe_tensor_parallel import is_sharded
 from .routing_losses import at_least_float32, switch_load_balancing_loss
 from .shared_modeling import (
     CACHE_FIELD,
@@ -132,9 +133,10 @@ class MoMModulePool(nn.Module):
         }
 
     @property
-    def offloaded(self) -> bool:
-        """Whether the weights are off-loaded (on `meta`), to be loaded only for the pool's own call."""
-        return any(p.is_meta for p in self.parameters())
+    def weights_only_in_call(self) -> bool:
+        """Whether the weights exist whole only during the pool's own call: off-loaded by accelerate (on `meta`) or
+        sharded by FSDP (DTensors), and loaded or gathered for the call."""
+        return any(p.is_meta or is_sharded(p) for p in self.parameters())
 
     def module_parameters(self) -> list[dict[str, torch.Tensor]]:
         """Each module's parameters, `{name: view}`, unbound from the pool's tensors at once.
@@ -148,7 +150,7 @@ class MoMModulePool(nn.Module):
 
     def single_module(self, route: ModuleRoute) -> dict[str, torch.Tensor]:
         """The parameters of `route`'s one module: the views unbound for this forward, else indexed here (a pool
-        wrapped by an adapter or offloaded, whose weights exist only inside this module's call)."""
+        wrapped by an adapter, offloaded or sharded, whose weights exist only inside this module's call)."""
         if route.module_parameters is not None:
             return route.module_parameters[route.module]
         return {name: tensor[route.module] for name, tensor in self.pool_tensors().items()}
@@ -379,12 +381,13 @@ class MoMDecoderLayer(GradientCheckpointingLayer):
         """Per pool, its per-module parameters (`MoMModulePool.module_parameters`) where each round uses one module
         for every token (plain blocks, single-choice pools, sequential routing), for the model to unbind once per
         forward and pass to every round; else None. A pool wrapped by an adapter (peft's `ParamWrapper` changes the
-        weights only inside the pool's own call) or offloaded (accelerate loads its weights only for that call) gets
-        None: it indexes its module in each round instead."""
+        weights only inside the pool's own call), offloaded (accelerate loads its weights only for that call) or
+        sharded (FSDP gathers them only for the decoder layer's call) gets None: it indexes its module in each round
+        instead."""
         pools = (self.attention, self.mlp)
         return tuple(
             pools[i].module_parameters()
-            if isinstance(pools[i], MoMModulePool) and not pools[i].offloaded and self._router(i) is None
+            if isinstance(pools[i], MoMModulePool) and not pools[i].weights_only_in_call and self._router(i) is None
             else None
             for i in range(2)
         )

@@ -1,5 +1,5 @@
-"""Tensor parallelism (`from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))`) for expert banks stored
-`[E, in, out]`, the layout transformers calls `is_transposed`.
+"""Distributed training: tensor parallelism (`from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))`)
+for expert banks stored `[E, in, out]`, the layout transformers calls `is_transposed`, and telling sharded weights.
 
 Each rank keeps a slice of every expert's inner features (the up projection's outputs, the down projection's
 inputs), runs the experts on its slices, and the ranks' partial outputs are summed: transformers' "moe_tp_experts",
@@ -11,7 +11,18 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import is_torch_distributed_available
 
+if is_torch_distributed_available():
+    from torch.distributed.tensor import DTensor
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+    from transformers.distributed.tensor_parallel import MoeExpertsParallel
+
 EXPERTS_STYLE = "moe_tp_experts_with_bias"
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor: a shard of a parameter that FSDP2 gathers only for its module's call, or that
+    tensor parallelism splits."""
+    return is_torch_distributed_available() and isinstance(tensor, DTensor)
 
 
 def experts_tp_plan(experts: str, up: str, down: str, up_bias: str | None) -> dict[str, str]:
@@ -27,8 +38,6 @@ def experts_tp_plan(experts: str, up: str, down: str, up_bias: str | None) -> di
 
 
 if is_torch_distributed_available():
-    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
-    from transformers.distributed.tensor_parallel import MoeExpertsParallel
 
     class ExpertsWithBiasParallel(MoeExpertsParallel):
         """transformers' "moe_tp_experts" (replicated tokens and gates in, each rank's partial output summed), for

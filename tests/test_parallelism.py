@@ -1,15 +1,16 @@
-"""Tensor parallelism: `from_pretrained(path, distributed_config=DistributedConfig(tp_size=2))` on 2 CPU processes
-(gloo) splits every FFN expert by its inner features (MoEUT, ModuleFormer) and the vocabulary (all three), and the
-split model computes what the whole one does.
+"""Parallelism on 2 CPU processes (gloo): `from_pretrained(path, distributed_config=DistributedConfig(...))` with
+`tp_size=2` (tensor parallelism: every FFN expert of MoEUT and ModuleFormer split by its inner features, and the
+vocabulary of all three) or `fsdp_size=2` (FSDP2: every parameter sharded, gathered per decoder layer), and the split
+model computes what the whole one does.
 
 Each case is a checkpoint a user would have: MoEUT as in the paper (no biases) and the GPT-2 conversions of all three
 architectures (biased experts, tied head for MoM), whose biases are randomised so that the bias path is exercised.
-`tensor_parallel_worker.py` runs both forms on each rank and reports. Tolerances: the split model sums each expert's
-inner features in two halves and the vocabulary's log-sum-exp over two shards, so fp32 results differ by rounding
-only: logits, loss and router loss within 1e-5 (measured up to 5e-7), every gradient within 2e-5 of its parameter's
-largest (measured up to 3.9e-6, through 12 layers), and greedy decoding gives the same tokens. With transformers'
-own "moe_tp_experts", which adds a biased expert's output bias on every rank, the ModuleFormer conversion's logits
-differ by 0.44.
+`parallel_worker.py` runs both forms on each rank and reports. Tolerances: the tensor-parallel model sums each
+expert's inner features in two halves and the vocabulary's log-sum-exp over two shards, so fp32 results differ by
+rounding only: logits, loss and router loss within 1e-5 (measured up to 5e-7), every gradient within 2e-5 of its
+parameter's largest (measured up to 3.9e-6, through 12 layers), and greedy decoding gives the same tokens. (With
+transformers' own "moe_tp_experts", which adds a biased expert's output bias on every rank, the ModuleFormer
+conversion's logits differ by 0.44.) FSDP gathers whole weights and computes in the same order: measured equal.
 """
 
 import json
@@ -26,8 +27,9 @@ from modeling_mom.workflows.convert import converters
 
 from .test_workflows import subprocess_env
 
-WORKER = Path(__file__).with_name("tensor_parallel_worker.py")
+WORKER = Path(__file__).with_name("parallel_worker.py")
 WORLD_SIZE = 2
+PARALLELISMS = ("tensor", "fsdp")
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
@@ -55,8 +57,8 @@ def paper_moeut() -> MoEUTForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict[str, list[dict]]:
-    root = tmp_path_factory.mktemp("tensor_parallel")
+def results(tmp_path_factory) -> dict[tuple[str, str], list[dict]]:
+    root = tmp_path_factory.mktemp("parallelism")
     models = {"moeut-paper": paper_moeut()}
     for arch, converter in converters().items():
         models[f"{arch}-from-gpt2"] = randomise_biases(converter.convert(tiny_gpt2()))
@@ -66,8 +68,11 @@ def results(tmp_path_factory) -> dict[str, list[dict]]:
     subprocess.run([*launch, *(str(root / name) for name in models)],
                    env=subprocess_env(root, package=True), cwd=root, check=True)
     return {
-        name: [json.loads((root / name / f"tp_rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+        (name, parallelism): [
+            json.loads((root / name / f"{parallelism}_rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)
+        ]
         for name in models
+        for parallelism in PARALLELISMS
     }
 
 
@@ -79,10 +84,12 @@ def test_the_split_model_computes_what_the_whole_model_does(results):
             assert result["same_tokens"], (name, rank)
 
 
-def test_every_expert_and_the_vocabulary_are_split(results):
+def test_tensor_parallelism_splits_every_expert_and_the_vocabulary(results):
     expert_banks = {"moeut": ("mlp.experts.up_proj", "mlp.experts.down_proj"), "moduleformer": ("mlp.input_proj",
                                                                                                  "mlp.output_proj")}
-    for name, ranks in results.items():
+    for (name, parallelism), ranks in results.items():
+        if parallelism != "tensor":
+            continue
         sharded = ranks[0]["sharded"]
         assert "model.embed_tokens.weight" in sharded, name
         vocab_local, vocab = sharded["model.embed_tokens.weight"][0][0], sharded["model.embed_tokens.weight"][1][0]
@@ -94,6 +101,12 @@ def test_every_expert_and_the_vocabulary_are_split(results):
             for local, whole in banks.values():
                 inner = -1 if bank.endswith(("up_proj", "input_proj")) else -2
                 assert local[inner] * WORLD_SIZE == whole[inner] and local[:inner] == whole[:inner], (name, bank)
+
+
+def test_fsdp_shards_every_parameter(results):
+    for (name, parallelism), ranks in results.items():
+        if parallelism == "fsdp":
+            assert ranks[0]["sharded"] and not ranks[0]["whole"], (name, ranks[0]["whole"])
 
 
 def test_a_checkpoint_saved_from_the_split_model_is_the_whole_model(results):

@@ -1,14 +1,15 @@
-"""One rank of `test_tensor_parallel.py`, run under `torch.distributed.run` (gloo, CPU).
+"""One rank of `test_parallelism.py`, run under `torch.distributed.run` (gloo, CPU).
 
-For each checkpoint directory given, the rank loads the model twice, split over the ranks (`DistributedConfig(
-tp_size=world size)`) and whole, runs both on the same batch (the same on every rank, as tensor parallelism needs),
-and writes what it measured to `<dir>/tp_rank<r>.json`:
+For each checkpoint directory given and each way of splitting it over the ranks (`PARALLELISMS`: tensor parallelism,
+FSDP2), the rank loads the model split and whole, runs both on the same batch (the same on every rank, as tensor
+parallelism needs; FSDP averages the ranks' gradients, which are then the whole batch's), and writes what it measured
+to `<dir>/<parallelism>_rank<r>.json`:
 - the largest logit, loss and router-loss differences;
 - the largest gradient difference relative to the parameter's largest gradient (sharded gradients gathered; a
   gradient below 1e-6 of the model's largest counts as that: e.g. a key bias', 0 in exact arithmetic, as a softmax
   ignores a constant added to all of a query's logits);
 - whether greedy decoding with the cache gave the same tokens;
-- the local and whole shapes of the sharded parameters;
+- the local and whole shapes of the sharded parameters, and the names of the others;
 - whether a checkpoint saved from the split model reloads (whole) with the original weights.
 """
 
@@ -29,8 +30,12 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def compare(path: Path, rank: int, world_size: int) -> dict:
-    split = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_size=world_size))
+PARALLELISMS = {"tensor": "tp_size", "fsdp": "fsdp_size"}
+
+
+def compare(path: Path, parallelism: str, world_size: int) -> dict:
+    config = DistributedConfig(**{PARALLELISMS[parallelism]: world_size})
+    split = AutoModelForCausalLM.from_pretrained(path, distributed_config=config)
     whole = AutoModelForCausalLM.from_pretrained(path)
     split.train(), whole.train()  # the router losses join the loss in training
     vocab = whole.config.vocab_size
@@ -47,7 +52,7 @@ def compare(path: Path, rank: int, world_size: int) -> dict:
     split.eval(), whole.eval()
     prompt = input_ids[:1, :5]
     tokens = [model.generate(prompt, max_new_tokens=8, do_sample=False).tolist() for model in (split, whole)]
-    saved = path / "saved_from_split"
+    saved = path / f"saved_from_{parallelism}"
     split.save_pretrained(saved)
     dist.barrier()
     reloaded = dict(AutoModelForCausalLM.from_pretrained(saved).state_dict())
@@ -62,6 +67,7 @@ def compare(path: Path, rank: int, world_size: int) -> dict:
             for name, param in split.named_parameters()
             if isinstance(param, DTensor)
         },
+        "whole": [name for name, param in split.named_parameters() if not isinstance(param, DTensor)],
         "saved_equal": all(torch.equal(reloaded[k], v) for k, v in whole.state_dict().items()),
     }
 
@@ -70,8 +76,9 @@ def main(directories: list[str]) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     for directory in map(Path, directories):
-        result = compare(directory, rank, world_size)
-        (directory / f"tp_rank{rank}.json").write_text(json.dumps(result))
+        for parallelism in PARALLELISMS:
+            result = compare(directory, parallelism, world_size)
+            (directory / f"{parallelism}_rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
