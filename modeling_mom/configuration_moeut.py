@@ -21,7 +21,7 @@ from .config_checks import (
     is_real,
     require,
 )
-from .moe_tensor_parallel import experts_tp_plan
+from .moe_tensor_parallel import attention_tp_plan, experts_tp_plan
 
 NORM_SCHEMES = ("peri", "pre", "post")
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute")
@@ -190,9 +190,18 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
 
     @property
     def base_model_tp_plan(self) -> dict[str, str]:
-        """Tensor parallelism: each rank holds a slice of every FFN expert; attention and routers are replicated."""
+        """Tensor parallelism: each rank runs its share of the attention heads (their Q, K, value and output
+        weights or experts, and routers) and a slice of every FFN expert; the FFN router is replicated."""
+        biases = self.attention_bias
+        heads = ["q_proj.weight", "k_proj.weight"] + (["q_proj.bias", "k_proj.bias"] if biases else [])
+        if self.num_attention_experts > 1:
+            heads += ["v_router.weight", "o_router.weight", "v_experts", "o_experts"] + (["v_bias"] if biases else [])
+            attention = attention_tp_plan("layers.*.attention", heads, [], ["v_router", "o_router"])
+        else:
+            heads += ["v_proj.weight", "o_gate"] + (["v_proj.bias"] if biases else [])
+            attention = attention_tp_plan("layers.*.attention", heads, ["o_proj.weight"], [])
         up_bias = "up_proj_bias" if self.mlp_bias else None
-        return experts_tp_plan("layers.*.mlp.experts", "up_proj", "down_proj", up_bias)
+        return attention | experts_tp_plan("layers.*.mlp.experts", "up_proj", "down_proj", up_bias)
 
     @property
     def rope_theta(self) -> float:

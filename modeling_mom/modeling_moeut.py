@@ -143,7 +143,10 @@ class MoEUTRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_groups * num_choices, hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = at_least_float32(F.linear(hidden_states, self.weight)).view(-1, self.num_groups, self.num_choices)
+        """`[N, d]` -> logits, gates, choices. The groups are those of `self.weight`'s rows: under tensor parallelism
+        this rank's heads."""
+        logits = at_least_float32(F.linear(hidden_states, self.weight))
+        logits = logits.view(hidden_states.shape[0], -1, self.num_choices)  # [N, groups, C]
         candidates = logits  # the sigmoid's order, without its fp32 ties above ~17 (the training code's choice)
         if self.training and self.expert_dropout > 0:
             dropped = torch.rand_like(logits) < self.expert_dropout
@@ -151,7 +154,7 @@ class MoEUTRouter(nn.Module):
         with torch.no_grad():
             selected = candidates.topk(self.num_selected, dim=-1, sorted=False).indices  # [N, groups, k]
         gates = logits.gather(-1, selected).sigmoid().flatten(1)
-        offsets = torch.arange(self.num_groups, device=selected.device)[:, None] * self.num_choices
+        offsets = torch.arange(selected.shape[1], device=selected.device)[:, None] * self.num_choices
         logits = logits.squeeze(1) if self.num_groups == 1 else logits
         return logits, gates, (selected + offsets).flatten(1)
 
@@ -248,24 +251,29 @@ class MoEUTAttention(nn.Module):
             self.o_proj = nn.Linear(heads * head_dim, d, bias=bias)
             self.o_gate = nn.Parameter(torch.empty(heads, d))  # official `sel_o`
 
-    def _values(self, value_input: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
-        """`[N, d]` -> `[N, H, dh]`."""
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        """The bias added to the sum over heads (tensor parallelism adds it once, after the ranks' sum)."""
+        return self.o_bias if self.num_experts > 1 else self.o_proj.bias
+
+    def _values(self, value_input: torch.Tensor, router_input: torch.Tensor, heads: int) -> torch.Tensor:
+        """`[N, d]` -> `[N, heads, dh]` (`heads`: all, or this rank's under tensor parallelism)."""
         if self.num_experts == 1:
-            return self.v_proj(value_input).view(-1, self.num_heads, self.head_dim)
+            return self.v_proj(value_input).view(-1, heads, self.head_dim)
         _, gates, selected = self.v_router(router_input)
         if self.v_bias is None and bag_mixture_wins(selected, self.v_experts, value_input, gates):  # decoding
-            rows, k = value_input.shape[0] * self.num_heads, self.v_router.num_selected
-            value_rows = value_input.repeat_interleave(self.num_heads, dim=0).unsqueeze(1)  # [N * H, 1, d]
+            rows, k = value_input.shape[0] * heads, self.v_router.num_selected
+            value_rows = value_input.repeat_interleave(heads, dim=0).unsqueeze(1)  # [N * heads, 1, d]
             values = bag_mixture(value_rows, selected.view(rows, k), self.v_experts, gates.view(rows, k))
-            return values.view(-1, self.num_heads, self.head_dim)
+            return values.view(-1, heads, self.head_dim)
         plan = plan_dispatch(selected, self.v_experts.shape[0])
         per_head = replace(plan, token_index=plan.flat_index // self.v_router.num_selected)  # rows (token, head)
         values = grouped_linear(gather_rows(value_input, plan), self.v_experts, plan, bias=self.v_bias)  # [S, dh]
-        values = scatter_rows(values, per_head, value_input.shape[0] * self.num_heads, gates.to(values.dtype))
-        return values.view(-1, self.num_heads, self.head_dim)
+        values = scatter_rows(values, per_head, value_input.shape[0] * heads, gates.to(values.dtype))
+        return values.view(-1, heads, self.head_dim)
 
     def _output(self, attn_output: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
-        """`[N, H, dh]` attention result -> `[N, d]`."""
+        """`[N, heads, dh]` attention result -> `[N, d]`."""
         if self.num_experts == 1:
             gate = torch.sigmoid(F.linear(router_input, self.o_gate))[..., None]
             return self.o_proj((attn_output * gate).flatten(1))
@@ -292,11 +300,12 @@ class MoEUTAttention(nn.Module):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq, d = query_input.shape
-        head_shape = (batch, seq, self.num_heads, self.head_dim)
         flat_query_input = query_input.reshape(-1, d)
-        query = self.q_proj(query_input).view(head_shape).transpose(1, 2)  # [B, H, T, dh]
-        key = self.k_proj(query_input).view(head_shape).transpose(1, 2)
-        value = self._values(value_input.reshape(-1, d), flat_query_input).view(head_shape).transpose(1, 2)
+        query = self.q_proj(query_input).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # [B, H, T, dh]
+        heads = query.shape[1]  # num_heads, or this rank's share under tensor parallelism
+        key = self.k_proj(query_input).view(batch, seq, heads, self.head_dim).transpose(1, 2)
+        value = self._values(value_input.reshape(-1, d), flat_query_input, heads)
+        value = value.view(batch, seq, heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_partial_rotary(query, cos, sin), apply_partial_rotary(key, cos, sin)
         if cache is not None:
@@ -308,7 +317,7 @@ class MoEUTAttention(nn.Module):
         attn_output, attn_weights = attention_interface(
             self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs
         )  # [B, T, H, dh]
-        output = self._output(attn_output.reshape(-1, self.num_heads, self.head_dim), flat_query_input)
+        output = self._output(attn_output.reshape(-1, heads, self.head_dim), flat_query_input)
         return output.view(batch, seq, d), attn_weights
 
 

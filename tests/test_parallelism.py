@@ -1,26 +1,29 @@
 """Parallelism on 2 CPU processes (gloo): `from_pretrained(path, distributed_config=DistributedConfig(...))` with
-`tp_size=2` (tensor parallelism: every FFN expert of MoEUT and ModuleFormer split by its inner features, and the
-vocabulary of all three) or `fsdp_size=2` (FSDP2: every parameter sharded, gathered per decoder layer), and the split
-model computes what the whole one does.
+`tp_size=2` (tensor parallelism: MoEUT's attention split by heads and its FFN experts by their inner features,
+ModuleFormer's FFN experts likewise, the vocabulary of all three) or `fsdp_size=2` (FSDP2: every parameter sharded,
+gathered per decoder layer), and the split model computes what the whole one does.
 
-Each case is a checkpoint a user would have: MoEUT as in the paper (no biases) and the GPT-2 conversions of all three
-architectures (biased experts, tied head for MoM), whose biases are randomised so that the bias path is exercised.
-`parallel_worker.py` runs both forms on each rank and reports. Tolerances: the tensor-parallel model sums each
-expert's inner features in two halves and the vocabulary's log-sum-exp over two shards, so fp32 results differ by
-rounding only: logits, loss and router loss within 1e-5 (measured up to 5e-7), every gradient within 2e-5 of its
-parameter's largest (measured up to 3.9e-6, through 12 layers), and greedy decoding gives the same tokens. (With
-transformers' own "moe_tp_experts", which adds a biased expert's output bias on every rank, the ModuleFormer
-conversion's logits differ by 0.44.) FSDP gathers whole weights and computes in the same order: measured equal.
+Each case is a checkpoint a user would have: MoEUT as in the paper (no biases; SwitchHead, and the one-expert
+output-gate variant with biases) and the GPT-2 conversions of all three architectures (biased experts and attention,
+tied head for MoM), whose biases are randomised so that the bias paths are exercised. `parallel_worker.py` runs both
+forms on each rank and reports. Tolerances: the tensor-parallel model sums heads, each expert's inner features and
+the vocabulary's log-sum-exp in two parts, so fp32 results differ by rounding only: logits, loss and router loss
+within 1e-5 (measured up to 5e-7), every gradient within 2e-5 of its parameter's largest (measured up to 3.9e-6,
+through 12 layers), and greedy decoding gives the same tokens. (Without adding the biases of an expert's or of the
+attention's output once, after the ranks' sum, as transformers' "moe_tp_experts" and a plain region would not, the
+logits differ by 0.44 to 1.04.) FSDP gathers whole weights and computes in the same order: measured equal.
 """
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
 from modeling_mom.workflows.convert import converters
@@ -48,18 +51,19 @@ def randomise_biases(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def paper_moeut() -> MoEUTForCausalLM:
+def paper_moeut(**overrides) -> MoEUTForCausalLM:
     torch.manual_seed(0)
     return MoEUTForCausalLM(MoEUTConfig(
         vocab_size=96, hidden_size=32, num_hidden_layers=4, num_unique_layers=2, num_attention_heads=2, head_dim=16,
-        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32,
+        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, **overrides,
     ))
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[tuple[str, str], list[dict]]:
     root = tmp_path_factory.mktemp("parallelism")
-    models = {"moeut-paper": paper_moeut()}
+    models = {"moeut-paper": paper_moeut(), "moeut-output-gate": randomise_biases(
+        paper_moeut(num_attention_experts=1, attention_bias=True, mlp_bias=True))}
     for arch, converter in converters().items():
         models[f"{arch}-from-gpt2"] = randomise_biases(converter.convert(tiny_gpt2()))
     for name, model in models.items():
@@ -84,23 +88,41 @@ def test_the_split_model_computes_what_the_whole_model_does(results):
             assert result["same_tokens"], (name, rank)
 
 
-def test_tensor_parallelism_splits_every_expert_and_the_vocabulary(results):
-    expert_banks = {"moeut": ("mlp.experts.up_proj", "mlp.experts.down_proj"), "moduleformer": ("mlp.input_proj",
-                                                                                                 "mlp.output_proj")}
+SPLIT_DIMS = {  # parameter name suffix -> the dim tensor parallelism splits
+    "all": {"embed_tokens.weight": 0},
+    "moeut": {"mlp.experts.up_proj": 2, "mlp.experts.down_proj": 1, "attention.q_proj.weight": 0,
+              "attention.k_proj.weight": 0},
+    "moeut-switchhead": {"attention.v_experts": 0, "attention.o_experts": 0, "attention.v_router.weight": 0,
+                         "attention.o_router.weight": 0},
+    "moeut-output-gate": {"attention.v_proj.weight": 0, "attention.o_proj.weight": 1, "attention.o_gate": 0},
+    "moduleformer": {"mlp.input_proj": 2, "mlp.output_proj": 1},
+}
+
+
+def test_tensor_parallelism_splits_heads_experts_and_vocabulary(results):
     for (name, parallelism), ranks in results.items():
         if parallelism != "tensor":
             continue
-        sharded = ranks[0]["sharded"]
-        assert "model.embed_tokens.weight" in sharded, name
-        vocab_local, vocab = sharded["model.embed_tokens.weight"][0][0], sharded["model.embed_tokens.weight"][1][0]
-        assert vocab_local == vocab // WORLD_SIZE, (name, sharded)
         arch = name.split("-")[0]
-        for bank in expert_banks.get(arch, ()):
-            banks = {k: v for k, v in sharded.items() if k.endswith(bank)}
-            assert banks, (name, bank, sorted(sharded))
-            for local, whole in banks.values():
-                inner = -1 if bank.endswith(("up_proj", "input_proj")) else -2
-                assert local[inner] * WORLD_SIZE == whole[inner] and local[:inner] == whole[:inner], (name, bank)
+        variant = "moeut-output-gate" if name == "moeut-output-gate" else "moeut-switchhead"
+        expected = SPLIT_DIMS["all"] | SPLIT_DIMS.get(arch, {}) | (SPLIT_DIMS[variant] if arch == "moeut" else {})
+        sharded = ranks[0]["sharded"]
+        for suffix, dim in expected.items():
+            shapes = [shape for key, shape in sharded.items() if key.endswith(suffix)]
+            assert shapes, (name, suffix, sorted(sharded))
+            for local, whole in shapes:
+                assert local[dim] * WORLD_SIZE == whole[dim], (name, suffix, local, whole)
+                assert local[:dim] + local[dim + 1 :] == whole[:dim] + whole[dim + 1 :], (name, suffix)
+
+
+def test_heads_that_do_not_divide_over_the_ranks_are_refused():
+    attention = MoEUTForCausalLM(MoEUTConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=3, head_dim=16, num_experts=16,
+        num_experts_per_tok=4, moe_intermediate_size=32,
+    )).model.layers[0].attention
+    mesh = SimpleNamespace(size=lambda: 2)  # what the check reads of a device mesh
+    with pytest.raises(ValueError, match=r"num_attention_heads=3 is not divisible by tp_size=2"):
+        ALL_PARALLEL_STYLES["attention_heads"].install_forward(attention, mesh)
 
 
 def test_fsdp_shards_every_parameter(results):
