@@ -17,22 +17,23 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import is_torch_distributed_available
 
-if is_torch_distributed_available():
+DISTRIBUTED = is_torch_distributed_available()  # read once: the check is cached, which torch.compile warns about
+if DISTRIBUTED:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
     from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
     from transformers.distributed.tensor_parallel import MoeExpertsParallel, TensorParallelLayer
 
 EXPERTS_STYLE = "moe_tp_experts_with_bias"
-HEADS_PARAMETER_STYLE = "heads"  # a parameter whose first dim lists heads (or each head's experts): split by it
-ATTENTION_STYLE = "attention_heads"
+HEADS_PARAMETER_STYLE = "split_by_heads"  # a parameter whose first dim lists heads or each head's experts
+ATTENTION_STYLE = "attention_heads_region"
 ROUTER_STYLE = "heads_router_gathered_logits"
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether `tensor` is a DTensor: a shard of a parameter that FSDP2 gathers only for its module's call, or that
     tensor parallelism splits."""
-    return is_torch_distributed_available() and isinstance(tensor, DTensor)
+    return DISTRIBUTED and isinstance(tensor, DTensor)
 
 
 def experts_tp_plan(experts: str, up: str, down: str, up_bias: str | None) -> dict[str, str]:
@@ -90,7 +91,7 @@ def local_parameters(module: nn.Module):
             owner._parameters[name] = param
 
 
-if is_torch_distributed_available():
+if DISTRIBUTED:
 
     class ExpertsWithBiasParallel(MoeExpertsParallel):
         """transformers' "moe_tp_experts" (replicated tokens and gates in, each rank's partial output summed), for

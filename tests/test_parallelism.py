@@ -26,6 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
+from modeling_mom.moe_tensor_parallel import ATTENTION_STYLE
 from modeling_mom.workflows.convert import converters
 
 from .test_workflows import subprocess_env
@@ -122,7 +123,7 @@ def test_heads_that_do_not_divide_over_the_ranks_are_refused():
     )).model.layers[0].attention
     mesh = SimpleNamespace(size=lambda: 2)  # what the check reads of a device mesh
     with pytest.raises(ValueError, match=r"num_attention_heads=3 is not divisible by tp_size=2"):
-        ALL_PARALLEL_STYLES["attention_heads"].install_forward(attention, mesh)
+        ALL_PARALLEL_STYLES[ATTENTION_STYLE].install_forward(attention, mesh)
 
 
 def test_fsdp_shards_every_parameter(results):
