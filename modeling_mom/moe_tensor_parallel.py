@@ -136,7 +136,7 @@ if DISTRIBUTED:
 
         @staticmethod
         def forward(ctx, x, group):
-            x = x.contiguous()
+            x = torch.clone(x, memory_format=torch.contiguous_format)  # the sum is in place; keep autograd's input
             dist.all_reduce(x, group=group)
             return x
 
