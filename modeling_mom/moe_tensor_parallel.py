@@ -116,6 +116,7 @@ if DISTRIBUTED:
             module.forward = forward
             return module
 
+    # transformers has these two collectives too, but private (`parallel_utils._AllReduce*`, moved in v5.21)
     class SumGradients(torch.autograd.Function):
         """Identity; the backward sums the gradient over the ranks (a replicated input that each rank's shards read
         only in part)."""
