@@ -14,7 +14,7 @@ from .config_checks import (
     derived_property,
     require,
 )
-from .moe_tensor_parallel import experts_tp_plan
+from .moe_tensor_parallel import experts_ep_plan, experts_tp_plan
 
 ATTENTION_FUNCTIONS = ("stickbreaking", "stickbreaking_2024", "softmax")
 POSITION_EMBEDDING_TYPES = ("none", "learned")
@@ -171,6 +171,14 @@ class ModuleFormerConfig(ValidatedConfigMixin, PreTrainedConfig):
         """Tensor parallelism: each rank holds a slice of every FFN expert; attention experts and routers are
         replicated."""
         return experts_tp_plan("layers.*.mlp", "input_proj", "output_proj", "input_bias" if self.expert_bias else None)
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        """Expert parallelism: each rank holds whole FFN experts (their number must divide over the ranks), and the
+        tokens travel to them; the router, stored in the experts module, is replicated (so not beside FSDP, which would
+        shard it with the experts: `ModuleFormerPreTrainedModel.maybe_distribute_model` refuses that)."""
+        banks = ["input_proj", "output_proj"] + (["input_bias", "output_bias"] if self.expert_bias else [])
+        return experts_ep_plan("layers.*.mlp", banks)
 
     @property
     def shares_hidden_states_as_kv(self) -> bool:

@@ -21,7 +21,7 @@ from .config_checks import (
     is_real,
     require,
 )
-from .moe_tensor_parallel import attention_tp_plan, experts_tp_plan
+from .moe_tensor_parallel import attention_tp_plan, experts_ep_plan, experts_tp_plan
 
 NORM_SCHEMES = ("peri", "pre", "post")
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute")
@@ -202,6 +202,13 @@ class MoEUTConfig(ValidatedConfigMixin, PreTrainedConfig):
             attention = attention_tp_plan("layers.*.attention", heads, ["o_proj.weight"], [])
         up_bias = "up_proj_bias" if self.mlp_bias else None
         return attention | experts_tp_plan("layers.*.mlp.experts", "up_proj", "down_proj", up_bias)
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        """Expert parallelism: each rank holds whole FFN experts (`num_experts` must divide over the ranks), and the
+        tokens travel to them; attention is split by `base_model_tp_plan` or FSDP."""
+        banks = ["up_proj", "down_proj"] + (["up_proj_bias", "down_proj_bias"] if self.mlp_bias else [])
+        return experts_ep_plan("layers.*.mlp.experts", banks)
 
     @property
     def rope_theta(self) -> float:

@@ -348,6 +348,21 @@ class ModuleFormerPreTrainedModel(
         refuse_cache("continuous batching (generate_batch, cache_implementation='paged') keeps them paged")
 
     @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        """transformers' distributed loading, refusing expert parallelism beside FSDP. The FFN router is stored in
+        the experts module (`layers.*.mlp.router`), which FSDP shards with the experts on the expert-parallel group:
+        it would be gathered only for the experts' call (after routing) and its gradient reduced over that group,
+        not over the ranks' batches."""
+        if distributed_config is not None and distributed_config.ep_size > 1 and distributed_config.dp_size > 1:
+            raise ValueError(
+                f"ModuleFormer's expert parallelism (ep_size={distributed_config.ep_size}) runs with tensor "
+                f"parallelism only, not beside FSDP (fsdp_size={distributed_config.fsdp_size}, dp_replicate_size="
+                f"{distributed_config.dp_replicate_size}): its FFN router lives in the experts module. Use "
+                "DistributedConfig(tp_size=N, ep_size=N), or FSDP without ep_size."
+            )
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
         """transformers' `from_pretrained`, refusing an official ModuleFormer / MoLM checkpoint (IBM's layout).
 

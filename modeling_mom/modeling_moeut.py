@@ -184,6 +184,8 @@ class MoEUTExperts(nn.Module):
         """`[N, d]` tokens, `[N, K]` experts and gates -> `[N, d]`. Without autograd and with at most one choice per
         expert (decoding), two unsorted `embedding_bag`s (`bag_mixture`) compute it; else the sorted dispatch."""
         if not self.has_bias and bag_mixture_wins(top_k_index, self.up_proj, hidden_states, top_k_weights):
+            # expert parallelism gives other ranks' experts the id `num_experts` and gate 0: any expert computes 0
+            top_k_index = top_k_index.clamp(max=self.num_experts - 1)
             n, k = top_k_index.shape
             rows = hidden_states.repeat_interleave(k, dim=0).unsqueeze(1)  # [N * K, 1, d]: one row per choice
             hidden = self.act_fn(bag_mixture(rows, top_k_index.reshape(-1, 1), self.up_proj))  # [N * K, e]

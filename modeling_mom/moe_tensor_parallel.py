@@ -1,5 +1,6 @@
 """Distributed training: the tensor-parallel styles (`from_pretrained(..., distributed_config=DistributedConfig(
-tp_size=N))`) of expert banks and of attention split by heads, and telling sharded weights.
+tp_size=N))`) of expert banks and of attention split by heads, the expert-parallel plan (`ep_size=N`, transformers'
+own styles), and telling sharded weights.
 
 Expert banks stored `[E, in, out]` (the layout transformers calls `is_transposed`) are split by each expert's inner
 features: each rank runs every expert on its slice, and the ranks' partial outputs are summed, as transformers'
@@ -46,6 +47,16 @@ def experts_tp_plan(experts: str, up: str, down: str, up_bias: str | None) -> di
     if up_bias is not None:
         plan[f"{experts}.{up_bias}"] = "rowwise"
     return plan
+
+
+def experts_ep_plan(experts: str, banks: list[str]) -> dict[str, str]:
+    """Plan entries that give each rank whole experts of the module `experts` (expert parallelism,
+    `DistributedConfig(ep_size=N)`): transformers' own styles, which fit any module with its experts contract.
+    "grouped_gemm" splits each of the `banks` (`[E, ...]` weights and biases) by expert, and sets the module's
+    `num_experts` to the rank's count; "ep_dispatch_experts" sends each (token, expert) choice to the expert's rank
+    and its output back, weighted there by its gate. Choices of another rank's experts reach `forward` as ids at or
+    above `num_experts` with gate 0 (at inference, when the ranks share a batch), which the dispatch drops."""
+    return {experts: "ep_dispatch_experts"} | {f"{experts}.{bank}": "grouped_gemm" for bank in banks}
 
 
 def attention_tp_plan(attention: str, heads: list[str], head_inputs: list[str], routers: list[str]) -> dict[str, str]:

@@ -1,9 +1,9 @@
 """One rank of `test_parallelism.py`, run under `torch.distributed.run` (gloo, CPU).
 
 For each checkpoint directory given and each way of splitting it over the ranks (`PARALLELISMS`: tensor parallelism,
-FSDP2), the rank loads the model split and whole, runs both on the same batch (the same on every rank, as tensor
-parallelism needs; FSDP averages the ranks' gradients, which are then the whole batch's), and writes what it measured
-to `<dir>/<parallelism>_rank<r>.json`:
+FSDP2, and expert parallelism beside either), the rank loads the model split and whole, runs both on the same batch
+(the same on every rank, as tensor parallelism needs; FSDP averages the ranks' gradients, which are then the whole
+batch's), and writes what it measured to `<dir>/<parallelism>_rank<r>.json`:
 - the largest logit, loss and router-loss differences;
 - the largest gradient difference relative to the parameter's largest gradient (sharded gradients gathered; a
   gradient below 1e-6 of the model's largest counts as that: e.g. a key bias', 0 in exact arithmetic, as a softmax
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
 import modeling_mom  # noqa: F401  (registers the model types with the auto classes)
@@ -30,11 +30,24 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-PARALLELISMS = {"tensor": "tp_size", "fsdp": "fsdp_size"}
+PARALLELISMS = {  # name -> the DistributedConfig sizes, each set to the world size
+    "tensor": ["tp_size"],
+    "fsdp": ["fsdp_size"],
+    "expert": ["tp_size", "ep_size"],
+    "expert_fsdp": ["fsdp_size", "ep_size"],
+}
+
+
+def parallelisms(config) -> list[str]:
+    """MoM has no experts to split; ModuleFormer refuses expert parallelism beside FSDP (its router is stored in the
+    experts module)."""
+    if not config.base_model_ep_plan:
+        return ["tensor", "fsdp"]
+    return [name for name in PARALLELISMS if not (name == "expert_fsdp" and config.model_type == "moduleformer")]
 
 
 def compare(path: Path, parallelism: str, world_size: int) -> dict:
-    config = DistributedConfig(**{PARALLELISMS[parallelism]: world_size})
+    config = DistributedConfig(**dict.fromkeys(PARALLELISMS[parallelism], world_size))
     split = AutoModelForCausalLM.from_pretrained(path, distributed_config=config)
     whole = AutoModelForCausalLM.from_pretrained(path)
     split.train(), whole.train()  # the router losses join the loss in training
@@ -82,7 +95,7 @@ def main(directories: list[str]) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     for directory in map(Path, directories):
-        for parallelism in PARALLELISMS:
+        for parallelism in parallelisms(AutoConfig.from_pretrained(directory)):
             result = compare(directory, parallelism, world_size)
             (directory / f"{parallelism}_rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

@@ -1,7 +1,10 @@
 """Parallelism on 2 CPU processes (gloo): `from_pretrained(path, distributed_config=DistributedConfig(...))` with
 `tp_size=2` (tensor parallelism: MoEUT's attention split by heads and its FFN experts by their inner features,
 ModuleFormer's FFN experts likewise, the vocabulary of all three) or `fsdp_size=2` (FSDP2: every parameter sharded,
-gathered per decoder layer), and the split model computes what the whole one does.
+gathered per decoder layer), each also with `ep_size=2` (expert parallelism, MoEUT and ModuleFormer: each rank holds
+half of every FFN layer's experts, whole, and transformers' all-to-all brings them their tokens; at inference beside
+tensor parallelism each rank runs its experts on the shared batch, other ranks' choices masked, and the outputs are
+summed; ModuleFormer refuses it beside FSDP), and the split model computes what the whole one does.
 
 Each case is a checkpoint a user would have: MoEUT as in the paper (no biases; SwitchHead, and the one-expert
 output-gate variant with biases) and the GPT-2 conversions of all three architectures (biased experts and attention,
@@ -13,7 +16,8 @@ through 12 layers), and greedy decoding gives the same tokens (dynamic and stati
 biases of an expert's or of the attention's output once, after the ranks' sum, as transformers' "moe_tp_experts"
 and a plain region would not, the logits differ by 0.44 to 1.04.) FSDP gathers whole weights and computes the
 forward in the same order (logits and losses measured equal); its gradients are the ranks' averaged by the
-reduce-scatter (measured within 1.3e-6), under the same bounds.
+reduce-scatter (measured within 1.3e-6), under the same bounds. Expert parallelism sums each token's experts in
+another order: logits within 5.4e-7, gradients within 5.7e-6 (measured).
 """
 
 import json
@@ -25,9 +29,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.distributed import DistributedConfig
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 
-from modeling_mom import MoEUTConfig, MoEUTForCausalLM
+from modeling_mom import ModuleFormerForCausalLM, MoEUTConfig, MoEUTForCausalLM
 from modeling_mom.moe_tensor_parallel import ATTENTION_STYLE
 from modeling_mom.workflows.convert import converters
 
@@ -35,7 +40,7 @@ from .test_workflows import subprocess_env
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 WORLD_SIZE = 2
-PARALLELISMS = ("tensor", "fsdp")
+PARALLELISMS = ("tensor", "fsdp", "expert", "expert_fsdp")
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
@@ -80,6 +85,7 @@ def results(tmp_path_factory) -> dict[tuple[str, str], list[dict]]:
         ]
         for name in models
         for parallelism in PARALLELISMS
+        if (root / name / f"{parallelism}_rank0.json").exists()
     }
 
 
@@ -116,6 +122,33 @@ def test_tensor_parallelism_splits_heads_experts_and_vocabulary(results):
             for local, whole in shapes:
                 assert local[dim] * WORLD_SIZE == whole[dim], (name, suffix, local, whole)
                 assert local[:dim] + local[dim + 1 :] == whole[:dim] + whole[dim + 1 :], (name, suffix)
+
+
+EXPERT_BANKS = {"moeut": ("mlp.experts.up_proj", "mlp.experts.down_proj"),
+                "moduleformer": ("mlp.input_proj", "mlp.output_proj")}
+
+
+def test_expert_parallelism_gives_each_rank_whole_experts(results):
+    for (name, parallelism), ranks in results.items():
+        if not parallelism.startswith("expert"):
+            continue
+        sharded = ranks[0]["sharded"]
+        for suffix in EXPERT_BANKS[name.split("-")[0]]:
+            shapes = [shape for key, shape in sharded.items() if key.endswith(suffix)]
+            assert shapes, (name, parallelism, suffix)
+            for local, whole in shapes:
+                assert local[0] * WORLD_SIZE == whole[0] and local[1:] == whole[1:], (name, suffix, local, whole)
+
+
+def test_each_model_with_experts_ran_expert_parallel(results):
+    ran = {(name.split("-")[0], parallelism) for name, parallelism in results}
+    assert {("moeut", "expert"), ("moeut", "expert_fsdp"), ("moduleformer", "expert")} <= ran, sorted(ran)
+
+
+def test_moduleformer_refuses_expert_parallelism_beside_fsdp():
+    config = DistributedConfig(fsdp_size=2, ep_size=2)
+    with pytest.raises(ValueError, match=r"expert parallelism \(ep_size=2\) runs with tensor parallelism only"):
+        ModuleFormerForCausalLM.maybe_distribute_model(None, config, mesh_manager=None)
 
 
 def test_heads_that_do_not_divide_over_the_ranks_are_refused():
