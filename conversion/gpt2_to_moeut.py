@@ -198,10 +198,11 @@ def convert(
     return model
 
 
-def main(argv=None, add_files=None):
-    """The command line; `add_files(directory)` writes more files into the checkpoint before it is complete."""
+def main(argv=None, add_files=None, prog="python -m conversion.gpt2_to_moeut"):
+    """The command line; `add_files(directory)` writes more files into the checkpoint before it is complete; `prog`
+    names the command in its usage and errors."""
     parser = argparse.ArgumentParser(
-        prog="python -m conversion.gpt2_to_moeut",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

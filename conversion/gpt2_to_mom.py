@@ -275,9 +275,9 @@ def summary(model: MoMForCausalLM) -> str:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m conversion.gpt2_to_mom",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -311,9 +311,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, add_files=None):
-    """The command line; `add_files(directory)` writes more files into the checkpoint before it is complete."""
-    parser = _parser()
+def main(argv: list[str] | None = None, add_files=None, prog: str = "python -m conversion.gpt2_to_mom"):
+    """The command line; `add_files(directory)` writes more files into the checkpoint before it is complete; `prog`
+    names the command in its usage and errors."""
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     structure = {name: value for name in STRUCTURE_FIELDS if (value := getattr(args, name, None)) is not None}
     build = functools.partial(convert, args.gpt2, seed=args.seed, exact=args.exact, **structure)

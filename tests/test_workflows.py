@@ -128,7 +128,7 @@ def pipelines(workspace) -> dict:
         cli.main(["convert", arch, "--gpt2", str(workspace / "gpt2"), "--out", str(out / "seeded")])
         lm = pretrain.main(["--model", str(out / "seeded"), "--dataset", str(workspace / "corpus.jsonl"),
                             "--validation-file", str(workspace / "corpus_eval.jsonl"), "--block-size", "32",
-                            *short_training(out / "pretrain", steps=3)])
+                            *short_training(out / "pretrain", steps=3), "--logging-steps", "2"])
         classifier = glue.main(["--model", lm["checkpoint"], "--task", "SST-2",
                                 "--train-file", str(workspace / "sst2_train.jsonl"),
                                 "--validation-file", str(workspace / "sst2_eval.jsonl"), *short_training(out / "glue")])
@@ -194,7 +194,8 @@ def test_convert_writes_all_or_nothing(workspace, tmp_path, capsys):
     gpt2 = str(workspace / "gpt2")
     with pytest.raises(SystemExit):  # the converter's own usage error, before anything is saved
         convert_main(["moeut", "--gpt2", gpt2, "--out", str(out), "--expert-size", "100"])
-    assert "expert_size=100" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "mom convert moeut: error:" in error and "expert_size=100" in error  # named as the user called it
     assert list(tmp_path.iterdir()) == []  # neither --out nor a staging directory
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -257,10 +258,11 @@ def test_pretraining_logs_the_aux_loss_beside_the_lm_loss(pipelines, arch):
     record = pipelines[arch]["lm"]
     state = json.loads((Path(record["checkpoint"]).parent / "checkpoint-3" / "trainer_state.json").read_text())
     steps = [entry for entry in state["log_history"] if "loss" in entry]
-    assert [entry["step"] for entry in steps] == [1, 2, 3]
+    assert [entry["step"] for entry in steps] == [2, 3]  # every 2 steps, and the last
     for entry in steps:
         assert np.isfinite(entry["aux_loss"]) and np.isfinite(entry["lm_loss"])
     results = record["results"]
+    assert (results["train_loss"], results["train_aux_loss"]) == (steps[-1]["loss"], steps[-1]["aux_loss"])
     assert results["perplexity"] == pytest.approx(np.exp(results["eval_loss"]))
     assert record["tokens"] == 3 * 4 * 32
     history = json.loads((Path(record["checkpoint"]) / HISTORY_FILE).read_text())

@@ -67,7 +67,7 @@ def main(argv=None) -> None:
                             f"{arch!r} is {first}; allowed: {', '.join(available)}.")
     args, _ = parser.parse_known_args(converter_argv)
     if args.out is None or {"-h", "--help"} & set(converter_argv):
-        available[arch].main(converter_argv)  # its own usage or error
+        available[arch].main(converter_argv, prog=f"mom convert {arch}")  # its own usage or error
         return
     if args.gpt2 is not None:
         load_model_config(args.gpt2, "--gpt2")  # a missing or config-less source fails here, before converting
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     def add_files(checkpoint: Path) -> None:
         _add_tokenizer_and_history(checkpoint, out, args.gpt2, arch, options)
 
-    available[arch].main(converter_argv, add_files=add_files)
+    available[arch].main(converter_argv, add_files=add_files, prog=f"mom convert {arch}")
 
 
 def _add_tokenizer_and_history(checkpoint: Path, out: Path, gpt2: str, arch: str, options: list[str]) -> None:

@@ -206,7 +206,8 @@ def held_out_data(args) -> str:
 
 
 def last_logged(trainer, key: str) -> float | None:
-    """The last value of `key` in the Trainer's log history."""
+    """The last value of `key` in the Trainer's log history: the final logging window's (`MoETrainer` logs the
+    last step too)."""
     values = [entry[key] for entry in trainer.state.log_history if key in entry]
     return values[-1] if values else None
 

@@ -163,6 +163,15 @@ def training_arguments(args, **overrides) -> TrainingArguments:
     )
 
 
+class LogFinalStep(TrainerCallback):
+    """Logs the last step too: the Trainer logs every `logging_steps` steps only, so a run whose steps are not a
+    multiple of them would leave its final losses (all of them, in a run shorter than `logging_steps`) unlogged."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and args.logging_strategy != "no":
+            control.should_log = True
+
+
 class MoETrainer(Trainer):
     """The HF Trainer, logging the router aux loss (mean over micro-batches and processes) beside the loss.
 
@@ -185,6 +194,7 @@ class MoETrainer(Trainer):
             # would come out (T-1)/T too small, and comparisons with GPT-2 would be biased.
             self._loss_shifts_labels = True
         self._logged = {}  # name -> [sum tensor, count]
+        self.add_callback(LogFinalStep)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.router_aux_loss and model.training:
