@@ -11,10 +11,13 @@ The converted weights and MOLM_DIR's tokenizer files are written all or nothing 
 import argparse
 import functools
 import json
+import pickle
 import re
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from modeling_mom import ModuleFormerConfig, ModuleFormerForCausalLM
@@ -64,7 +67,10 @@ def _weight_files(src: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = src / index_name
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no \"weight_map\" of tensor names to shard files.")
+            names = sorted(set(weight_map.values()))
             absent = [name for name in names if not (src / name).is_file()]
             if absent:
                 raise ValueError(f"{src} lacks the shard(s) {absent} that {index_name} lists.")
@@ -79,11 +85,26 @@ def load_official_state_dict(src: Path) -> dict[str, torch.Tensor]:
     """All tensors of an official checkpoint directory (single file or shards, safetensors or pickle)."""
     state = {}
     for file in _weight_files(src):
-        if file.suffix == ".safetensors":
-            state.update(load_file(file))
-        else:
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
+        try:
+            if file.suffix == ".safetensors":
+                state.update(load_file(file))
+            else:
+                state.update(torch.load(file, map_location="cpu", weights_only=True))
+        except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            raise ValueError(f"{file} could not be read as checkpoint weights (truncated or not a weights file?): "
+                             f"{error}") from error
     return state
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; a ValueError naming the file if it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a JSON object.")
+    return value
 
 
 def convert(src: str | Path, dtype: torch.dtype | None = None) -> ModuleFormerForCausalLM:
@@ -95,10 +116,13 @@ def convert(src: str | Path, dtype: torch.dtype | None = None) -> ModuleFormerFo
     src = Path(src)
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} has no config.json; --src must be a local copy of an official MoLM checkpoint.")
-    official = json.loads((src / "config.json").read_text())
+    official = _read_json(src / "config.json")
     for key in ("architectures", "auto_map", "model_type"):
         official.pop(key, None)
-    config = ModuleFormerConfig(**official)
+    try:
+        config = ModuleFormerConfig(**official)
+    except (TypeError, StrictDataclassError) as error:  # a field of the wrong type (ValueErrors name themselves)
+        raise ValueError(f"{src / 'config.json'} is not a valid MoLM config: {error}") from error
     state = {}
     for key, tensor in load_official_state_dict(src).items():
         name = rename(key)

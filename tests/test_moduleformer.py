@@ -653,14 +653,16 @@ def test_official_checkpoint_loaded_directly_is_refused_with_the_conversion_comm
 
 
 def test_official_checkpoint_that_does_not_fit_is_a_usage_error(tmp_path, capsys):
-    """A source without config.json or weights, with a shard its index lists missing, or with weights of other sizes
-    than its config says: a usage error naming the problem (tracebacks before), and nothing written."""
+    """A source without config.json or weights, with a shard its index lists missing (or an index without its map),
+    with weights of other sizes than its config says, a truncated weights file or a config field of the wrong type:
+    a usage error naming the problem (tracebacks before), and nothing written."""
     from conversion.molm_to_moduleformer import main
 
     official = {**MOLM_700M_8B, "vocab_size": 50, "n_embd": 16, "n_layer": 2, "ffd_hidden": 12, "gating_size": 6,
                 "n_att_experts": 4, "n_mlp_experts": 5, "n_head": 2, "att_hidden": 8}  # fmt: skip
     state = official_checkpoint(official)
-    sources = {name: tmp_path / name for name in ("no_weights", "missing_shard", "other_sizes")}
+    names = ("no_weights", "missing_shard", "other_sizes", "no_map", "truncated", "mistyped")
+    sources = {name: tmp_path / name for name in names}
     for src in sources.values():
         src.mkdir()
         (src / "config.json").write_text(json.dumps(official))
@@ -670,11 +672,19 @@ def test_official_checkpoint_that_does_not_fit_is_a_usage_error(tmp_path, capsys
     (sources["missing_shard"] / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     (sources["other_sizes"] / "config.json").write_text(json.dumps({**official, "n_att_experts": 3}))
     torch.save(state, sources["other_sizes"] / "pytorch_model.bin")
+    (sources["no_map"] / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    torch.save(state, sources["truncated"] / "pytorch_model.bin")
+    weights = (sources["truncated"] / "pytorch_model.bin").read_bytes()
+    (sources["truncated"] / "pytorch_model.bin").write_bytes(weights[: len(weights) // 2])
+    (sources["mistyped"] / "config.json").write_text(json.dumps({**official, "n_layer": "two"}))
     cases = {
         tmp_path / "absent": "has no config.json",
         sources["no_weights"]: "has no model*.safetensors or pytorch_model*.bin weights",
         sources["missing_shard"]: "lacks the shard(s) ['pytorch_model-2.bin'] that pytorch_model.bin.index.json lists",
         sources["other_sizes"]: "disagree with config.json's sizes (n_att_experts, ",
+        sources["no_map"]: 'model.safetensors.index.json has no "weight_map"',
+        sources["truncated"]: "pytorch_model.bin could not be read as checkpoint weights (truncated",
+        sources["mistyped"]: "config.json is not a valid MoLM config: ",
     }
     for src, message in cases.items():
         with pytest.raises(SystemExit):

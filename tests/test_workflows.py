@@ -474,6 +474,12 @@ def test_training_batches_pad_on_the_right_whatever_the_saved_tokenizer_says(tmp
     assert load_tokenizer(str(tmp_path)).padding_side == "left"
 
 
+def test_glue_reads_labels_written_as_numbers_in_text():
+    """"1.0" passed the label check (read as a float) and then failed encoding (`int("1.0")`) with a traceback."""
+    encode = glue.encode(glue.glue_task("sst2"), embedded_data.build_tokenizer(), max_length=16)
+    assert encode({"sentence": ["the cat .", "a dog ."], "label": ["1.0", "0"]})["labels"] == [1, 0]
+
+
 def test_glue_metrics_are_the_official_ones():
     labels = np.array([0, 1, 1, 0, 1])
     perfect = np.eye(2)[labels]
@@ -765,6 +771,8 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
     sst2 = ["--train-file", str(workspace / "sst2_train.jsonl")]
     sst2 += ["--validation-file", str(workspace / "sst2_eval.jsonl")]
     (tmp_path / "word_labels.jsonl").write_text('{"sentence": "good", "label": "positive"}\n')
+    (tmp_path / "empty_sentence.jsonl").write_text('{"sentence": "good", "label": 1}\n{"sentence": "", "label": 0}\n')
+    (tmp_path / "one_pair.jsonl").write_text('{"sentence1": "a cat", "sentence2": "the cat", "label": 4.5}\n')
     (tmp_path / "null_text.jsonl").write_text('{"text": "the cat ."}\n{"text": null}\n')
     (tmp_path / "one_line.jsonl").write_text('{"text": "the cat ."}\n')
     (tmp_path / "empty.jsonl").write_text("")
@@ -780,6 +788,14 @@ def test_bad_inputs_stop_before_any_training(workspace, tmp_path, capsys):
             "--validation-file", str(workspace / "sst2_eval.jsonl")],
         "column 'text' holds None where text is expected": [
             "pretrain", "--model", gpt2, "--dataset", str(tmp_path / "null_text.jsonl")],
+        # an empty sentence crashed inside the model at batch size 1, or trained as a row of padding
+        "a row's text ('sentence') gives no tokens (an empty cell?)": [
+            "glue", "--model", gpt2, "--task", "sst2", "--train-file", str(tmp_path / "empty_sentence.jsonl"),
+            "--validation-file", str(workspace / "sst2_eval.jsonl")],
+        # the correlations failed after training, and no results were saved
+        "STS-B validation: 1 example; its Pearson and Spearman correlations need at least 2": [
+            "glue", "--model", gpt2, "--task", "stsb", "--train-file", str(tmp_path / "one_pair.jsonl"),
+            "--validation-file", str(tmp_path / "one_pair.jsonl")],
         "one_line.jsonl has fewer than --block-size 32 tokens": [
             "pretrain", "--model", gpt2, "--dataset", corpus, "--block-size", "32",
             "--validation-file", str(tmp_path / "one_line.jsonl")],

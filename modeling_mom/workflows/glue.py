@@ -159,6 +159,9 @@ def check_labels(task: GlueTask, data, split: str) -> None:
     if task.num_labels == 1:
         if not np.isfinite(labels).all():
             raise WorkflowError(f"{task.title} {split}: labels must be finite similarity scores.")
+        if split != "train" and len(labels) < 2:
+            raise WorkflowError(f"{task.title} {split}: {len(labels)} example; its Pearson and Spearman correlations "
+                                "need at least 2.")
         return
     allowed = set(range(task.num_labels))
     bad = sorted({float(x) for x in labels if x not in allowed})
@@ -199,7 +202,11 @@ def encode(task: GlueTask, tokenizer, max_length: int):
             encoded = tokenizer(first, second, truncation="longest_first", max_length=max_length)
         else:
             encoded = tokenizer(text_cells(batch, task.text_columns[0]), truncation=True, max_length=max_length)
-        encoded["labels"] = [float(x) if task.num_labels == 1 else int(x) for x in batch["label"]]
+        if any(len(ids) == 0 for ids in encoded["input_ids"]):
+            columns = " / ".join(repr(c) for c in task.text_columns)
+            raise WorkflowError(f"a row's text ({columns}) gives no tokens (an empty cell?); every row needs text.")
+        # `check_labels` took the labels as numbers ("1.0" and 1.0 alike): read them the same way
+        encoded["labels"] = [float(x) if task.num_labels == 1 else int(float(x)) for x in batch["label"]]
         return encoded
 
     return apply
