@@ -119,15 +119,15 @@ def sequence_entropy_loss(
     log_probs = torch.stack([F.log_softmax(at_least_float32(logit), dim=-1) for logit in router_logits], dim=1)
     log_probs = log_probs.unflatten(0, (batch_size, -1)).flatten(1, 2)  # [B, seq * calls, *groups, C]
     seq = log_probs.shape[1] // num_calls
-    if attention_mask is None:
-        weights = torch.ones(batch_size, seq, device=log_probs.device)
+    if attention_mask is None:  # weights in the logits' precision (at least fp32): float64 models stay float64
+        weights = torch.ones(batch_size, seq, device=log_probs.device, dtype=log_probs.dtype)
     else:
-        weights = attention_mask[:, -seq:].to(device=log_probs.device, dtype=torch.float32)
+        weights = attention_mask[:, -seq:].to(device=log_probs.device, dtype=log_probs.dtype)
     has_tokens = weights.sum(1) > 0  # an all-padding row is treated as unpadded here and dropped from the mean
     weights = torch.where(has_tokens[:, None], weights, 1.0).repeat_interleave(num_calls, dim=1)
     extra = (1,) * (log_probs.dim() - 2)  # broadcast over groups and choices
     mean_log_probs = (log_probs + weights.log().view(*weights.shape, *extra)).logsumexp(1)
     mean_log_probs = mean_log_probs - weights.sum(1).log().view(-1, *extra)  # [B, *groups, C]
     neg_entropy = (mean_log_probs.exp() * mean_log_probs).sum(-1)  # [B, *groups]
-    row_weights = has_tokens.float().view(-1, *extra[1:]).expand_as(neg_entropy)
+    row_weights = has_tokens.to(log_probs.dtype).view(-1, *extra[1:]).expand_as(neg_entropy)
     return (neg_entropy * row_weights).sum() / row_weights.sum().clamp(min=1.0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from modeling_mom import MoEUTForCausalLM, MoMForCausalLM
+from modeling_mom.routing_losses import sequence_entropy_loss
 
 from .test_moduleformer import tiny_model as moduleformer_model
 from .test_moeut import tiny_config as moeut_config
@@ -37,3 +38,19 @@ def test_float64_router_logits_and_losses_stay_float64(name):
     out = model(torch.randint(3, 50, (2, 5)), labels=torch.randint(3, 50, (2, 5)), output_router_logits=True)
     assert {logits.dtype for logits in out.router_logits} == {torch.float64}
     assert out.aux_loss.dtype == torch.float64 and out.loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_moeut_entropy_regulariser_is_float64_exact(masked):
+    """Its padding weights were fp32, which rounded the mean's normaliser: 1.5e-9 off the float64 value."""
+    torch.manual_seed(0)
+    batch, seq, calls, choices = 2, 5, 3, 7
+    logits = [torch.randn(batch * seq, choices, dtype=torch.float64) for _ in range(calls)]
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]) if masked else torch.ones(batch, seq, dtype=torch.long)
+    probs = torch.stack([logit.softmax(-1).view(batch, seq, choices) for logit in logits])  # [calls, B, T, C]
+    weights = mask.to(torch.float64)[None, :, :, None]
+    mean = (probs * weights).sum((0, 2)) / (weights.sum((0, 2)) * calls)  # [B, C]: over positions and calls
+    expected = (mean * mean.log()).sum(-1).mean()
+    loss = sequence_entropy_loss(logits, batch, mask if masked else None)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, atol=1e-14, rtol=0)
