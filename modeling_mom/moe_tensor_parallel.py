@@ -54,8 +54,9 @@ def experts_ep_plan(experts: str, banks: list[str]) -> dict[str, str]:
     `DistributedConfig(ep_size=N)`): transformers' own styles, which fit any module with its experts contract.
     "grouped_gemm" splits each of the `banks` (`[E, ...]` weights and biases) by expert, and sets the module's
     `num_experts` to the rank's count; "ep_dispatch_experts" sends each (token, expert) choice to the expert's rank
-    and its output back, weighted there by its gate. Choices of another rank's experts reach `forward` as ids at or
-    above `num_experts` with gate 0 (at inference, when the ranks share a batch), which the dispatch drops."""
+    and its output back to the token's rank, which weights it by its gate. Choices of another rank's experts reach
+    `forward` as ids at or above `num_experts` with gate 0 (at inference, when the ranks share a batch), which the
+    dispatch drops."""
     return {experts: "ep_dispatch_experts"} | {f"{experts}.{bank}": "grouped_gemm" for bank in banks}
 
 
