@@ -36,11 +36,11 @@ from modeling_mom import ModuleFormerForCausalLM, MoEUTConfig, MoEUTForCausalLM
 from modeling_mom.moe_tensor_parallel import ATTENTION_STYLE
 from modeling_mom.workflows.convert import converters
 
+from .parallel_worker import parallelisms
 from .test_workflows import subprocess_env
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 WORLD_SIZE = 2
-PARALLELISMS = ("tensor", "fsdp", "expert", "expert_fsdp")
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
@@ -83,9 +83,8 @@ def results(tmp_path_factory) -> dict[tuple[str, str], list[dict]]:
         (name, parallelism): [
             json.loads((root / name / f"{parallelism}_rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)
         ]
-        for name in models
-        for parallelism in PARALLELISMS
-        if (root / name / f"{parallelism}_rank0.json").exists()
+        for name, model in models.items()
+        for parallelism in parallelisms(model.config)  # each one's reports must exist
     }
 
 
