@@ -108,6 +108,6 @@ def check_common(config, epsilon: str) -> None:
         config.hidden_act in ACT2FN,
         f"hidden_act={config.hidden_act!r} is not a transformers activation; allowed: {sorted(ACT2FN)}.",
     )
-    check_finite_positive(config, (epsilon,))
     check_derived_set(config, ("initializer_range",))
-    check_non_negative(config, ("initializer_range",))
+    # > 0: transformers' own initialisation reads `initializer_range or 0.02`, so 0 would mix stds
+    check_finite_positive(config, (epsilon, "initializer_range"))

@@ -47,8 +47,8 @@ class ModuleFormerConfig(ValidatedConfigMixin, PreTrainedConfig):
         num_attention_experts, num_attention_experts_per_tok: attention experts per layer and how many each token
             uses (MoLM: 16 and 2).
         num_experts, num_experts_per_tok: feed-forward experts per layer and how many each token uses (MoLM: 32, 2).
-        router_type: "mlp" (``Linear(d, router_hidden_size)`` - GELU - dropout - ``Linear(., E)``, the official
-            default) or "linear" (``Linear(d, E)``).
+        router_type: "mlp" (``Linear(d, router_hidden_size)`` - GELU - dropout - ``Linear(., E, bias=False)``, the
+            official default) or "linear" (``Linear(d, E, bias=False)``).
         router_hidden_size: hidden width of the "mlp" router (MoLM: 256).
         normalize_expert_gates: divide the top-k gates by their sum. The official code does not (False): each
             expert's output is weighted by its softmax probability over all experts.

@@ -199,7 +199,11 @@ class MoMConfig(ValidatedConfigMixin, PreTrainedConfig):
             f"number of modules of each pool that has more than one (num_attention_modules="
             f"{self.num_attention_modules}, num_ffn_modules={self.num_ffn_modules}).",
         )
-        require(self.unrolled_depth >= 1, "the structure has no layers: add bottom, top or chunk layers.")
+        require(
+            self.unrolled_depth >= 1,
+            f"the structure has no layers (num_bottom_layers={self.num_bottom_layers}, num_top_layers="
+            f"{self.num_top_layers}, num_chunks={self.num_chunks}): at least one must be >= 1.",
+        )
         require(
             self.num_hidden_layers == self.unrolled_depth,
             f"num_hidden_layers={self.num_hidden_layers} does not match the structure, whose unrolled depth is "

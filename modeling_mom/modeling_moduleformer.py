@@ -39,7 +39,15 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moduleformer import ModuleFormerConfig
 from .moduleformer_modularity import ModuleFormerModularityMixin
-from .moe_dispatch import DispatchPlan, experts_bias_flag, gather_rows, grouped_linear, plan_dispatch, scatter_rows
+from .moe_dispatch import (
+    DispatchPlan,
+    expert_mlp,
+    experts_bias_flag,
+    gather_rows,
+    grouped_linear,
+    plan_dispatch,
+    scatter_rows,
+)
 from .routing_losses import (
     at_least_float32,
     concentration_loss,
@@ -57,7 +65,6 @@ from .shared_modeling import (
     SequenceClassifierWithRouterLosses,
     TokenClassifierWithRouterLosses,
     accepts_past_key_values,
-    classifier_dropout,
     position_ids_from_mask,
     with_cache,
 )
@@ -67,7 +74,8 @@ from .stickbreaking_attention import stick_breaking_attention
 class ModuleFormerRouter(nn.Module):
     """Scores a layer's experts for every token and picks the top k (official `top_k_gating`).
 
-    "mlp": `Linear(d, router_hidden_size)` - GELU - dropout - `Linear(., E, bias=False)`; "linear": `Linear(d, E)`.
+    "mlp": `Linear(d, router_hidden_size)` - GELU - dropout - `Linear(., E, bias=False)`; "linear":
+    `Linear(d, E, bias=False)`.
     The softmax runs in fp32 over every router row, and the top k are taken among the live experts. Rows after the
     first `num_experts` belong to pruned experts: they only keep the softmax's normaliser, hence the gates of the
     remaining experts, unchanged (see `prune_experts`).
@@ -284,8 +292,9 @@ class ModuleFormerMoE(ModuleFormerExperts):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """`[N, d]` tokens, `[N, k]` experts and gates -> `[N, d]`."""
         plan = plan_dispatch(top_k_index, self.num_experts)
-        hidden = self.act_fn(self.project_in(hidden_states, plan))
-        return self.project_out(hidden, plan, top_k_weights, hidden_states.shape[0])
+        rows, num_tokens = gather_rows(hidden_states, plan), hidden_states.shape[0]
+        weights = (self.input_proj, self.output_proj, self.act_fn)
+        return expert_mlp(rows, plan, *weights, num_tokens, top_k_weights, self.input_bias, self.output_bias)
 
 
 class ModuleFormerDecoderLayer(GradientCheckpointingLayer):
@@ -554,34 +563,19 @@ class ModuleFormerForCausalLM(CausalLMWithRouterLosses, ModuleFormerPreTrainedMo
 class ModuleFormerForSequenceClassification(SequenceClassifierWithRouterLosses, ModuleFormerPreTrainedModel):
     """ModuleFormer with a linear head on the last non-padding token (GLUE-style classification and regression)."""
 
-    def __init__(self, config: ModuleFormerConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = ModuleFormerModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.post_init()
+    base_model_class = ModuleFormerModel
 
 
 class ModuleFormerForTokenClassification(TokenClassifierWithRouterLosses, ModuleFormerPreTrainedModel):
     """ModuleFormer with a linear head on every token (e.g. named entities), after `classifier_dropout(config)`."""
 
-    def __init__(self, config: ModuleFormerConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = ModuleFormerModel(config)
-        self.dropout = classifier_dropout(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+    base_model_class = ModuleFormerModel
 
 
 class ModuleFormerForQuestionAnswering(QuestionAnsweringWithRouterLosses, ModuleFormerPreTrainedModel):
     """ModuleFormer with a linear head giving each token an answer-start and an answer-end logit (extractive QA)."""
 
-    def __init__(self, config: ModuleFormerConfig):
-        super().__init__(config)
-        self.model = ModuleFormerModel(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
-        self.post_init()
+    base_model_class = ModuleFormerModel
 
 
 __all__ = [

@@ -46,6 +46,7 @@ from .configuration_moeut import MoEUTConfig
 from .moe_dispatch import (
     bag_mixture,
     bag_mixture_wins,
+    expert_mlp,
     experts_bias_flag,
     gather_rows,
     grouped_linear,
@@ -65,7 +66,6 @@ from .shared_modeling import (
     SequenceClassifierWithRouterLosses,
     TokenClassifierWithRouterLosses,
     accepts_past_key_values,
-    classifier_dropout,
     position_ids_from_mask,
     with_cache,
 )
@@ -83,7 +83,6 @@ class MoEUTRotaryEmbedding(nn.Module):
 
     def __init__(self, config: MoEUTConfig):
         super().__init__()
-        self.config = config
         self.rotary_config = config.rotary_config()  # the RoPE of `config` when the model was built
         self.rope_type = self.rotary_config.rope_parameters["rope_type"]
 
@@ -132,10 +131,20 @@ class MoEUTRouter(nn.Module):
     Returns the fp32 logits (`[N, C]`, or `[N, groups, C]` with several groups; recorded as `router_logits`), the
     chosen sigmoid scores `[N, groups * k]` (not renormalised) and the choices as indices into the flattened
     `groups * C` experts `[N, groups * k]` (group g's expert e is `g * C + e`, the official layout).
+    `renorm_rows` selects SwitchHead's initialisation (each row back to its own std; see `_init_router`).
     """
 
-    def __init__(self, hidden_size: int, num_groups: int, num_choices: int, num_selected: int, expert_dropout: float):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_groups: int,
+        num_choices: int,
+        num_selected: int,
+        expert_dropout: float,
+        renorm_rows: bool = False,
+    ):
         super().__init__()
+        self.renorm_rows = renorm_rows
         self.num_groups = num_groups
         self.num_choices = num_choices
         self.num_selected = num_selected
@@ -191,13 +200,11 @@ class MoEUTExperts(nn.Module):
             hidden = self.act_fn(bag_mixture(rows, top_k_index.reshape(-1, 1), self.up_proj))  # [N * K, e]
             return bag_mixture(hidden.view(n, k, -1), top_k_index, self.down_proj, top_k_weights)
         plan = plan_dispatch(top_k_index, self.num_experts)
-        up_bias = self.up_proj_bias if self.has_bias else None
-        hidden = self.act_fn(grouped_linear(gather_rows(hidden_states, plan), self.up_proj, plan, bias=up_bias))
-        gates = sorted_gates(top_k_weights, plan).to(hidden.dtype)  # [S, 1]
-        out = grouped_linear(hidden * gates, self.down_proj, plan)
-        if self.has_bias:
-            out = out + gates * self.down_proj_bias.index_select(0, plan.expert_index)
-        return scatter_rows(out, plan, hidden_states.shape[0])
+        biases = (self.up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
+        rows = gather_rows(hidden_states, plan)
+        return expert_mlp(
+            rows, plan, self.up_proj, self.down_proj, self.act_fn, hidden_states.shape[0], top_k_weights, *biases
+        )
 
 
 class MoEUTFeedForward(nn.Module):
@@ -242,8 +249,8 @@ class MoEUTAttention(nn.Module):
         self.num_experts = config.num_attention_experts
         if self.num_experts > 1:
             router_args = (d, heads, self.num_experts, config.num_attention_experts_per_tok)
-            self.v_router = MoEUTRouter(*router_args, config.attention_expert_dropout)
-            self.o_router = MoEUTRouter(*router_args, config.attention_expert_dropout)
+            self.v_router = MoEUTRouter(*router_args, config.attention_expert_dropout, renorm_rows=True)
+            self.o_router = MoEUTRouter(*router_args, config.attention_expert_dropout, renorm_rows=True)
             self.v_experts = nn.Parameter(torch.empty(heads * self.num_experts, d, head_dim))
             self.o_experts = nn.Parameter(torch.empty(heads * self.num_experts, head_dim, d))
             self.v_bias = nn.Parameter(torch.zeros(heads * self.num_experts, head_dim)) if bias else None
@@ -415,8 +422,8 @@ class MoEUTPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, EagerExpertsMixi
                 init.normal_(module.weight, mean=0.0, std=scale / module.weight.shape[1] ** 0.5)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=module.weight.shape[1] ** -0.5)
-        elif isinstance(module, MoEUTRouter):  # the FFN router; SwitchHead's are redone below
-            _init_router(module.weight, scale, per_row=False)
+        elif isinstance(module, MoEUTRouter):
+            _init_router(module.weight, scale, per_row=module.renorm_rows)
         elif isinstance(module, MoEUTExperts):
             num_experts, d, width = module.up_proj.shape
             init.normal_(module.up_proj, mean=0.0, std=scale / d**0.5)
@@ -424,12 +431,10 @@ class MoEUTPreTrainedModel(CheckedConfigMixin, RemoteCodeMixin, EagerExpertsMixi
             if module.has_bias:
                 init.zeros_(module.up_proj_bias)
                 init.zeros_(module.down_proj_bias)
-        elif isinstance(module, MoEUTAttention):  # runs after its children (routers, linears)
+        elif isinstance(module, MoEUTAttention):
             if module.num_experts > 1:
                 init.normal_(module.v_experts, mean=0.0, std=scale / module.v_experts.shape[1] ** 0.5)
                 init.normal_(module.o_experts, mean=0.0, std=scale / (module.num_heads * module.head_dim) ** 0.5)
-                _init_router(module.v_router.weight, scale, per_row=True)
-                _init_router(module.o_router.weight, scale, per_row=True)
                 if module.v_bias is not None:
                     init.zeros_(module.v_bias)
                     init.zeros_(module.o_bias)
@@ -442,7 +447,7 @@ def _init_router(weight: torch.Tensor, scale: float, per_row: bool):
     (official `renorm_keep_std(dim=1)`); with `per_row`, back to each row's own std (SwitchHead's `renorm_rows`)."""
     init.normal_(weight, mean=0.0, std=scale / weight.shape[1] ** 0.5)
     std = weight.std(dim=-1, keepdim=True) if per_row else weight.std()
-    tiny = torch.finfo(weight.dtype).tiny  # keeps an all-zero init (initializer_range=0) at zero
+    tiny = torch.finfo(weight.dtype).tiny  # guards the divisions against an all-zero row
     normed = weight / weight.norm(dim=-1, keepdim=True).clamp(min=tiny)
     init.copy_(weight, normed * (std / normed.std().clamp(min=tiny)))
 
@@ -542,34 +547,19 @@ class MoEUTForCausalLM(CausalLMWithRouterLosses, MoEUTPreTrainedModel, Generatio
 class MoEUTForSequenceClassification(SequenceClassifierWithRouterLosses, MoEUTPreTrainedModel):
     """MoEUT with a linear head on the last non-padding token (GLUE-style classification and regression)."""
 
-    def __init__(self, config: MoEUTConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = MoEUTModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.post_init()
+    base_model_class = MoEUTModel
 
 
 class MoEUTForTokenClassification(TokenClassifierWithRouterLosses, MoEUTPreTrainedModel):
     """MoEUT with a linear head on every token (e.g. named entities), after `classifier_dropout(config)`."""
 
-    def __init__(self, config: MoEUTConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = MoEUTModel(config)
-        self.dropout = classifier_dropout(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+    base_model_class = MoEUTModel
 
 
 class MoEUTForQuestionAnswering(QuestionAnsweringWithRouterLosses, MoEUTPreTrainedModel):
     """MoEUT with a linear head giving each token an answer-start and an answer-end logit (extractive QA)."""
 
-    def __init__(self, config: MoEUTConfig):
-        super().__init__(config)
-        self.model = MoEUTModel(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
-        self.post_init()
+    base_model_class = MoEUTModel
 
 
 __all__ = [

@@ -39,7 +39,7 @@ from transformers.utils.generic import maybe_autocast, merge_with_config_default
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mom import MoMConfig
-from .moe_dispatch import DispatchPlan, gather_rows, grouped_linear, plan_dispatch, scatter_rows
+from .moe_dispatch import DispatchPlan, expert_mlp, gather_rows, grouped_linear, plan_dispatch, scatter_rows
 from .moe_tensor_parallel import is_sharded
 from .routing_losses import at_least_float32, switch_load_balancing_loss
 from .shared_modeling import (
@@ -52,7 +52,6 @@ from .shared_modeling import (
     SequenceClassifierWithRouterLosses,
     TokenClassifierWithRouterLosses,
     accepts_past_key_values,
-    classifier_dropout,
     position_ids_from_mask,
     with_cache,
 )
@@ -267,8 +266,8 @@ class MoMFeedForward(MoMModulePool):
             out = out if route.weights is None else out * route.weights
         else:
             plan = route.plan
-            h = self.act(grouped_linear(self.norm_routed(x, plan), self.up_proj, plan, self.up_bias))
-            out = scatter_rows(grouped_linear(h, self.down_proj, plan, self.down_bias), plan, x.shape[0], route.weights)
+            rows, biases = self.norm_routed(x, plan), (self.up_bias, self.down_bias)
+            out = expert_mlp(rows, plan, self.up_proj, self.down_proj, self.act, x.shape[0], route.weights, *biases)
         return self.dropout(out.view(shape))
 
 
@@ -595,34 +594,19 @@ class MoMForCausalLM(CausalLMWithRouterLosses, MoMPreTrainedModel, GenerationMix
 class MoMForSequenceClassification(SequenceClassifierWithRouterLosses, MoMPreTrainedModel):
     """MoM with a linear head on the last non-padding token (GLUE-style classification and regression)."""
 
-    def __init__(self, config: MoMConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = MoMModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.post_init()
+    base_model_class = MoMModel
 
 
 class MoMForTokenClassification(TokenClassifierWithRouterLosses, MoMPreTrainedModel):
     """MoM with a linear head on every token (e.g. named entities), after `classifier_dropout(config)`."""
 
-    def __init__(self, config: MoMConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = MoMModel(config)
-        self.dropout = classifier_dropout(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+    base_model_class = MoMModel
 
 
 class MoMForQuestionAnswering(QuestionAnsweringWithRouterLosses, MoMPreTrainedModel):
     """MoM with a linear head giving each token an answer-start and an answer-end logit (extractive QA)."""
 
-    def __init__(self, config: MoMConfig):
-        super().__init__(config)
-        self.model = MoMModel(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
-        self.post_init()
+    base_model_class = MoMModel
 
 
 __all__ = [

@@ -8,6 +8,9 @@ through that expert's weight in one grouped matmul, and the results are scattere
     h = grouped_linear(gather_rows(x, plan), w_in, plan)        # [S, out], S = number of kept (token, slot) pairs
     y = scatter_rows(h, plan, num_tokens, gates=weights)        # [T, out], weighted sum over each token's slots
 
+An expert feed-forward layer (every FFN pool of the three) is :func:`expert_mlp`: the two grouped linears around the
+activation, between the gather and the gated scatter.
+
 Selections equal to or above ``num_experts`` (MoM's SKIP) are dropped from the plan, so they contribute zero.
 
 The grouped matmul uses ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` on older torch) where the
@@ -273,7 +276,7 @@ def grouped_linear(
     if automatic:
         use_grouped_mm = grouped_mm_supported(x, weight)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if not needs_grad and not torch.compiler.is_compiling() and _bag_wins(plan.token_index.shape[0], weight):
+    if choose and not needs_grad and _bag_wins(plan.token_index.shape[0], weight):
         out = bag_mixture(x.unsqueeze(1), plan.expert_index.unsqueeze(1), weight)
     elif choose and _padded_wins(x, weight, plan):  # also where grouped_mm needs aligned features (MoEUT-44M's 412)
         out = _padded_linear(x, weight, plan)
@@ -286,3 +289,30 @@ def grouped_linear(
     if bias is not None:
         out = out + bias.index_select(0, plan.expert_index)
     return out
+
+
+def expert_mlp(
+    rows: torch.Tensor,
+    plan: DispatchPlan,
+    up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_fn,
+    num_tokens: int,
+    gates: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sorted rows `[S, d]` -> `[T, d]`: for each token, the sum over its experts of
+    `gate * (act(x @ up_proj[e] + up_bias[e]) @ down_proj[e] + down_bias[e])` (`gates` `[T, k]`; None: weight 1).
+
+    The gate multiplies the narrower of the expert's hidden `[S, inner]` and its output `[S, d]`, the same product:
+    MoEUT's 128-wide experts gate 8x fewer numbers than their 1024-wide output.
+    """
+    hidden = act_fn(grouped_linear(rows, up_proj, plan, up_bias))
+    if gates is None or hidden.shape[-1] >= down_proj.shape[-1]:
+        return scatter_rows(grouped_linear(hidden, down_proj, plan, down_bias), plan, num_tokens, gates)
+    gates = sorted_gates(gates, plan).to(hidden.dtype)  # [S, 1]
+    out = grouped_linear(hidden * gates, down_proj, plan)
+    if down_bias is not None:
+        out = out + gates * down_bias.index_select(0, plan.expert_index)
+    return scatter_rows(out, plan, num_tokens)

@@ -60,8 +60,9 @@ def with_cache(output_class, cache: Cache | None, **fields):
 
 class CheckedConfigMixin:
     """Checks the configuration (`validate_architecture`) before any layer is built: a field set after the
-    configuration was constructed, such as an override of `from_pretrained(path, field=value)`, is caught here with
-    a clear error instead of failing somewhere inside the model."""
+    configuration was constructed (`config.num_experts = 0`; `from_pretrained(path, field=value)` overrides are
+    checked earlier, when the configuration loads) is caught here with a clear error instead of failing somewhere
+    inside the model."""
 
     def __init__(self, config, *inputs, **kwargs):
         config.validate_architecture()
@@ -200,7 +201,9 @@ class RouterLossesMixin:
 
     The architecture's `PreTrainedModel` defines `router_losses(router_logits, batch_size, attention_mask)`,
     returning `(aux_loss, loss_term)`: the auxiliary loss returned to the user, and what is added to a training loss
-    (`aux_loss` times its coefficient(s); None when every coefficient is 0).
+    (the losses times their coefficients; None when every coefficient is 0). Each architecture's `router_losses` says
+    what its `aux_loss` is: MoM's and ModuleFormer's balancing loss is unweighted (Mixtral's convention), MoEUT's
+    entropy regulariser comes weighted by its two coefficients (FFN and attention), as the official code returns it.
 
     Router logits (and so `aux_loss`) are computed when `output_router_logits` asks for them (argument, else
     config), as in Mixtral. A model whose training loss includes its router losses unasked (all three architectures
@@ -209,6 +212,9 @@ class RouterLossesMixin:
 
     The router loss term joins the loss in training mode only: they are regularisers, and an evaluation loss is the
     task's loss (MoEUT's entropy regulariser is negative, and would make exp(eval loss) understate the perplexity).
+
+    The task heads (sequence and token classification, question answering) build their base model from the class
+    attribute `base_model_class` (the architecture's `XModel`), as transformers' generic heads build theirs.
     """
 
     def _run_base_model(self, labels, output_router_logits, **model_kwargs) -> tuple[MoeModelOutputWithPast, bool]:
@@ -343,6 +349,13 @@ class SequenceClassifierWithRouterLosses(RouterLossesMixin):
 
     accepts_loss_kwargs = False
 
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.base_model_class(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
     @accepts_past_key_values
     @can_return_tuple
     def forward(
@@ -404,6 +417,14 @@ class TokenClassifierWithRouterLosses(RouterLossesMixin):
 
     accepts_loss_kwargs = False
 
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.base_model_class(config)
+        self.dropout = classifier_dropout(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
     @can_return_tuple
     def forward(
         self,
@@ -440,6 +461,12 @@ class QuestionAnsweringWithRouterLosses(RouterLossesMixin):
     cross-entropies (positions outside the sequence are clamped to it and ignored) plus the router losses."""
 
     accepts_loss_kwargs = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
 
     @can_return_tuple
     def forward(

@@ -272,7 +272,7 @@ def _attention_with_weights(query, key, value, padding, attend_current, remainde
     """The same attention through plain autograd, with the weights materialised and returned: the output is computed
     from them, so gradients reach them (e.g. `retain_grad`). For inspection, not speed."""
     inputs = _Inputs(query, key, value, padding, attend_current, chunk_size)
-    batch, heads, groups, seq_len, dim = query.shape
+    batch, heads, groups, seq_len, _ = query.shape
     blocks = []
     for start, end, visible in inputs.blocks():
         weights = _weights_from_logits(inputs.logits(inputs.block_query(start, end), start, end, visible))

@@ -25,8 +25,9 @@ def common_bad_values(epsilon: str):
         ({"hidden_act": "gelu_nwe"}, "hidden_act='gelu_nwe' is not a transformers activation"),
         ({epsilon: 0.0}, f"{epsilon}=0.0 must be a finite number > 0"),
         ({epsilon: math.inf}, f"{epsilon}=inf must be a finite number > 0"),  # gave constant logits
-        ({"initializer_range": -0.1}, "initializer_range=-0.1 must be a finite number >= 0"),
-        ({"initializer_range": math.inf}, "initializer_range=inf must be a finite number >= 0"),  # gave NaN logits
+        ({"initializer_range": -0.1}, "initializer_range=-0.1 must be a finite number > 0"),
+        ({"initializer_range": 0.0}, "initializer_range=0.0 must be a finite number > 0"),  # became 0.02 in places
+        ({"initializer_range": math.inf}, "initializer_range=inf must be a finite number > 0"),  # gave NaN logits
         ({"router_aux_loss_coef": math.inf}, "router_aux_loss_coef=inf must be a finite number >= 0"),
     ]
 

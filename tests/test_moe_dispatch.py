@@ -19,12 +19,12 @@ import torch
 
 from modeling_mom.moe_dispatch import (
     bag_mixture,
+    expert_mlp,
     gather_rows,
     grouped_linear,
     grouped_mm_supported,
     plan_dispatch,
     scatter_rows,
-    sorted_gates,
 )
 
 NUM_EXPERTS, IN_FEATURES, OUT_FEATURES = 4, 16, 24  # multiples of 16 bytes in fp32 and bf16: grouped_mm can run
@@ -61,14 +61,16 @@ def naive_dispatch(x, weight, bias, selected, gates, num_experts):
     return torch.stack(rows)
 
 
-def naive_expert_ffn(x, up, down, gates, selected):
-    """`out[t] = sum_j gates[t, j] * relu(x[t] @ up[e]) @ down[e]` with `e = selected[t, j]`, SKIP = 0."""
+def naive_expert_ffn(x, up, down, gates, selected, up_bias=None, down_bias=None):
+    """`out[t] = sum_j gates[t, j] * (relu(x[t] @ up[e] + up_bias[e]) @ down[e] + down_bias[e])` with
+    `e = selected[t, j]` (no bias where None), SKIP = 0."""
     rows = []
     for t in range(x.shape[0]):
         row = x.new_zeros(down.shape[-1])
         for j, e in enumerate(selected[t].tolist()):
             if e < up.shape[0]:
-                row = row + gates[t, j] * (torch.relu(x[t] @ up[e]) @ down[e])
+                hidden = torch.relu(x[t] @ up[e] + (0 if up_bias is None else up_bias[e]))
+                row = row + gates[t, j] * (hidden @ down[e] + (0 if down_bias is None else down_bias[e]))
         rows.append(row)
     return torch.stack(rows)
 
@@ -186,31 +188,52 @@ def test_stride_zero_gradient_straight_into_grouped_linear(use_grouped_mm, with_
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("use_grouped_mm", BACKENDS)
-def test_expert_ffn_with_gate_on_hidden(use_grouped_mm, dtype):
-    """The MoE-FFN pattern: one plan for both projections, gates applied to the `[S, hidden]` rows (`sorted_gates`)."""
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("hidden", [8, OUT_FEATURES], ids=["gate_on_hidden", "gate_on_output"])
+def test_expert_mlp_matches_naive_loop(hidden, with_bias, dtype):
+    """`expert_mlp`, the expert FFN of all three architectures: one plan for both projections, the gate on the
+    narrower of the hidden (8 < d = 16) and the output (24 > 16); output and every gradient equal a float64 loop."""
     selected = CASES["k2_skip_empty_expert"]
-    x, up, _, _, gates = make_inputs(selected, dtype, seed=2)
     generator = torch.Generator().manual_seed(3)
-    down = torch.randn(NUM_EXPERTS, OUT_FEATURES, IN_FEATURES, generator=generator) / OUT_FEATURES**0.5
-    down = down.to(dtype).requires_grad_()
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype).requires_grad_()
+
+    x = leaf(selected.shape[0], IN_FEATURES)
+    up, down = leaf(NUM_EXPERTS, IN_FEATURES, hidden, scale=IN_FEATURES**-0.5), leaf(NUM_EXPERTS, hidden, IN_FEATURES)
+    up_bias, down_bias = (leaf(NUM_EXPERTS, hidden), leaf(NUM_EXPERTS, IN_FEATURES)) if with_bias else (None, None)
+    gates = torch.rand(selected.shape, generator=generator).to(dtype).requires_grad_()
+    leaves = [t for t in (x, up, down, gates, up_bias, down_bias) if t is not None]
 
     plan = plan_dispatch(selected, NUM_EXPERTS)
-    hidden = torch.relu(grouped_linear(gather_rows(x, plan), up, plan, use_grouped_mm=use_grouped_mm))
-    hidden = hidden * sorted_gates(gates, plan)
-    out = scatter_rows(grouped_linear(hidden, down, plan, use_grouped_mm=use_grouped_mm), plan, x.shape[0])
-
-    leaves64 = [t.detach().double().requires_grad_() for t in (x, up, down, gates)]
-    ref = naive_expert_ffn(*leaves64, selected)
+    out = expert_mlp(gather_rows(x, plan), plan, up, down, torch.relu, x.shape[0], gates, up_bias, down_bias)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = naive_expert_ffn(*leaves64[:4], selected, *leaves64[4:])
     grad_out = torch.randn(out.shape, generator=generator).to(dtype)
     out.backward(grad_out)
     ref.backward(grad_out.double())
     tol = TOLERANCE[dtype]
-    for name, actual, expected in [("output", out, ref)] + [
-        (n, a.grad, b.grad) for n, a, b in zip(("x", "up", "down", "gates"), (x, up, down, gates), leaves64)
-    ]:
+    for index, (actual, expected) in enumerate([(out, ref)] + [(a.grad, b.grad) for a, b in zip(leaves, leaves64)]):
         scale = expected.abs().max().item() if dtype == torch.bfloat16 else 1.0
-        torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol, msg=name)
+        torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol, msg=f"tensor {index}")
+
+
+def test_the_forced_loop_is_the_loop_without_autograd_too(monkeypatch):
+    """`use_grouped_mm=False` is the reference the fast paths are compared with: it takes the per-expert loop even
+    where the `embedding_bag` path would run (no autograd, few rows per small expert)."""
+    import modeling_mom.moe_dispatch as moe_dispatch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the bag path ran")
+
+    monkeypatch.setattr(moe_dispatch, "bag_mixture", refuse)
+    x, weight = torch.randn(3, IN_FEATURES), torch.randn(NUM_EXPERTS, IN_FEATURES, OUT_FEATURES)
+    plan = plan_dispatch(torch.tensor([[0], [1], [2]]), NUM_EXPERTS)
+    with torch.no_grad():
+        out = grouped_linear(x, weight, plan, use_grouped_mm=False)
+        with pytest.raises(AssertionError, match="the bag path ran"):
+            grouped_linear(x, weight, plan)  # the automatic choice takes the bag here
+    torch.testing.assert_close(out, torch.stack([x[i] @ weight[i] for i in range(3)]))
 
 
 PREFILL = torch.arange(320).remainder(16).view(160, 2)  # 20 rows per expert: the grouped path
