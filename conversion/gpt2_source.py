@@ -12,6 +12,8 @@ from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
 from modeling_mom.workflows.common import SEED_RANGE
 
+from .checkpoint_writer import listed
+
 
 def gpt2_config_of(gpt2: str | os.PathLike | GPT2LMHeadModel) -> GPT2Config:
     """The config of `gpt2`; a TypeError for another kind of model, a ValueError for a checkpoint of another type."""
@@ -69,8 +71,7 @@ def load_gpt2(gpt2: str | os.PathLike | GPT2LMHeadModel) -> GPT2LMHeadModel:
         raise ValueError(f"cannot load GPT-2 weights from {gpt2}: {type(error).__name__}: {error}") from error
     if info["missing_keys"]:  # left randomly initialised: the conversion would not be of this GPT-2
         missing = sorted(info["missing_keys"])
-        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
-        raise ValueError(f"{gpt2}'s weights lack {len(missing)} tensor(s) its config needs: {shown}.")
+        raise ValueError(f"{gpt2}'s weights lack {len(missing)} tensor(s) its config needs: {listed(missing)}.")
     return model
 
 

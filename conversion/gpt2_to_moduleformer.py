@@ -13,7 +13,7 @@ compute one GPT-2 layer. ``--exact`` (``convert(..., exact=True)``) also selects
 positions, so the model computes GPT-2's function exactly (logits equal within fp32 rounding). Without it the model
 uses ModuleFormer's stick-breaking attention and no positions, which changes the function; continue training before
 fine-tuning on a task. GPT-2's token ids (BOS, EOS, pad) and its embedding and residual dropout rates are carried
-over (the latter two can be overridden).
+over (the latter two can be overridden in Python: ``convert(..., embd_dropout=..., resid_dropout=...)``).
 
 Measured (benchmarks/results/upcycling.md, `python -m benchmarks.upcycling`, small demo GPT-2): stick-breaking with
 copied experts starts 0.043 nats above GPT-2's held-out loss and, after 200 steps of `mom pretrain`, ends 0.013 below
@@ -115,9 +115,10 @@ def convert(
         raise ValueError("exact=True needs identical expert copies: no slice_mlp and no expert_noise.")
     config = moduleformer_config(gpt2_config_of(gpt2), exact, slice_mlp, **config_overrides)
     gpt2 = load_gpt2(gpt2)
-    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = ModuleFormerForCausalLM(config).eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(seed)
+        model = ModuleFormerForCausalLM(config).eval()
     source, target = gpt2.transformer, model.model
     d = config.hidden_size
     copy_embeddings_and_head(gpt2, model)

@@ -2,7 +2,7 @@
 
     python -m conversion.gpt2_to_moeut --gpt2 SRC --out DIR [--overwrite] [--exact] [--num-unique-layers G] ...
 
-GPT-2's layouts map directly onto MoEUT's experts (moeut.md section 6.3): each GPT-2 MLP is cut into
+GPT-2's layouts map directly onto MoEUT's experts: each GPT-2 MLP is cut into
 ``--expert-size``-wide experts (``c_fc`` columns -> ``up_proj[e]``, ``c_proj`` rows -> ``down_proj[e]``; exact, since
 the activation is elementwise), and each head's slices of the value and output projections become that head's value
 and output experts.
@@ -51,6 +51,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from modeling_mom import MoEUTConfig, MoEUTForCausalLM
+from modeling_mom.configuration_moeut import NORM_SCHEMES
 
 from .checkpoint_writer import add_output_arguments, convert_and_save
 from .gpt2_source import check_convertible, check_seed, copy_embeddings_and_head, gpt2_config_of, load_gpt2
@@ -187,8 +188,9 @@ def convert(
     check_seed(seed)
     config = moeut_config(gpt2_config_of(gpt2), exact, num_unique_layers, expert_size, **config_overrides)
     gpt2 = load_gpt2(gpt2)
-    torch.manual_seed(seed)  # the routers keep their random initialisation (zeroed below for exact)
-    model = MoEUTForCausalLM(config).eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(seed)  # the routers keep their random initialisation (zeroed below for exact)
+        model = MoEUTForCausalLM(config).eval()
     copy_embeddings_and_head(gpt2, model)
     groups = config.num_unique_layers
     for g, layer in enumerate(model.model.layers):
@@ -215,7 +217,7 @@ def main(argv=None, add_files=None, prog="python -m conversion.gpt2_to_moeut"):
     )
     parser.add_argument("--expert-size", type=int, default=128, help="width of each FFN expert")
     parser.add_argument("--experts-per-tok", type=int, default=None, help="FFN experts per token (default: one MLP)")
-    parser.add_argument("--norm-scheme", choices=("pre", "peri", "post"), default="pre")
+    parser.add_argument("--norm-scheme", choices=NORM_SCHEMES, default="pre")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     options = dict(

@@ -6,7 +6,7 @@ SRC is a local GPT-2 directory or a hub id (e.g. ``openai-community/gpt2``). The
 ``MoMConfig`` fields (``--num-rounds`` sets ``num_rounds``, ``--no-skip`` clears ``enable_skip``, ...); unset ones
 keep the config's defaults, except ``num_rounds``, which defaults to the number of GPT-2 layers seeding each chunk.
 
-GPT-2's layers are consumed in order, as in the authors' ``get_layer_map`` (mom.md section 3.1): the bottom blocks,
+GPT-2's layers are consumed in order, as in the authors' ``get_layer_map`` (``mom/utils.py``): the bottom blocks,
 then for every chunk M = max(num_attention_modules, num_ffn_modules) consecutive layers (module j of chunk c is
 GPT-2 layer ``b + c * (M + anchor) + j``; the attention pool takes the first ``num_attention_modules`` of them, the
 FFN pool the first ``num_ffn_modules``) followed by its anchor block, then the top blocks. So the structure must

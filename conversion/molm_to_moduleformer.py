@@ -139,7 +139,7 @@ def convert(src: str | Path, dtype: torch.dtype | None = None) -> ModuleFormerFo
             f"checkpoint does not match its config: missing [{listed(missing)}], unexpected [{listed(unexpected)}]."
         )
     shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    misshapen = [f"{name} {shape} (config: {expected[name]})" 
+    misshapen = [f"{name} {shape} (config: {expected[name]})"
                  for name, shape in shapes.items() if shape != expected[name]]
     if misshapen:
         raise ValueError(
