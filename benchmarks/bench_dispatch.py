@@ -118,7 +118,7 @@ def switchhead_functions(shape, dtype, backward: bool):
         (_, v_gates, v_index), (_, o_gates, o_index) = attention.v_router(x), attention.o_router(x)
 
     def ours():
-        return attention._output(attention._values(x, x), x)
+        return attention._output(attention._values(x, x, heads), x)
 
     def loop():
         v_up, o_down = attention.v_experts.unbind(0), attention.o_experts.unbind(0)

@@ -1,5 +1,7 @@
 """The analytic side of the benchmarks: FLOP counts checked against counts derived by hand, and the device and dtype
-each run gets (no timing here)."""
+each run gets, and a smoke run of the dispatch benchmark (no timed assertions)."""
+
+import json
 
 import pytest
 import torch
@@ -7,7 +9,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from benchmarks.bench_dispatch import build_layer
+from benchmarks.bench_dispatch import SHAPES, build_layer
+from benchmarks.bench_dispatch import main as bench_dispatch_main
 from benchmarks.bench_models import FLOP_FORMULAS, forward_flops_per_token, train_flops_per_token
 from benchmarks.common import setup
 from benchmarks.run_suite import main as run_suite_main
@@ -103,3 +106,17 @@ def test_the_suite_runs_every_section_in_each_dtype_on_an_accelerator():
         ("bench_dispatch", ["--dtype", "bf16"]), ("bench_dispatch", ["--dtype", "fp32"])
     ]  # fmt: skip
     assert all("--tokens" in extra for _, extra in on_gpu)
+
+
+def test_the_dispatch_benchmark_runs_every_case_and_matches_the_loop(tmp_path, monkeypatch):
+    """Every case of `bench_dispatch` at its tiny shapes (a smoke test of the script: it calls model internals, such
+    as SwitchHead's `_values`, whose signatures the models' tests do not pin), and each case's fast path equals the
+    per-expert loop (fp32; 1e-5 covers the different summation order at these widths)."""
+    out = tmp_path / "dispatch.json"
+    argv = ["bench_dispatch", "--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    bench_dispatch_main()
+    report = json.loads(out.read_text())
+    assert set(report["max_difference_vs_loop"]) == set(SHAPES)
+    assert max(report["max_difference_vs_loop"].values()) < 1e-5
+    assert {result["case"] for result in report["results"]} >= set(SHAPES)
