@@ -294,3 +294,18 @@ def test_moduleformer_conversion_keeps_gpt2s_dropout(tmp_path):
 
     config = moduleformer_config(GPT2Config(n_layer=2, embd_pdrop=0.15, resid_pdrop=0.2), exact=True, slice_mlp=False)
     assert (config.embd_dropout, config.resid_dropout) == (0.15, 0.2)
+
+
+@pytest.mark.parametrize("name", CONVERTERS)
+def test_converting_leaves_the_callers_random_state_alone(name, gpt2_dir):
+    """`convert(seed=...)` seeds the model's initialisation on its own random state: the caller's global generator
+    continues as if nothing had been drawn, and the seed alone decides the result."""
+    converter = importlib.import_module(f"conversion.{name}")
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    first = converter.convert(gpt2_dir, **EXACT[name], seed=7)
+    assert torch.equal(torch.rand(4), expected_next)
+    second = converter.convert(gpt2_dir, **EXACT[name], seed=7)
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), key
