@@ -492,6 +492,28 @@ def test_expert_dropout_only_in_training():
     assert not torch.equal(model(ids).logits, model(ids).logits)
 
 
+def test_expert_dropout_drops_each_choice_at_its_rate_and_gates_stay_undropped():
+    """Training drops each (token, expert) candidate with probability `expert_dropout` before the top-k, and the gate
+    of what is chosen is the sigmoid of its own logit. The best of three choices (logits 5, 2, -1) is picked unless
+    it is dropped: probability 1 - 0.2 = 0.8 (plus at most 0.2^3 = 0.008 when all three are dropped). Over 20000
+    tokens the binomial standard deviation is 0.003, so a tolerance of 0.02 is ~7 of them."""
+    torch.manual_seed(0)
+    router = MoEUTRouter(hidden_size=2, num_groups=1, num_choices=3, num_selected=1, expert_dropout=0.2).train()
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[5.0, 0.0], [2.0, 0.0], [-1.0, 0.0]]))
+    _, gates, selected = router(torch.tensor([[1.0, 0.0]]).expand(20000, 2))
+    assert abs((selected == 0).float().mean().item() - 0.8) < 0.02
+    assert (selected == 1).any() and (selected == 2).any()
+    torch.testing.assert_close(gates, torch.tensor([5.0, 2.0, -1.0]).sigmoid()[selected])
+
+
+def test_dynamic_ntk_needs_four_rotated_dims():
+    """Dynamic NTK scaling divides by (rotated dims - 2): two rotated dims are refused by name."""
+    with pytest.raises(ValueError, match="rotates 2 dims of each head; allowed: at least 4"):
+        MoEUTConfig(hidden_size=32, num_attention_heads=4, head_dim=8, partial_rotary_factor=0.25,
+                    rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})  # fmt: skip
+
+
 def test_official_initialisation():
     torch.manual_seed(0)
     config = tiny_config(hidden_size=64, num_experts=40, moe_intermediate_size=16)
@@ -676,7 +698,11 @@ def tiny_gpt2(**overrides):
     torch.manual_seed(0)
     kwargs = dict(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=4, n_head=4, n_inner=256, bos_token_id=1,
                   eos_token_id=1, initializer_range=0.2)  # fmt: skip
-    return GPT2LMHeadModel(GPT2Config(**{**kwargs, **overrides})).eval()
+    gpt2 = GPT2LMHeadModel(GPT2Config(**{**kwargs, **overrides})).eval()
+    with torch.no_grad():  # GPT-2's init leaves biases at 0 and LayerNorms at (1, 0): perturb them so copies count
+        for parameter in gpt2.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return gpt2
 
 
 @pytest.mark.parametrize(
@@ -726,11 +752,12 @@ def test_shared_conversion_holds_every_gpt2_layer_as_experts():
     layer, blocks = model.model.layers[1], (gpt2.transformer.h[1], gpt2.transformer.h[3])
     up = layer.mlp.experts.up_proj  # [8, d, 64]: experts 0-3 from block 1, 4-7 from block 3
     torch.testing.assert_close(up[5], blocks[1].mlp.c_fc.weight[:, 64:128])
-    v = layer.attention.v_experts  # [H * 2, d, dh]: expert h * 2 + r = head h of block r
-    torch.testing.assert_close(v[2 * 3 + 1], blocks[1].attn.c_attn.weight[:, 64 + 3 * 8 : 64 + 4 * 8])
     attention, experts, d, dh = layer.attention, layer.mlp.experts, 32, 8
     for r, block in enumerate(blocks):
-        for h in range(4):  # output expert h * 2 + r: head h's rows of block r's output projection
+        for h in range(4):  # value and output expert h * 2 + r: head h's slices of block r's projections
+            value_columns = slice(2 * d + h * dh, 2 * d + (h + 1) * dh)
+            torch.testing.assert_close(attention.v_experts[h * 2 + r], block.attn.c_attn.weight[:, value_columns])
+            torch.testing.assert_close(attention.v_bias[h * 2 + r], block.attn.c_attn.bias[value_columns])
             torch.testing.assert_close(attention.o_experts[h * 2 + r], block.attn.c_proj.weight[h * dh : (h + 1) * dh])
         # each block's output bias, spread over its 4 experts and divided by the gate of a zero router
         spread_bias = experts.down_proj_bias[4 * r : 4 * r + 4].sum(0) * GATE_AT_ZERO
@@ -739,8 +766,10 @@ def test_shared_conversion_holds_every_gpt2_layer_as_experts():
     torch.testing.assert_close(attention.q_proj.weight, blocks[0].attn.c_attn.weight[:, :d].T)  # the group's first
     torch.testing.assert_close(attention.k_proj.weight, blocks[0].attn.c_attn.weight[:, d : 2 * d].T)
     torch.testing.assert_close(attention.o_bias, (blocks[0].attn.c_proj.bias + blocks[1].attn.c_proj.bias) / 2)
-    torch.testing.assert_close(layer.input_layernorm.weight, (blocks[0].ln_1.weight + blocks[1].ln_1.weight) / 2)
-    torch.testing.assert_close(layer.post_attention_layernorm.bias, (blocks[0].ln_2.bias + blocks[1].ln_2.bias) / 2)
+    for ours, theirs in ((layer.input_layernorm, "ln_1"), (layer.post_attention_layernorm, "ln_2")):
+        for name in ("weight", "bias"):  # the mean of the group's LayerNorms
+            mean = (getattr(getattr(blocks[0], theirs), name) + getattr(getattr(blocks[1], theirs), name)) / 2
+            torch.testing.assert_close(getattr(ours, name), mean)
     ids = torch.randint(2, VOCAB, (2, 9))
     assert torch.isfinite(model(ids, labels=ids).loss)
     model = convert(gpt2, num_unique_layers=2, expert_size=64, num_experts_per_tok=2, norm_scheme="peri")  # allowed

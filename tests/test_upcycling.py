@@ -21,6 +21,9 @@ def test_upcycling_report_has_finite_losses_and_exact_forms_start_at_gpt2(tmp_pa
         vocab_size=len(tokenizer), n_layer=4, n_embd=32, n_head=4, n_positions=64,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))  # fmt: skip
+    with torch.no_grad():  # nonzero biases and LayerNorm shifts, so the exact forms must copy them to match
+        for parameter in gpt2.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
     gpt2.save_pretrained(tmp_path / "gpt2")
     tokenizer.save_pretrained(tmp_path / "gpt2")
     variants = ["moeut-exact", "moeut-G2", "moduleformer-exact", "moduleformer-stickbreaking"]
