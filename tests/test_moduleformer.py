@@ -197,6 +197,24 @@ def test_output_attentions(attention):
     assert out.attentions[0][1, :, 3:, :3].abs().max() == 0  # real rows give padding keys nothing
 
 
+def test_stickbreaking_2024_does_not_attend_to_the_current_key():
+    """Tan et al. 2024 (`stickbreaking_2024`): query i breaks its stick over keys j < i only, and the remainder goes to
+    its own value outside the weights, so each query's weight on its own position is exactly 0 (its key gets
+    l = -inf) and the first query's row is all 0; the official variant attends to keys j <= i, its own included."""
+    ids = torch.randint(3, 53, (2, 7), generator=torch.Generator().manual_seed(0))
+    diagonals = {}
+    for attention in ("stickbreaking", "stickbreaking_2024"):
+        model = tiny_model(attention_function=attention)
+        out = model(ids, output_attentions=True)
+        torch.testing.assert_close(out.logits, model(ids).logits, atol=ATOL, rtol=0)
+        for weights in out.attentions:  # [B, heads * k, T, T]
+            assert weights.triu(1).abs().max() == 0  # causal
+            diagonals.setdefault(attention, []).append(weights.diagonal(dim1=-2, dim2=-1))
+    for official, tan in zip(diagonals["stickbreaking"], diagonals["stickbreaking_2024"]):
+        assert official.min() > 0
+        assert tan.abs().max() == 0
+
+
 def test_sequence_classifier_left_padding_and_loss():
     torch.manual_seed(0)
     model = ModuleFormerForSequenceClassification(tiny_config(num_labels=3, router_aux_loss_coef=0.1)).eval()
@@ -517,6 +535,67 @@ def test_prune_threshold_is_a_share_of_each_routers_selections():
             tiny_model().prune_experts(usage, threshold=threshold)
 
 
+def test_prune_keep_top_n_breaks_ties_by_the_lower_index():
+    """`keep_top_n` keeps the most used experts, ties going to the lower index (as documented); with `threshold` as
+    well an expert must meet both. The kept experts' weights and router rows are the original ones, in order."""
+    model = tiny_model()  # 4 attention experts, 6 MLP experts, k = 2 each
+    original = [(pool.input_proj.clone(), pool.router.out.weight.clone()) for _, _, pool in model._expert_pools()]
+    usage = {"attention": [torch.tensor([3, 5, 3, 3])] * 2, "mlp": [torch.tensor([3, 5, 3, 0, 3, 1])] * 2}
+    kept = model.prune_experts(usage, keep_top_n=3)  # expert 1, then the lowest two of the tied 3s: 0 and 2
+    assert [k.tolist() for k in kept["attention"] + kept["mlp"]] == [[0, 1, 2]] * 4
+    assert model.config.attention_experts_per_layer == [3, 3] and model.config.mlp_experts_per_layer == [3, 3]
+    for (_, _, pool), (experts, rows) in zip(model._expert_pools(), original):
+        assert torch.equal(pool.input_proj, experts[[0, 1, 2]])
+        assert torch.equal(pool.router.out.weight[:3], rows[[0, 1, 2]])  # live rows first (normaliser rows after)
+
+    model = tiny_model()
+    usage = {"attention": [torch.tensor([3, 5, 3, 3])] * 2, "mlp": [torch.tensor([6, 1, 0, 6, 2, 0])] * 2}
+    kept = model.prune_experts(usage, keep_top_n=3, threshold=0.14)  # MLP shares 0.4, 0.07, 0, 0.4, 0.13, 0
+    assert [k.tolist() for k in kept["attention"]] == [[0, 1, 2]] * 2  # the tie, as above; all shares > 0.2
+    assert [k.tolist() for k in kept["mlp"]] == [[0, 3]] * 2  # top 3 are 0, 3, 4; 4's share is under the threshold
+
+
+def pruned_then_grown(**overrides):
+    """A model pruned to 2 live experts per router (official gates: the other rows stay as softmax normaliser rows),
+    with the router weights of that state, then grown by one expert per router, only the new one trainable."""
+    model = tiny_model(**overrides)  # 4 attention experts, 6 MLP experts, k = 2 each
+    usage = {"attention": [torch.tensor([0, 4, 0, 4])] * 2, "mlp": [torch.tensor([0, 0, 4, 4, 0, 0])] * 2}
+    model.prune_experts(usage, keep_top_n=2)
+    assert not model.config.normalize_expert_gates and model.config.pruned_mlp_experts_per_layer == [4, 4]
+    pruned = [(pool.input_proj.clone(), pool.router.out.weight.clone()) for _, _, pool in model._expert_pools()]
+    model.add_experts(1, freeze_existing=True)
+    return model, pruned
+
+
+def test_add_experts_after_pruning_puts_new_router_rows_before_the_normaliser_rows():
+    """The router's rows are the live experts' then the pruned experts' (kept for the softmax's normaliser only); a
+    new expert's row goes after the live rows: the first `num_experts` rows are the live ones the top-k picks from."""
+    model, pruned = pruned_then_grown()
+    for (_, kind, pool), (experts, rows) in zip(model._expert_pools(), pruned):
+        weight = pool.router.out.weight
+        assert pool.num_experts == pool.router.num_experts == 3, kind
+        assert weight.shape[0] == rows.shape[0] + 1 and pool.input_proj.shape[0] == 3
+        assert torch.equal(weight[:2], rows[:2]), kind  # the old live rows
+        assert torch.equal(weight[3:], rows[2:]), kind  # the pruned experts' normaliser rows, after the new row
+        assert torch.equal(pool.input_proj[:2], experts)
+    assert model.config.mlp_experts_per_layer == [3, 3] and model.config.pruned_mlp_experts_per_layer == [4, 4]
+    assert model.config.pruned_attention_experts_per_layer == [2, 2]
+
+
+def test_add_experts_after_pruning_trains_only_the_new_rows():
+    """With `freeze_existing`, only the new expert and its router row get gradients: not the old live rows, and not
+    the pruned experts' normaliser rows after the new row, which the softmax otherwise gives a gradient."""
+    model, _ = pruned_then_grown()
+    ids = torch.randint(3, 53, (2, 6), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    for _, kind, pool in model._expert_pools():  # 3 live experts, k = 2: the new one (index 2) is used
+        router = pool.router.out.weight.grad
+        assert router[:2].abs().max() == 0 and router[3:].abs().max() == 0, kind
+        assert router[2].abs().max() > 0, kind
+        for weight in (pool.input_proj, pool.output_proj):
+            assert weight.grad[:2].abs().max() == 0 and weight.grad[2].abs().max() > 0, kind
+
+
 def test_prune_rejects_bad_requests():
     model = tiny_model()
     usage = model.expert_usage([torch.randint(3, 53, (1, 4))])
@@ -746,12 +825,18 @@ def test_official_checkpoint_with_tied_head_converts_with_the_head_tied(tmp_path
 
 
 def tiny_gpt2(**overrides):
+    """A random GPT-2 whose every parameter is perturbed: GPT-2's own init makes every bias 0 and every LayerNorm
+    (1, 0), so a bias or LayerNorm copied from the wrong place (or not at all) would not change the logits."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(5)
     config = GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
                         **overrides)  # fmt: skip
-    return GPT2LMHeadModel(config).eval()
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
 
 
 @pytest.mark.parametrize("tie_word_embeddings", [True, False], ids=["tied-head", "untied-head"])
@@ -802,6 +887,49 @@ def test_gpt2_seeding_options():
     fixed = r"\['hidden_size'\] follow the GPT-2 being converted \(\{'hidden_size': 32\}\)"
     with pytest.raises(ValueError, match=fixed):
         convert(gpt2, hidden_size=64)  # was a TypeError (a keyword given twice)
+
+
+def test_gpt2_seeding_copies_every_tensor_to_its_place():
+    """Every GPT-2 tensor lands where the module docstring says, biases and LayerNorms included, exactly. The exact
+    conversion's logits cannot check the key bias: softmax is invariant to it (it adds q . b_k to every score of a
+    query); stick-breaking, the default form checked here, is not."""
+    from conversion.gpt2_to_moduleformer import convert
+
+    gpt2 = tiny_gpt2()
+    model = convert(gpt2, num_experts=3)
+    d = 32
+    source, target = gpt2.transformer, model.model
+    assert torch.equal(target.embed_tokens.weight, source.wte.weight)
+    assert torch.equal(target.norm.weight, source.ln_f.weight) and torch.equal(target.norm.bias, source.ln_f.bias)
+    assert model.lm_head.weight is target.embed_tokens.weight
+    for i, (block, layer) in enumerate(zip(source.h, target.layers)):
+        w_qkv, b_qkv = block.attn.c_attn.weight, block.attn.c_attn.bias  # Conv1D: [in, out], thirds q, k, v
+        attn, mlp = layer.self_attn, layer.mlp
+        pairs = {
+            "ln_1.weight": (layer.input_layernorm.weight, block.ln_1.weight),
+            "ln_1.bias": (layer.input_layernorm.bias, block.ln_1.bias),
+            "ln_2.weight": (layer.post_attention_layernorm.weight, block.ln_2.weight),
+            "ln_2.bias": (layer.post_attention_layernorm.bias, block.ln_2.bias),
+            "k_proj.weight": (attn.k_proj.weight, w_qkv[:, d : 2 * d].T),
+            "k_proj.bias": (attn.k_proj.bias, b_qkv[d : 2 * d]),
+            "v_proj.weight": (attn.v_proj.weight, w_qkv[:, 2 * d :].T),
+            "v_proj.bias": (attn.v_proj.bias, b_qkv[2 * d :]),
+        }
+        copies = {  # every expert a copy
+            "attn.input_proj": (attn.input_proj, w_qkv[:, :d]),
+            "attn.input_bias": (attn.input_bias, b_qkv[:d]),
+            "attn.output_proj": (attn.output_proj, block.attn.c_proj.weight),
+            "attn.output_bias": (attn.output_bias, block.attn.c_proj.bias),
+            "mlp.input_proj": (mlp.input_proj, block.mlp.c_fc.weight),
+            "mlp.input_bias": (mlp.input_bias, block.mlp.c_fc.bias),
+            "mlp.output_proj": (mlp.output_proj, block.mlp.c_proj.weight),
+            "mlp.output_bias": (mlp.output_bias, block.mlp.c_proj.bias),
+        }
+        for name, (ours, theirs) in pairs.items():
+            assert torch.equal(ours, theirs), f"layer {i} {name}"
+        for name, (experts, theirs) in copies.items():
+            assert all(torch.equal(expert, theirs) for expert in experts), f"layer {i} {name}"
+    assert source.h[0].attn.c_attn.bias.abs().min() > 0  # the fixture's biases are not GPT-2's zero init
 
 
 def test_prune_then_extend_round_trips(tmp_path):
