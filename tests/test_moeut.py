@@ -765,6 +765,9 @@ def test_shared_conversion_holds_every_gpt2_layer_as_experts():
         torch.testing.assert_close(experts.down_proj[4 * r + 1] * GATE_AT_ZERO, block.mlp.c_proj.weight[64:128])
     torch.testing.assert_close(attention.q_proj.weight, blocks[0].attn.c_attn.weight[:, :d].T)  # the group's first
     torch.testing.assert_close(attention.k_proj.weight, blocks[0].attn.c_attn.weight[:, d : 2 * d].T)
+    # biases of the shared Q and K (a key bias shifts each query's scores alike, so no logits test can see it)
+    torch.testing.assert_close(attention.q_proj.bias, blocks[0].attn.c_attn.bias[:d])
+    torch.testing.assert_close(attention.k_proj.bias, blocks[0].attn.c_attn.bias[d : 2 * d])
     torch.testing.assert_close(attention.o_bias, (blocks[0].attn.c_proj.bias + blocks[1].attn.c_proj.bias) / 2)
     for ours, theirs in ((layer.input_layernorm, "ln_1"), (layer.post_attention_layernorm, "ln_2")):
         for name in ("weight", "bias"):  # the mean of the group's LayerNorms
