@@ -42,20 +42,26 @@ MOE_MAP = [
     (r"(.+)\.experts\.bias", r"\1.input_bias"),
     (r"(.+)\.output_experts\.weight", r"\1.output_proj"),
     (r"(.+)\.output_experts\.bias", r"\1.output_bias"),
-    (r"(.+)\.gate\.w_gate\.0\.(weight|bias)", r"\1.router.fc.\2"),
-    (r"(.+)\.gate\.w_gate\.3\.weight", r"\1.router.out.weight"),
-    (r"(.+)\.gate\.w_gate\.weight", r"\1.router.out.weight"),  # gate_type="linear"
 ]
+# the router (`top_k_gating.w_gate`, an nn.Sequential either way) by `gate_type` (our `router_type`)
+GATE_MAP = {
+    "mlp": [  # Linear(d, hidden) - GELU - Dropout - Linear(hidden, E, bias=False)
+        (r"(.+)\.gate\.w_gate\.0\.(weight|bias)", r"\1.router.fc.\2"),
+        (r"(.+)\.gate\.w_gate\.3\.weight", r"\1.router.out.weight"),
+    ],
+    "linear": [(r"(.+)\.gate\.w_gate\.0\.weight", r"\1.router.out.weight")],  # Linear(d, E, bias=False)
+}
 
 
-def rename(key: str) -> str | None:
-    """Our name of an official tensor, or None for the buffers that are not weights."""
+def rename(key: str, router_type: str = "mlp") -> str | None:
+    """Our name of an official tensor of a model with routers of `router_type` (official `gate_type`), or None for
+    the buffers that are not weights."""
     for pattern, target in KEY_MAP:
         if re.fullmatch(pattern, key):
             if target is None:
                 return None
             name = re.sub(pattern, target, key)
-            for moe_pattern, moe_target in MOE_MAP:
+            for moe_pattern, moe_target in MOE_MAP + GATE_MAP[router_type]:
                 if re.fullmatch(moe_pattern, name):
                     return re.sub(moe_pattern, moe_target, name)
             return name
@@ -125,7 +131,7 @@ def convert(src: str | Path, dtype: torch.dtype | None = None) -> ModuleFormerFo
         raise ValueError(f"{src / 'config.json'} is not a valid MoLM config: {error}") from error
     state = {}
     for key, tensor in load_official_state_dict(src).items():
-        name = rename(key)
+        name = rename(key, config.router_type)
         if name is not None:
             state[name] = tensor if dtype is None else tensor.to(dtype)
     with torch.device("meta"):

@@ -156,6 +156,10 @@ def test_round_trip_gives_back_the_same_model(case, tmp_path, dotdict):
 
 
 def test_the_44m_runs_arguments_give_the_44m_preset():
+    """The 44M run's arguments give the 44M preset's architecture, and the two fields the arguments do not name but
+    the training code fixes: LayerNorm eps 1e-5 (every LayerNorm there is `torch.nn.LayerNorm(d_model)`, torch's
+    default eps; relative_moe_transformer.py) and the context length, the run's `lm.unroll` (1024; the preset's
+    own value says nothing about the converter, so it is compared with the argument)."""
     config, how = config_from_arguments(read_arguments(ARGS_44M), vocab_size=8000)
     preset = MoEUTConfig.from_preset("moeut-44m")
     for field in ("hidden_size", "num_hidden_layers", "num_unique_layers", "num_attention_heads", "head_dim",
@@ -165,6 +169,22 @@ def test_the_44m_runs_arguments_give_the_44m_preset():
                   "vocab_size"):  # fmt: skip
         assert getattr(config, field) == getattr(preset, field), field
     assert config.num_rotary_dims == 40 and how == {"norm_scheme": "peri", "embedding_scale": 1.0}
+    assert config.layer_norm_eps == 1e-5 and config.max_position_embeddings == ARGS_44M["lm.unroll"] == 1024
+    tiny, _ = config_from_arguments(read_arguments({**ARGS_44M, **TINY}), vocab_size=VOCAB)
+    assert tiny.max_position_embeddings == TINY["lm.unroll"] == 64 and tiny.layer_norm_eps == 1e-5
+
+
+def test_dtype_option_casts_every_weight(tmp_path, dotdict):
+    """`dtype` casts every floating weight of the (float32) checkpoint, and `--dtype bfloat16`'s saved weights
+    reload as bf16 with dtype="auto"; without it the checkpoint's float32 is kept."""
+    args = {**ARGS_44M, **TINY}
+    src = write_checkpoint(tmp_path / "run.ckpt", training_state(our_model(args), "peri"), args, dotdict)
+    model = convert(src, torch.bfloat16)
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    assert {p.dtype for p in convert(src).parameters() if p.is_floating_point()} == {torch.float32}
+    main(["--src", str(src), "--out", str(tmp_path / "hf"), "--dtype", "bfloat16"])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
+    assert {p.dtype for p in reloaded.parameters() if p.is_floating_point()} == {torch.bfloat16}
 
 
 def test_embedding_scale_is_folded_into_the_embedding(tmp_path, dotdict):

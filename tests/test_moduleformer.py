@@ -665,9 +665,15 @@ def official_checkpoint(config: dict, seed=0) -> dict[str, torch.Tensor]:
         for moe, num, inner in (("attn.q_proj.", config["n_att_experts"], a), ("mlpf.", config["n_mlp_experts"], f)):
             state[p + moe + "experts.weight"] = torch.randn(num, d, inner) / d**0.5
             state[p + moe + "output_experts.weight"] = torch.randn(num, inner, d) / inner**0.5
-            state[p + moe + "gate.w_gate.0.weight"] = torch.randn(g, d) / d**0.5
-            state[p + moe + "gate.w_gate.0.bias"] = 0.1 * torch.randn(g)
-            state[p + moe + "gate.w_gate.3.weight"] = torch.randn(num, g)
+            if config.get("expert_bias"):  # ParallelExperts(..., bias=True): one bias row per expert
+                state[p + moe + "experts.bias"] = 0.3 * torch.randn(num, inner)
+                state[p + moe + "output_experts.bias"] = 0.3 * torch.randn(num, d)
+            if config.get("gate_type", "mlp") == "linear":  # w_gate = nn.Sequential(nn.Linear(d, E, bias=False))
+                state[p + moe + "gate.w_gate.0.weight"] = torch.randn(num, d)
+            else:  # Sequential(Linear(d, g), GELU, Dropout, Linear(g, E, bias=False))
+                state[p + moe + "gate.w_gate.0.weight"] = torch.randn(g, d) / d**0.5
+                state[p + moe + "gate.w_gate.0.bias"] = 0.1 * torch.randn(g)
+                state[p + moe + "gate.w_gate.3.weight"] = torch.randn(num, g)
         if not (config["n_head"] == 1 and a == d):
             for proj in ("k_proj", "v_proj"):
                 state[p + f"attn.{proj}.weight"] = torch.randn(a, d) / d**0.5
@@ -683,9 +689,14 @@ def official_forward(state, config, ids):
     d, heads, k_att, k_mlp = config["n_embd"], config["n_head"], config["k_att"], config["k_mlp"]
     batch, seq = ids.shape
 
-    def gate(prefix, x, k):  # top_k_gating: MLP, softmax over all experts, top-k, gates not renormalised
+    def gate(prefix, x, k):  # top_k_gating: MLP (or linear), softmax over all experts, top-k, gates not renormalised
+        if prefix + "3.weight" not in sd:  # gate_type "linear"
+            return torch.softmax(F.linear(x, sd[prefix + "0.weight"]), -1).topk(k, -1)
         logits = F.linear(F.gelu(F.linear(x, sd[prefix + "0.weight"], sd[prefix + "0.bias"])), sd[prefix + "3.weight"])
         return torch.softmax(logits, -1).topk(k, -1)
+
+    def bias(name, experts):  # ParallelLinear adds bias[e] to expert e's rows; absent: bias=False
+        return sd[name][experts] if name in sd else 0
 
     def layer_norm(x, name):
         return F.layer_norm(x, (d,), sd[name + ".weight"], sd[name + ".bias"])
@@ -696,6 +707,7 @@ def official_forward(state, config, ids):
         x = layer_norm(h, p + "ln_1").reshape(-1, d)
         gates, experts = gate(p + "attn.q_proj.gate.w_gate.", x, k_att)
         q = torch.einsum("nd,nkda->nka", x, sd[p + "attn.q_proj.experts.weight"][experts])
+        q = q + bias(p + "attn.q_proj.experts.bias", experts)
         kv = {}
         for proj in ("k_proj", "v_proj"):
             name = p + f"attn.{proj}.weight"
@@ -709,12 +721,15 @@ def official_forward(state, config, ids):
         log_beta = F.logsigmoid(-logits).masked_fill(mask, 0)
         re_cum_log_beta = torch.einsum("bnhij,jk->bnhik", log_beta, torch.tril(torch.ones(seq, seq), -1).double())
         y = torch.einsum("bkhij,bjhd->bikhd", z * re_cum_log_beta.exp(), value).reshape(-1, k_att, heads * head)
-        out = torch.einsum("nka,nkad,nk->nd", y, sd[p + "attn.q_proj.output_experts.weight"][experts], gates)
+        y = torch.einsum("nka,nkad->nkd", y, sd[p + "attn.q_proj.output_experts.weight"][experts])
+        out = torch.einsum("nkd,nk->nd", y + bias(p + "attn.q_proj.output_experts.bias", experts), gates)
         h = h + out.view(batch, seq, d)
         x = layer_norm(h, p + "ln_2").reshape(-1, d)
         gates, experts = gate(p + "mlpf.gate.w_gate.", x, k_mlp)
-        hidden = F.gelu(torch.einsum("nd,nkdf->nkf", x, sd[p + "mlpf.experts.weight"][experts]), approximate="tanh")
-        out = torch.einsum("nkf,nkfd,nk->nd", hidden, sd[p + "mlpf.output_experts.weight"][experts], gates)
+        hidden = torch.einsum("nd,nkdf->nkf", x, sd[p + "mlpf.experts.weight"][experts])
+        hidden = F.gelu(hidden + bias(p + "mlpf.experts.bias", experts), approximate="tanh")
+        y = torch.einsum("nkf,nkfd->nkd", hidden, sd[p + "mlpf.output_experts.weight"][experts])
+        out = torch.einsum("nkd,nk->nd", y + bias(p + "mlpf.output_experts.bias", experts), gates)
         h = h + out.view(batch, seq, d)
     return layer_norm(h, "transformer.ln_f") @ sd["lm_head.weight"].T
 
@@ -819,6 +834,113 @@ def test_official_checkpoint_with_tied_head_converts_with_the_head_tied(tmp_path
     main(["--src", str(src), "--out", str(tmp_path / "converted")])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "converted").eval()
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+OFFICIAL_NAMES = {  # IBM/ModuleFormer 850f1eb: modeling_moduleformer.py, utils/moe.py, gate.py, parallel_experts.py
+    "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+    "transformer.ln_f.bias": "model.norm.bias",
+    "transformer.h.0.ln_1.weight": "model.layers.0.input_layernorm.weight",
+    "transformer.h.0.ln_1.bias": "model.layers.0.input_layernorm.bias",
+    "transformer.h.11.ln_2.weight": "model.layers.11.post_attention_layernorm.weight",
+    "transformer.h.11.ln_2.bias": "model.layers.11.post_attention_layernorm.bias",
+    "transformer.h.0.attn.k_proj.weight": "model.layers.0.self_attn.k_proj.weight",
+    "transformer.h.0.attn.k_proj.bias": "model.layers.0.self_attn.k_proj.bias",
+    "transformer.h.3.attn.v_proj.weight": "model.layers.3.self_attn.v_proj.weight",
+    "transformer.h.3.attn.v_proj.bias": "model.layers.3.self_attn.v_proj.bias",
+    "transformer.h.0.attn.mask": None,  # buffers, not weights
+    "transformer.h.0.attn.cum_weight": None,
+    "lm_head.weight": "lm_head.weight",
+}
+for _official, _ours in (("attn.q_proj", "self_attn"), ("mlpf", "mlp")):  # the two MoEs of a block
+    OFFICIAL_NAMES.update({
+        f"transformer.h.0.{_official}.experts.weight": f"model.layers.0.{_ours}.input_proj",
+        f"transformer.h.0.{_official}.experts.bias": f"model.layers.0.{_ours}.input_bias",
+        f"transformer.h.0.{_official}.output_experts.weight": f"model.layers.0.{_ours}.output_proj",
+        f"transformer.h.0.{_official}.output_experts.bias": f"model.layers.0.{_ours}.output_bias",
+        f"transformer.h.0.{_official}.gate.w_gate.0.weight": f"model.layers.0.{_ours}.router.fc.weight",  # gate "mlp"
+        f"transformer.h.0.{_official}.gate.w_gate.0.bias": f"model.layers.0.{_ours}.router.fc.bias",
+        f"transformer.h.0.{_official}.gate.w_gate.3.weight": f"model.layers.0.{_ours}.router.out.weight",
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("official", list(OFFICIAL_NAMES))
+def test_official_tensor_names_are_renamed_to_ours(official):
+    """Every tensor name IBM's ModuleFormer code writes, renamed one to one (layer indices kept). The expert biases
+    (`ParallelExperts(..., bias=True)`: `experts.bias` is the input projection's, `output_experts.bias` the output
+    projection's) are not in the released MoLM checkpoints (bias=False) and so in no forward test without them: a
+    swap of the two would go unnoticed there."""
+    from conversion.molm_to_moduleformer import rename
+
+    assert rename(official) == OFFICIAL_NAMES[official]
+
+
+def test_the_linear_routers_weight_is_renamed_by_the_gate_type():
+    """IBM's "linear" gate is `nn.Sequential(nn.Linear(d, E, bias=False))`: the same name `w_gate.0.weight` as the MLP
+    gate's first layer, but it is the router's output map (ours: `router.out`)."""
+    from conversion.molm_to_moduleformer import rename
+
+    for official, ours in (("attn.q_proj", "self_attn"), ("mlpf", "mlp")):
+        key = f"transformer.h.3.{official}.gate.w_gate.0.weight"
+        assert rename(key, "linear") == f"model.layers.3.{ours}.router.out.weight"
+        assert rename(key, "mlp") == f"model.layers.3.{ours}.router.fc.weight"
+
+
+def test_an_unknown_official_tensor_name_is_refused():
+    from conversion.molm_to_moduleformer import rename
+
+    with pytest.raises(ValueError, match=r"unexpected tensor 'transformer.wpe.weight'.*not part of the ModuleFormer"):
+        rename("transformer.wpe.weight")  # GPT-2's position table: ModuleFormer has none
+
+
+def molm_source(tmp_path, **overrides) -> tuple[dict, dict]:
+    """A tiny official MoLM checkpoint directory (config.json + pytorch_model.bin, float32): (config, state)."""
+    official = {**MOLM_700M_8B, "vocab_size": 50, "n_embd": 16, "n_layer": 2, "ffd_hidden": 12, "gating_size": 6}
+    official.update(n_att_experts=4, n_mlp_experts=5, n_head=2, att_hidden=8, bos_token_id=0, eos_token_id=0)
+    official.update(torch_dtype="float32", **overrides)
+    state = official_checkpoint(official)
+    src = tmp_path / "molm"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(official))
+    torch.save(state, src / "pytorch_model.bin")
+    return official, state
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"expert_bias": True},
+        {"gate_type": "linear"},  # was refused: its Linear is `w_gate.0`, which took the MLP router's name
+    ],
+    ids=["expert_bias", "linear_gate"],
+)
+def test_official_checkpoint_variants_convert_to_the_official_function(variant, tmp_path):
+    """The non-default official options: expert biases (`bias=True`: `expert_bias` in config.json, which our config
+    reads) and the linear router (`gate_type` "linear"). The converted model computes the official forward (float64
+    reference, fp32 model: ATOL as in the module docstring); the biases are ~0.3, so a swapped or dropped bias moves
+    the logits by ~0.1, far above it."""
+    from conversion.molm_to_moduleformer import convert
+
+    official, state = molm_source(tmp_path, **variant)
+    model = convert(tmp_path / "molm")
+    ids = torch.randint(0, 50, (2, 7))
+    torch.testing.assert_close(model(ids).logits.double(), official_forward(state, official, ids), atol=ATOL, rtol=0)
+
+
+def test_official_checkpoint_dtype_option_casts_every_weight(tmp_path):
+    """`--dtype bfloat16` (MoLM's own dtype) casts the float32 checkpoint: every floating parameter of the converted
+    model is bf16, and the saved weights reload as bf16 with dtype="auto" (the saved config's dtype follows them)."""
+    from conversion.molm_to_moduleformer import convert, main
+
+    molm_source(tmp_path)
+    model = convert(tmp_path / "molm", torch.bfloat16)
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    main(["--src", str(tmp_path / "molm"), "--out", str(tmp_path / "converted"), "--dtype", "bfloat16"])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "converted", dtype="auto")
+    assert {p.dtype for p in reloaded.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    main(["--src", str(tmp_path / "molm"), "--out", str(tmp_path / "kept")])  # no --dtype: the checkpoint's own
+    kept = AutoModelForCausalLM.from_pretrained(tmp_path / "kept", dtype="auto")
+    assert {p.dtype for p in kept.parameters() if p.is_floating_point()} == {torch.float32}
 
 
 # ------------------------------------------------------------------------------------------ GPT-2 seeding
