@@ -42,6 +42,7 @@ import modeling_mom
 from model_cards import templates
 from modeling_mom.workflows import (
     cli,
+    common,
     embedded_data,
     glue,
     hub,
@@ -394,6 +395,37 @@ def test_a_run_killed_while_saving_leaves_its_last_complete_checkpoint_loadable(
     assert loaded.config.model_type == ARCHS[0]
     assert not (tmp_path / "final").exists()
 
+def test_pack_blocks_ends_every_document_with_eos():
+    """Documents are joined with EOS after each one (so that the model learns where a document ends and never reads
+    one as the continuation of another); labels are the inputs (the model shifts them)."""
+    import datasets
+
+    tokenizer = embedded_data.build_tokenizer()
+    first, second = tokenizer(["the cat sees the river .", "a dog ."], add_special_tokens=False)["input_ids"]
+    stream = first + [tokenizer.eos_token_id] + second + [tokenizer.eos_token_id]
+    assert len(stream) == 6 + 1 + 3 + 1
+    blocks = pretrain.pack_blocks(datasets.Dataset.from_dict({"text": ["the cat sees the river .", "a dog ."]}),
+                                  tokenizer, "text", block_size=5)
+    ids = list(blocks["input_ids"])
+    assert ids == [stream[0:5], stream[5:10]]  # the 11th token makes no full block
+    assert list(blocks["labels"]) == ids
+    assert ids[1] == [first[-1], tokenizer.eos_token_id, *second]
+
+
+def test_local_corpus_holds_out_its_first_blocks(workspace):
+    """Without --validation-file, a local corpus's first --eval-blocks packed blocks are held out for evaluation
+    (as the option's help and the model card say: "the first N blocks ..., not trained on") and the rest is
+    trained on."""
+    args = pretrain_args(workspace, workspace / "gpt2", workspace / "unused", "--eval-blocks", "4")
+    tokenizer = load_tokenizer(str(workspace / "gpt2"))
+    train_blocks, held_out = pretrain.load_blocks(args, tokenizer, 32)
+    everything = list(pretrain.pack_blocks(load_local_split(str(workspace / "corpus.jsonl"), ["text"]), tokenizer,
+                                           "text", 32)["input_ids"])
+    assert len(everything) > 4
+    assert list(held_out["input_ids"]) == everything[:4]
+    assert list(train_blocks["input_ids"]) == everything[4:]
+
+
 
 # ----------------------------------------------------------------------------------------------------- GLUE
 
@@ -491,6 +523,84 @@ def test_glue_metrics_are_the_official_ones():
     monotone = glue.glue_metrics(glue.glue_task("STS-B"), (scores**3)[:, None], scores)
     assert monotone["spearmanr"] == pytest.approx(1.0) and monotone["pearson"] < 1.0
 
+def test_glue_metrics_of_imperfect_predictions():
+    """Perfect predictions cannot tell F1 from accuracy, nor MCC from either. labels [0,1,1,0,1] against predictions
+    [1,1,1,0,0]: TP 2, FP 1, FN 1, TN 1, so F1 = 2TP / (2TP + FP + FN) = 4/6, accuracy 3/5, and Matthews
+    correlation (TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = 1 / sqrt(3 * 3 * 2 * 2) = 1/6. Tolerance:
+    float rounding of these fractions."""
+    labels = np.array([0, 1, 1, 0, 1])
+    predictions = np.eye(2)[[1, 1, 1, 0, 0]]
+    for name in ("mrpc", "qqp"):
+        assert glue.glue_metrics(glue.glue_task(name), predictions, labels) == {
+            "f1": pytest.approx(2 / 3, abs=1e-12), "accuracy": pytest.approx(0.6, abs=1e-12)}
+    assert glue.glue_metrics(glue.glue_task("cola"), predictions, labels) == {
+        "matthews_correlation": pytest.approx(1 / 6, abs=1e-12)}
+    assert glue.glue_metrics(glue.glue_task("sst2"), predictions, labels) == {"accuracy": pytest.approx(0.6, abs=1e-12)}
+
+
+def test_glue_task_table_is_the_benchmarks():
+    """Each task's input columns (those of nyu-mll/glue), label count (1: STS-B's regression), official metrics and
+    validation splits, written out from the GLUE definitions: a wrong column fails only on real data, a wrong
+    label count trains a head of the wrong size."""
+    pair = ("sentence1", "sentence2")
+    expected = {
+        "cola": (("sentence",), 2, ("matthews_correlation",), ("validation",)),
+        "sst2": (("sentence",), 2, ("accuracy",), ("validation",)),
+        "mrpc": (pair, 2, ("f1", "accuracy"), ("validation",)),
+        "qqp": (("question1", "question2"), 2, ("f1", "accuracy"), ("validation",)),
+        "stsb": (pair, 1, ("pearson", "spearmanr"), ("validation",)),
+        "mnli": (("premise", "hypothesis"), 3, ("accuracy",), ("validation_matched", "validation_mismatched")),
+        "qnli": (("question", "sentence"), 2, ("accuracy",), ("validation",)),
+        "rte": (pair, 2, ("accuracy",), ("validation",)),
+        "wnli": (pair, 2, ("accuracy",), ("validation",)),
+    }
+    assert {name: (t.text_columns, t.num_labels, t.metrics, t.eval_splits) for name, t in glue.GLUE_TASKS.items()} \
+        == expected
+
+
+def test_stsb_labels_stay_real_numbers():
+    """STS-B is a regression on similarity scores 0..5: its labels are encoded as floats (3.8, and "4.25" written
+    as text), not truncated to class indices. Exact: the float of the same decimal literal."""
+    encode = glue.encode(glue.glue_task("stsb"), embedded_data.build_tokenizer(), max_length=16)
+    labels = encode({"sentence1": ["the cat .", "a dog ."], "sentence2": ["a dog .", "the cat ."],
+                     "label": [3.8, "4.25"]})["labels"]
+    assert labels == [3.8, 4.25]
+
+
+def test_glue_sample_limits_take_the_first_examples_of_each_split(tmp_path):
+    """--max-train-samples 5 keeps the first 5 training rows and --max-eval-samples 3 the first 3 of each
+    validation split (both of MNLI's); the files hold 8 rows each."""
+    task = glue.glue_task("mnli")
+    rng = np.random.default_rng(0)
+    files = {split: embedded_data.write_jsonl(glue_rows(task, 8, rng), tmp_path / f"{split}.jsonl")
+             for split in ("train", "matched", "mismatched")}
+    args = SimpleNamespace(train_file=files["train"], validation_file=files["matched"],
+                           validation_mismatched_file=files["mismatched"], max_train_samples=5, max_eval_samples=3)
+    splits = glue.load_splits(task, args)
+    assert {split: len(data) for split, data in splits.items()} == {
+        "train": 5, "validation_matched": 3, "validation_mismatched": 3}
+    first = [json.loads(line) for line in Path(files["mismatched"]).read_text().splitlines()[:3]]
+    assert list(splits["validation_mismatched"]["premise"]) == [row["premise"] for row in first]
+
+
+def test_glue_head_starts_from_the_seed_whatever_ran_before(workspace, tmp_path):
+    """The classifier head is new weights: with the same --seed, two runs after different draws from the global
+    torch generator (as earlier work in the same process leaves it) give the same model and scores. One step on
+    4 examples each, so cheap; exact, as the same ops run on the same data."""
+    records = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        records.append(glue.main([
+            "--model", str(workspace / "gpt2"), "--task", "sst2", "--train-file", str(workspace / "sst2_train.jsonl"),
+            "--validation-file", str(workspace / "sst2_eval.jsonl"), "--max-eval-samples", "4", "--seed", "3",
+            *short_training(tmp_path / str(global_seed), 1)]))
+    assert records[0]["results"] == records[1]["results"]
+    first, second = (AutoModelForSequenceClassification.from_pretrained(r["checkpoint"]).state_dict() for r in records)
+    assert first.keys() == second.keys()
+    for name, weight in first.items():
+        assert torch.equal(weight, second[name]), name
+
+
 
 # ------------------------------------------------------------------------------------------------ summarize
 
@@ -539,6 +649,84 @@ def test_summarize_card_names_the_subset_it_scored(pipelines, arch="mom"):
     assert {e.dataset_split for e in hub.eval_results(record)} == {"validation[:500]"}
     assert "evaluated on 500 of the 11332 examples of the validation split" in hub.describe_step(record)
     assert "; decoding `num_beams=2`, `" in hub.describe_step(record)  # keyword arguments, not a Python dict
+
+def test_rouge_is_the_mean_f_measure_with_stemming():
+    """rouge-score tokenises lowercase and Porter-stems tokens longer than 3 characters: "the cat runs home quickly
+    today" -> the cat run home quickli today (6 tokens), reference "the cats are running home" -> the cat are run
+    home (5). ROUGE-1: 4 shared unigrams, F = 2 * 4 / (6 + 5) = 8/11 (unstemmed it would be 4/11; precision 4/6,
+    recall 4/5); ROUGE-2: shared bigrams "the cat", "run home" of 5 and 4, F = 2 * 2 / 9 = 4/9; ROUGE-L: LCS
+    the cat run home, 8/11. "a dog" against itself scores 1, and the scores are means over the two examples.
+    Tolerance: float rounding of these fractions."""
+    scores = summarize.rouge(["the cat runs home quickly today", "a dog"], ["the cats are running home", "a dog"])
+    assert scores == {"rouge1": pytest.approx((8 / 11 + 1) / 2, abs=1e-12),
+                      "rouge2": pytest.approx((4 / 9 + 1) / 2, abs=1e-12),
+                      "rougeL": pytest.approx((8 / 11 + 1) / 2, abs=1e-12)}
+
+
+def sharp_gpt2(tokenizer) -> GPT2LMHeadModel:
+    """A random GPT-2 with large weights: its next-token logits are far apart, so greedy choices do not flip with
+    the last bits of a padded batch's arithmetic."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=16, n_layer=2, n_head=2, initializer_range=0.5,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )).eval()
+
+
+def test_generate_receives_the_decoding_settings():
+    """Every generate() call gets the settings the record and card report (beam search, n-gram blocking, length
+    penalty, early stopping, no sampling), not generate's defaults."""
+    tokenizer = embedded_data.build_tokenizer()
+    model = sharp_gpt2(tokenizer)
+    args = SimpleNamespace(num_beams=2, max_new_tokens=3, no_repeat_ngram_size=2, length_penalty=0.5)
+    decoding = summarize.decoding_settings(args)
+    assert decoding == {"num_beams": 2, "max_new_tokens": 3, "no_repeat_ngram_size": 2, "length_penalty": 0.5,
+                        "early_stopping": True, "do_sample": False}
+    prompts = tokenizer(["the cat sees the river .", "a dog ."], add_special_tokens=False)["input_ids"]
+    with mock.patch.object(model, "generate", wraps=model.generate) as generate:
+        summaries = summarize.generate_summaries(model, tokenizer, prompts, decoding, batch_size=1)
+    assert len(summaries) == 2 and generate.call_count == 2
+    for call in generate.call_args_list:
+        assert {key: call.kwargs.get(key) for key in decoding} == decoding
+
+
+def test_batched_generation_gives_the_unbatched_summaries():
+    """Prompts of different lengths in one batch are padded on the left, so that every prompt ends where generation
+    starts: greedy summaries of batches of 2 are those of one prompt at a time (right padding would continue the
+    shorter prompt after its pads)."""
+    tokenizer = embedded_data.build_tokenizer()
+    model = sharp_gpt2(tokenizer)
+    prompts = tokenizer(["the cat sees the river near the lake .", "a dog .", "the moon", "the dog likes a red ball"],
+                        add_special_tokens=False)["input_ids"]
+    greedy = {"num_beams": 1, "max_new_tokens": 4, "do_sample": False}
+    single = summarize.generate_summaries(model, tokenizer, prompts, greedy, batch_size=1)
+    assert summarize.generate_summaries(model, tokenizer, prompts, greedy, batch_size=2) == single
+    assert all(single)
+
+
+def test_summarize_eval_loss_is_on_the_validation_summaries(workspace, tmp_path):
+    """The recorded eval_loss is the saved model's mean cross-entropy over the validation file's summary (and EOS)
+    tokens, recomputed here one example at a time (the 4 examples were one evaluation batch, whose loss is the mean
+    over its predicted tokens). Tolerance: fp32 summation order."""
+    record = summarize.main([
+        "--model", str(workspace / "gpt2"), "--train-file", str(workspace / "sum_train.jsonl"),
+        "--validation-file", str(workspace / "sum_eval.jsonl"), "--max-train-samples", "8", "--max-length", "48",
+        "--max-summary-tokens", "8", "--max-new-tokens", "2", "--num-beams", "1", *short_training(tmp_path, 1)])
+    tokenizer = AutoTokenizer.from_pretrained(record["checkpoint"])
+    model = AutoModelForCausalLM.from_pretrained(record["checkpoint"]).eval()
+    fmt = summarize.SummaryFormat(tokenizer, "TL;DR:", max_length=48, max_summary_tokens=8, max_new_tokens=2)
+    rows = [json.loads(line) for line in (workspace / "sum_eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    examples = fmt.training_examples([r["document"] for r in rows], [r["summary"] for r in rows])
+    total, count = 0.0, 0
+    for ids, labels in zip(examples["input_ids"], examples["labels"]):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+        targets = torch.tensor(labels[1:])
+        total += torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+        count += int((targets != -100).sum())
+    assert record["results"]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+
 
 
 # -------------------------------------------------------------------------------------------------- inspect
@@ -1086,3 +1274,104 @@ def test_kept_memory_is_reused_without_page_faults():
         results[mode] = (out[0] == "True", int(out[1]))
     assert results["keep"][0] and not results["default"][0]
     assert results["keep"][1] <= 8 < results["default"][1], results
+
+
+# ------------------------------------------------------------------------------------------- shared pieces
+
+
+def test_trainer_logs_the_mean_of_the_accumulated_losses(tmp_path):
+    """The aux and LM losses of the micro-batches since the last log are logged as their mean ((1 + 3) / 2 = 2,
+    exact in fp32), and forgotten once logged: the next window starts empty."""
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    trainer = training.MoETrainer(model=model, args=args)
+    for value in (1.0, 3.0):
+        trainer._accumulate("aux_loss", torch.tensor(value))
+    trainer._accumulate("lm_loss", torch.tensor(5.0))
+    trainer.log({"loss": 0.5})
+    assert trainer.state.log_history[-1]["aux_loss"] == 2.0 and trainer.state.log_history[-1]["lm_loss"] == 5.0
+    trainer.log({"loss": 0.25})
+    assert "aux_loss" not in trainer.state.log_history[-1] and "lm_loss" not in trainer.state.log_history[-1]
+
+
+def test_training_arguments_take_the_seed(tmp_path):
+    """--seed seeds the Trainer (weights, dropout) and its data order (`data_seed`)."""
+    parser = training.argparse.ArgumentParser()
+    training.add_training_arguments(parser, steps=1, epochs=1, lr=1e-3, batch_size=2, warmup=0, weight_decay=0.0)
+    arguments = training.training_arguments(parser.parse_args(["--out", str(tmp_path), "--seed", "7"]))
+    assert (arguments.seed, arguments.data_seed) == (7, 7)
+
+
+def test_move_into_place_restores_the_old_output_when_the_rename_fails(tmp_path):
+    """If the new directory cannot be renamed into place (a full disk, permissions), the old output is moved back:
+    nothing is lost, and no moved-aside copy is left behind."""
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    staging.mkdir()
+    out.mkdir()
+    (out / "keep.txt").write_text("old run")
+    replace = os.replace
+
+    def failing_replace(source, target):
+        if Path(source) == staging:
+            raise OSError("no space left on device")
+        replace(source, target)
+
+    with mock.patch.object(common.os, "replace", failing_replace), pytest.raises(OSError, match="no space"):
+        common.move_into_place(staging, out)
+    assert (out / "keep.txt").read_text() == "old run"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "staging"]
+
+
+def test_the_mom_command_keeps_freed_memory_before_running_a_command():
+    """`mom COMMAND` sets the process's allocator up (see cpu_memory) before the command runs."""
+    with mock.patch.object(cli, "keep_freed_memory") as keep, pytest.raises(SystemExit) as exit_info:
+        cli.main(["glue", "--help"])
+    assert exit_info.value.code == 0
+    keep.assert_called_once_with()
+
+
+class ShiftedLogits(torch.nn.Module):
+    """A "conversion" that is the GPT-2 itself, its logits shifted by `shift` at one entry."""
+
+    def __init__(self, gpt2, shift: float):
+        super().__init__()
+        self.gpt2, self.shift = gpt2, shift
+
+    def forward(self, input_ids):
+        logits = self.gpt2(input_ids).logits.clone()
+        logits[0, 1, 3] += self.shift
+        return SimpleNamespace(logits=logits)
+
+
+def test_demo_exact_logit_difference_is_the_largest(workspace):
+    """The demo reports the largest |logit difference| of the exact conversion: one logit off by 1 among thousands
+    of equal ones is a difference of 1. Tolerance: fp32 rounding of logit + 1 (logits of magnitude < 1)."""
+    from modeling_mom.workflows import demo
+
+    tokenizer = load_tokenizer(str(workspace / "gpt2"))
+    for shift in (0.0, 1.0):
+        converter = SimpleNamespace(convert=lambda gpt2, exact, shift=shift: ShiftedLogits(gpt2, shift))
+        difference = demo.exact_logit_difference(converter, str(workspace / "gpt2"), tokenizer)
+        assert difference == pytest.approx(shift, abs=1e-6)
+
+
+def test_demo_remote_code_difference_is_the_largest_of_a_models_checkpoints(workspace):
+    """Each model's remote-code difference is the largest over its three checkpoints (LM, classifier, summarizer):
+    the fresh process is stubbed here to report 0.0, 0.5, 0.25 for one model and 0.125 for each of the other's."""
+    from modeling_mom.workflows import demo
+
+    path = str(workspace / "gpt2")
+    rows = [{"model": name, "lm_checkpoint": path, "glue_checkpoint": path, "summarize_checkpoint": path}
+            for name in ("a", "b")]
+    reported = {"a": [0.0, 0.5, 0.25], "b": [0.125] * 3}
+
+    def fresh_process(command, **kwargs):
+        checks = json.loads(Path(command[3]).read_text())
+        for check in checks:
+            check["difference"] = reported[check["row"]].pop(0)
+            del check["logits"]
+        return SimpleNamespace(returncode=0, stdout="loading\n" + json.dumps(checks) + "\n", stderr="")
+
+    with mock.patch.object(demo.subprocess, "run", fresh_process):
+        demo.remote_code_differences(rows, load_tokenizer(path))
+    assert [row["remote_difference"] for row in rows] == [0.5, 0.125]
