@@ -10,7 +10,9 @@ weighted scatter-add; the module every architecture's FFN experts share) on fixe
   (`config._experts_implementation = "grouped_mm"`);
 - `loop`: a plain loop over the experts chosen in the batch (index_select, two matmuls, index_add; the weights are
   unbound once, so its backward is linear in the number of experts);
-- `dense`: a dense FFN `d -> k * e -> d` with the same useful FLOPs (the machine's practical limit).
+- `dense`: a dense FFN `d -> k * e -> d` with the same useful FLOPs (the machine's practical limit);
+- on CUDA with Triton, `ours_without_triton`: the shared dispatch with its Triton kernels switched off
+  (`MODELING_MOM_TRITON=0`: torch's `grouped_mm`, or one matmul per expert where torch has no fused kernel).
 Useful FLOPs: forward `4 T k d e`, forward + backward 3x that. "% of dense" compares achieved GFLOP/s.
 
 Cases: the MoEUT-244M sigma-MoE FFN (d=1024, 387 experts of 128, k=16), the MoLM (ModuleFormer) FFN (d=1024,
@@ -26,6 +28,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read when torch is importe
 
 import torch
 from torch import nn
+from transformers.utils import is_triton_available
 
 from benchmarks.common import DTYPES, build_parser, fmt_load, fmt_ms, setup, time_interleaved, timing_dict, write_report
 from modeling_mom import MoEUTConfig
@@ -141,10 +144,29 @@ def switchhead_functions(shape, dtype, backward: bool):
     return forwards, [attention, dense_v, dense_o], x, 4 * tokens * heads * k * d * head_dim
 
 
+def without_triton(forward):
+    """`forward` with the dispatch's Triton kernels switched off (it decides in the forward pass)."""
+
+    def run():
+        previous = os.environ.get("MODELING_MOM_TRITON")
+        os.environ["MODELING_MOM_TRITON"] = "0"
+        try:
+            return forward()
+        finally:
+            if previous is None:
+                del os.environ["MODELING_MOM_TRITON"]
+            else:
+                os.environ["MODELING_MOM_TRITON"] = previous
+
+    return run
+
+
 def case_functions(name: str, shape, dtype, backward: bool):
     """`{implementation: step}` (one forward, or forward + backward) and the useful FLOPs of one step."""
     build = switchhead_functions if "switchhead" in name else ffn_functions
     forwards, modules, x, flops = build(shape, dtype, backward)
+    if x.is_cuda and is_triton_available():
+        forwards["ours_without_triton"] = without_triton(forwards["ours"])
     grad = torch.randn(x.shape, dtype=dtype)
 
     def step(forward):

@@ -18,7 +18,9 @@ device and dtype support it (on operands zero-padded to 16-byte feature multiple
 otherwise one matmul per expert over ``split`` / ``unbind`` views. Indexing
 ``weight[e]`` inside an autograd loop is never used: its backward materialises a full-size zero gradient per
 expert (quadratic in the number of experts). Small bf16 products on CPU run as one ``bmm`` over the experts' rows
-padded to the largest count instead (each bf16 matmul has a large fixed cost there). Without autograd and with a
+padded to the largest count instead (each bf16 matmul has a large fixed cost there). On CUDA, where torch has no
+fused ``grouped_mm`` kernel for the dtype and GPU, the Triton kernels of ``moe_triton`` run it (one launch per
+product instead of one per expert; see :func:`_triton_wins`). Without autograd and with a
 few rows per small expert (decoding), one weighted ``embedding_bag`` over the chosen experts' weights computes every
 row instead; a layer can then skip the sort and the scatter too (:func:`bag_mixture`: the bag's sum is the
 gate-weighted sum over a token's experts).
@@ -27,11 +29,13 @@ The single host-device synchronisation is in :func:`plan_dispatch` (the per-expe
 drop SKIP selections, to split rows for the fallback path and to size the padded layout).
 """
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import is_triton_available
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -250,6 +254,18 @@ def _feature_padding_wins(x: torch.Tensor, weight: torch.Tensor, plan: DispatchP
     return output_aligned and x.shape[0] >= 64 * plan.num_experts
 
 
+def _triton_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the Triton kernels of `moe_triton` run the grouped matmul: on CUDA with Triton installed, where torch
+    has no fused `grouped_mm` kernel (its CUTLASS kernel takes bf16 on Hopper and Blackwell only; elsewhere it, like
+    our fallback, launches one matmul per expert), outside torch.compile, unless `MODELING_MOM_TRITON=0`."""
+    if x.device.type != "cuda" or torch.compiler.is_compiling() or os.environ.get("MODELING_MOM_TRITON") == "0":
+        return False
+    if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    fused_grouped_mm = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+    return not fused_grouped_mm and is_triton_available("3.0.0")  # `tl.dot`'s `input_precision`
+
+
 def grouped_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -261,10 +277,11 @@ def grouped_linear(
 
     `use_grouped_mm=None` picks `grouped_mm` when supported (see :func:`grouped_mm_supported`); `False` forces the
     per-expert `split`/`unbind` loop, which is also the reference the fast paths are tested against. Unless forced,
-    small bf16 products on CPU run as one padded `bmm` (see :func:`_padded_wins`), features that `grouped_mm` cannot
-    take run through it zero-padded where that pays (see :func:`_feature_padding_wins`), and without autograd, with a
-    few rows per small expert (decoding), one `embedding_bag` over the chosen experts' weights computes every row
-    (see :func:`_bag_wins`).
+    on CUDA without a fused `grouped_mm` the Triton kernels run it (see :func:`_triton_wins`), small bf16 products on
+    CPU run as one padded `bmm` (see :func:`_padded_wins`), features that `grouped_mm` cannot take run through it
+    zero-padded where that pays (see :func:`_feature_padding_wins`), and without autograd, with a few rows per small
+    expert (decoding), one `embedding_bag` over the chosen experts' weights computes every row (see
+    :func:`_bag_wins`).
     """
     if torch.is_autocast_enabled(x.device.type):  # `grouped_mm` has no autocast rule: cast as a matmul would be
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -278,6 +295,10 @@ def grouped_linear(
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if choose and not needs_grad and _bag_wins(plan.token_index.shape[0], weight):
         out = bag_mixture(x.unsqueeze(1), plan.expert_index.unsqueeze(1), weight)
+    elif choose and _triton_wins(x, weight):
+        from .moe_triton import triton_grouped_linear  # imported only where Triton is installed
+
+        out = triton_grouped_linear(x, weight, plan.offsets, plan.counts)
     elif choose and _padded_wins(x, weight, plan):  # also where grouped_mm needs aligned features (MoEUT-44M's 412)
         out = _padded_linear(x, weight, plan)
     elif use_grouped_mm:

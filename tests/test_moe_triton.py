@@ -1,0 +1,143 @@
+"""The Triton grouped matmul (`modeling_mom/moe_triton.py`, the dispatch's path on GPUs without a fused
+`grouped_mm`) equals the per-expert loop, forward and backward.
+
+No GPU is needed: the kernels are imported with `TRITON_INTERPRET=1` (which Triton reads when it decorates them),
+so they run on CPU tensors through Triton's interpreter, which executes the same kernel code (program ids, masks,
+block loads, `tl.dot`) with NumPy. What the interpreter cannot show is the GPU compilation and its speed.
+
+Half precision is checked in fp16: the interpreter's `tl.dot` of bf16 operands returns garbage (NumPy has no
+bf16; loads and stores of bf16 are exact), while the compiled kernel treats the two 16-bit types alike.
+
+Tolerances: fp32 `1e-5` absolute and relative (sums of at most 64 products of O(1) numbers, rounded in another order
+than MKL's: measured errors ~1e-6); fp16 `1e-2` of the largest value (outputs round to fp16, eps 9.8e-4; the kernels
+accumulate in fp32 as the loop's matmuls do). Models: logits and every parameter gradient within `1e-5` of the
+default CPU path.
+"""
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+from modeling_mom import moe_dispatch
+from modeling_mom.moe_dispatch import grouped_linear, plan_dispatch
+
+from .test_moduleformer import tiny_model as tiny_moduleformer
+from .test_moeut import tiny_config as tiny_moeut_config
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def moe_triton():
+    """`modeling_mom.moe_triton` with its kernels interpreted (Triton reads `TRITON_INTERPRET` when it decorates a
+    kernel and again inside its language functions, so it stays set while these tests run); removed from
+    `sys.modules` afterwards, so that an import on a GPU compiles them."""
+    pytest.importorskip("triton")
+    sys.modules.pop("modeling_mom.moe_triton", None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield importlib.import_module("modeling_mom.moe_triton")
+    sys.modules.pop("modeling_mom.moe_triton", None)
+
+
+def _routed_rows(num_tokens, num_experts, k, in_features, empty_expert, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    selected = torch.randint(0, num_experts, (num_tokens, k), generator=generator)
+    if empty_expert is not None:
+        selected[selected == empty_expert] = (empty_expert + 1) % num_experts
+    plan = plan_dispatch(selected, num_experts)
+    x = torch.randn(plan.token_index.shape[0], in_features, generator=generator).to(dtype)
+    return plan, x.requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "num_tokens, num_experts, k, in_features, out_features, empty_expert",
+    [
+        (37, 5, 2, 40, 70, 3),  # counts not multiples of the row block, features not of the column blocks
+        (300, 3, 2, 16, 24, None),  # ~200 rows per expert: 64-row blocks, several per expert
+        (9, 12, 1, 33, 130, 0),  # fewer rows than experts: many empty experts
+    ],
+)
+def test_triton_grouped_linear_equals_loop(
+    moe_triton, dtype, num_tokens, num_experts, k, in_features, out_features, empty_expert
+):
+    plan, x = _routed_rows(num_tokens, num_experts, k, in_features, empty_expert, dtype)
+    weight = torch.randn(num_experts, in_features, out_features).to(dtype).requires_grad_()
+    expected = grouped_linear(x, weight, plan, use_grouped_mm=False)
+    out = moe_triton.triton_grouped_linear(x, weight, plan.offsets, plan.counts)
+    scale = expected.abs().max().item()
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected, atol=tol * scale, rtol=tol)
+    grad_out = torch.randn(out_features).to(dtype).expand_as(out)  # stride 0, as a sum's gradient arrives
+    expected_grads = torch.autograd.grad(expected, (x, weight), grad_out)
+    grads = torch.autograd.grad(out, (x, weight), grad_out)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=tol * expected_grad.abs().max().item(), rtol=tol)
+    if empty_expert is not None:
+        assert grads[1][empty_expert].abs().max() == 0  # written as zeros, not left uninitialised
+
+
+def test_row_blocks_stay_inside_one_expert(moe_triton):
+    plan, _ = _routed_rows(200, 7, 3, 8, 2, torch.float32)
+    blocks = moe_triton.RowBlocks(plan.offsets, plan.counts)
+    starts, experts = blocks.block_start.tolist(), blocks.block_expert.tolist()
+    ends = plan.offsets.tolist()
+    covered = []
+    for start, expert in zip(starts, experts):
+        assert ends[expert] - plan.counts[expert] <= start < ends[expert]
+        covered.extend(range(start, min(start + blocks.block_m, ends[expert])))
+    assert covered == list(range(sum(plan.counts)))  # every sorted row in exactly one block, in order
+    assert 2 not in experts
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["moeut", "moduleformer"])
+def test_model_trains_the_same_through_triton(moe_triton, monkeypatch, arch):
+    """Every grouped linear of a model (MoEUT's V, O and FFN experts; ModuleFormer's attention and FFN experts) through
+    the Triton kernels, as on a GPU: same logits and parameter gradients as the default CPU path."""
+    from modeling_mom import MoEUTForCausalLM
+
+    torch.manual_seed(0)
+    model = MoEUTForCausalLM(tiny_moeut_config()) if arch == "moeut" else tiny_moduleformer()
+    ids = torch.randint(2, model.config.vocab_size, (2, 7))
+    expected_logits, expected_grads = _loss_and_grads(model, ids)
+    calls = []
+
+    def triton_everywhere(x, weight):
+        calls.append(x.shape)
+        return True
+
+    monkeypatch.setattr(moe_dispatch, "_triton_wins", triton_everywhere)
+    logits, grads = _loss_and_grads(model, ids)
+    assert calls, "the Triton path was not taken"
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_triton_is_only_chosen_on_cuda():
+    x, weight = torch.zeros(4, 8), torch.zeros(2, 8, 8)
+    assert not moe_dispatch._triton_wins(x, weight)
+
+
+def test_saved_code_carries_the_kernels_without_requiring_triton(tmp_path):
+    """A checkpoint's code includes `moe_triton.py` (imported lazily by `moe_dispatch`), and transformers' check of a
+    remote-code checkpoint's imports does not ask for Triton (its import is guarded)."""
+    from transformers.dynamic_module_utils import get_imports
+
+    from modeling_mom import MoEUTForCausalLM
+
+    MoEUTForCausalLM(tiny_moeut_config()).save_pretrained(tmp_path)
+    assert (tmp_path / "moe_triton.py").exists()
+    for name in ("moe_triton.py", "moe_dispatch.py"):
+        assert "triton" not in get_imports(tmp_path / name)
