@@ -257,13 +257,18 @@ def _feature_padding_wins(x: torch.Tensor, weight: torch.Tensor, plan: DispatchP
 def _triton_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the Triton kernels of `moe_triton` run the grouped matmul: on CUDA with Triton installed, where torch
     has no fused `grouped_mm` kernel (its CUTLASS kernel takes bf16 on Hopper and Blackwell only; elsewhere it, like
-    our fallback, launches one matmul per expert), outside torch.compile, unless `MODELING_MOM_TRITON=0`."""
+    our fallback, launches one matmul per expert), outside torch.compile, unless `MODELING_MOM_TRITON=0`, and where
+    the kernels build (probed once per device and dtype)."""
     if x.device.type != "cuda" or torch.compiler.is_compiling() or os.environ.get("MODELING_MOM_TRITON") == "0":
         return False
     if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     fused_grouped_mm = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
-    return not fused_grouped_mm and is_triton_available("3.0.0")  # `tl.dot`'s `input_precision`
+    if fused_grouped_mm or not is_triton_available("3.0.0"):  # 3.0: `tl.dot`'s `input_precision`
+        return False
+    from .moe_triton import kernels_work  # imported only where Triton is installed
+
+    return kernels_work(x.device, x.dtype)
 
 
 def grouped_linear(

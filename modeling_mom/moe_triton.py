@@ -15,13 +15,18 @@ With `TRITON_INTERPRET=1` the kernels run on CPU tensors, which is how the test 
 per-expert loop (`tests/test_moe_triton.py`).
 """
 
+from functools import cache
+
 import torch
+from transformers.utils import logging
 
 try:  # `moe_dispatch` imports this module only where Triton is installed (remote code must not require it)
     import triton
     import triton.language as tl
 except ImportError as error:
     raise ImportError("modeling_mom's Triton kernels need Triton: `pip install triton`") from error
+
+logger = logging.get_logger(__name__)
 
 
 @triton.jit
@@ -171,3 +176,23 @@ def triton_grouped_linear(
     """`x[S, in]` (rows sorted by expert; `offsets` `[E]` cumulative counts, `counts` on the host) times
     `weight[e, in, out]` -> `[S, out]`, differentiable in `x` and `weight`."""
     return _TritonGroupedLinear.apply(x, weight, RowBlocks(offsets, counts))
+
+
+@cache
+def kernels_work(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels build and run on `device` for `dtype`, probed once per process with a small forward and
+    backward (no random numbers: the caller's generator is untouched). A GPU or Triton version they fail on gets a
+    warning and torch's path instead of an error in the middle of training."""
+    try:
+        with torch.enable_grad():
+            x = torch.ones(32, 32, device=device, dtype=dtype, requires_grad=True)
+            weight = torch.ones(2, 32, 32, device=device, dtype=dtype, requires_grad=True)
+            offsets = torch.tensor([16, 32], device=device, dtype=torch.int32)
+            triton_grouped_linear(x, weight, offsets, [16, 16]).sum().backward()
+    except Exception as error:  # whatever fails to compile or launch: CompilationError, OutOfResources, ptxas, ...
+        logger.warning_once(
+            f"modeling_mom: the Triton expert kernels failed on {device} for {dtype} ({type(error).__name__}: "
+            f"{error}); the expert dispatch uses torch's grouped matmul instead. MODELING_MOM_TRITON=0 skips the probe."
+        )
+        return False
+    return True

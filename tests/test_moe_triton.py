@@ -125,6 +125,22 @@ def test_model_trains_the_same_through_triton(moe_triton, monkeypatch, arch):
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_kernels_work_probe(moe_triton, monkeypatch):
+    """The once-per-(device, dtype) probe: True where the kernels run; where they fail (as on a GPU or Triton version
+    they do not compile for), False, so the dispatch takes torch's path."""
+    moe_triton.kernels_work.cache_clear()
+    assert moe_triton.kernels_work(torch.device("cpu"), torch.float32)
+    generator_state = torch.get_rng_state()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("ptxas fatal: unsupported")
+
+    monkeypatch.setattr(moe_triton.RowBlocks, "matmul", fail)
+    assert not moe_triton.kernels_work(torch.device("cpu"), torch.float16)
+    assert torch.equal(torch.get_rng_state(), generator_state)
+    moe_triton.kernels_work.cache_clear()
+
+
 def test_triton_is_only_chosen_on_cuda():
     x, weight = torch.zeros(4, 8), torch.zeros(2, 8, 8)
     assert not moe_dispatch._triton_wins(x, weight)
