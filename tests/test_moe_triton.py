@@ -25,6 +25,7 @@ from modeling_mom.moe_dispatch import grouped_linear, plan_dispatch
 
 from .test_moduleformer import tiny_model as tiny_moduleformer
 from .test_moeut import tiny_config as tiny_moeut_config
+from .test_mom import tiny_config as tiny_mom_config
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
 
@@ -80,6 +81,27 @@ def test_triton_grouped_linear_equals_loop(
         assert grads[1][empty_expert].abs().max() == 0  # written as zeros, not left uninitialised
 
 
+def test_strided_operands_and_no_rows(moe_triton):
+    """Operands read through their strides (a transposed weight bank, rows that are a column slice), and a plan that
+    keeps no rows (every choice SKIP): an empty output and a zero weight gradient."""
+    plan, x = _routed_rows(40, 4, 2, 24, None, torch.float32)
+    wide = torch.randn(x.shape[0], 48)
+    x = wide[:, 8:32].requires_grad_()  # row stride 48
+    weight = torch.randn(4, 20, 24).transpose(1, 2).requires_grad_()  # [E, in=24, out=20], not contiguous
+    expected = grouped_linear(x, weight, plan, use_grouped_mm=False)
+    out = moe_triton.triton_grouped_linear(x, weight, plan.offsets, plan.counts)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for grad, expected_grad in zip(torch.autograd.grad(out.sum(), (x, weight)),
+                                   torch.autograd.grad(expected.sum(), (x, weight))):  # fmt: skip
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    skipped = plan_dispatch(torch.full((5, 2), 4), 4)
+    empty = torch.zeros(0, 24, requires_grad=True)
+    out = moe_triton.triton_grouped_linear(empty, weight, skipped.offsets, skipped.counts)
+    assert out.shape == (0, 20)
+    (grad_weight,) = torch.autograd.grad(out.sum(), weight)
+    assert torch.equal(grad_weight, torch.zeros_like(weight))
+
+
 def test_row_blocks_stay_inside_one_expert(moe_triton):
     plan, _ = _routed_rows(200, 7, 3, 8, 2, torch.float32)
     blocks = moe_triton.RowBlocks(plan.offsets, plan.counts)
@@ -100,14 +122,20 @@ def _loss_and_grads(model, ids):
     return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch", ["moeut", "moduleformer"])
+@pytest.mark.parametrize("arch", ["moeut", "moduleformer", "mom"])
 def test_model_trains_the_same_through_triton(moe_triton, monkeypatch, arch):
-    """Every grouped linear of a model (MoEUT's V, O and FFN experts; ModuleFormer's attention and FFN experts) through
-    the Triton kernels, as on a GPU: same logits and parameter gradients as the default CPU path."""
-    from modeling_mom import MoEUTForCausalLM
+    """Every grouped linear of a model (MoEUT's V, O and FFN experts; ModuleFormer's attention and FFN experts; MoM's
+    attention and FFN modules under learned routing with two modules per token) through the Triton kernels, as on a
+    GPU: same logits and parameter gradients as the default CPU path."""
+    from modeling_mom import MoEUTForCausalLM, MoMForCausalLM
 
     torch.manual_seed(0)
-    model = MoEUTForCausalLM(tiny_moeut_config()) if arch == "moeut" else tiny_moduleformer()
+    if arch == "moeut":
+        model = MoEUTForCausalLM(tiny_moeut_config())
+    elif arch == "mom":
+        model = MoMForCausalLM(tiny_mom_config(num_modules_per_tok=2))
+    else:
+        model = tiny_moduleformer()
     ids = torch.randint(2, model.config.vocab_size, (2, 7))
     expected_logits, expected_grads = _loss_and_grads(model, ids)
     calls = []
