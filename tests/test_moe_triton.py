@@ -3,9 +3,10 @@
 
 No GPU is needed: the kernels are imported with `TRITON_INTERPRET=1` (which Triton reads when it decorates them),
 so they run on CPU tensors through Triton's interpreter, which executes the same kernel code (program ids, masks,
-block loads, `tl.dot`) with NumPy. What the interpreter cannot show is the GPU compilation and its speed.
+block loads, `tl.dot`) with NumPy. What the interpreter cannot show is the GPU compilation: where CUDA is available,
+every test runs a second time with the kernels compiled, on the GPU (and bf16 too).
 
-Half precision is checked in fp16: the interpreter's `tl.dot` of bf16 operands returns garbage (NumPy has no
+Half precision is checked in fp16 by the interpreter: its `tl.dot` of bf16 operands returns garbage (NumPy has no
 bf16; loads and stores of bf16 are exact), while the compiled kernel treats the two 16-bit types alike.
 
 Tolerances: fp32 `1e-5` absolute and relative (sums of at most 64 products of O(1) numbers, rounded in another order
@@ -27,33 +28,44 @@ from .test_moduleformer import tiny_model as tiny_moduleformer
 from .test_moeut import tiny_config as tiny_moeut_config
 from .test_mom import tiny_config as tiny_mom_config
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=CUDA)])
+def device(request):
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="module")
-def moe_triton():
-    """`modeling_mom.moe_triton` with its kernels interpreted (Triton reads `TRITON_INTERPRET` when it decorates a
-    kernel and again inside its language functions, so it stays set while these tests run); removed from
-    `sys.modules` afterwards, so that an import on a GPU compiles them."""
+def moe_triton(device):
+    """`modeling_mom.moe_triton`, its kernels interpreted on CPU (Triton reads `TRITON_INTERPRET` when it decorates
+    a kernel and again inside its language functions, so it stays set while these tests run) or compiled on CUDA;
+    removed from `sys.modules` afterwards, so that the next import decorates them afresh."""
     pytest.importorskip("triton")
     sys.modules.pop("modeling_mom.moe_triton", None)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
+        if device.type == "cpu":
+            patch.setenv("TRITON_INTERPRET", "1")
         yield importlib.import_module("modeling_mom.moe_triton")
     sys.modules.pop("modeling_mom.moe_triton", None)
 
 
-def _routed_rows(num_tokens, num_experts, k, in_features, empty_expert, dtype, seed=0):
+def _routed_rows(num_tokens, num_experts, k, in_features, empty_expert, dtype, device, seed=0):
     generator = torch.Generator().manual_seed(seed)
     selected = torch.randint(0, num_experts, (num_tokens, k), generator=generator)
     if empty_expert is not None:
         selected[selected == empty_expert] = (empty_expert + 1) % num_experts
-    plan = plan_dispatch(selected, num_experts)
-    x = torch.randn(plan.token_index.shape[0], in_features, generator=generator).to(dtype)
+    plan = plan_dispatch(selected.to(device), num_experts)
+    x = torch.randn(plan.token_index.shape[0], in_features, generator=generator).to(device, dtype)
     return plan, x.requires_grad_()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=CUDA)],
+    ids=["fp32", "fp16", "bf16"],
+)
 @pytest.mark.parametrize(
     "num_tokens, num_experts, k, in_features, out_features, empty_expert",
     [
@@ -63,16 +75,18 @@ def _routed_rows(num_tokens, num_experts, k, in_features, empty_expert, dtype, s
     ],
 )
 def test_triton_grouped_linear_equals_loop(
-    moe_triton, dtype, num_tokens, num_experts, k, in_features, out_features, empty_expert
+    moe_triton, device, dtype, num_tokens, num_experts, k, in_features, out_features, empty_expert
 ):
-    plan, x = _routed_rows(num_tokens, num_experts, k, in_features, empty_expert, dtype)
-    weight = torch.randn(num_experts, in_features, out_features).to(dtype).requires_grad_()
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter's bf16 tl.dot is broken (module docstring)")
+    plan, x = _routed_rows(num_tokens, num_experts, k, in_features, empty_expert, dtype, device)
+    weight = torch.randn(num_experts, in_features, out_features).to(device, dtype).requires_grad_()
     expected = grouped_linear(x, weight, plan, use_grouped_mm=False)
     out = moe_triton.triton_grouped_linear(x, weight, plan.offsets, plan.counts)
     scale = expected.abs().max().item()
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out, expected, atol=tol * scale, rtol=tol)
-    grad_out = torch.randn(out_features).to(dtype).expand_as(out)  # stride 0, as a sum's gradient arrives
+    grad_out = torch.randn(out_features).to(device, dtype).expand_as(out)  # stride 0, as a sum's gradient arrives
     expected_grads = torch.autograd.grad(expected, (x, weight), grad_out)
     grads = torch.autograd.grad(out, (x, weight), grad_out)
     for grad, expected_grad in zip(grads, expected_grads):
@@ -81,29 +95,29 @@ def test_triton_grouped_linear_equals_loop(
         assert grads[1][empty_expert].abs().max() == 0  # written as zeros, not left uninitialised
 
 
-def test_strided_operands_and_no_rows(moe_triton):
+def test_strided_operands_and_no_rows(moe_triton, device):
     """Operands read through their strides (a transposed weight bank, rows that are a column slice), and a plan that
     keeps no rows (every choice SKIP): an empty output and a zero weight gradient."""
-    plan, x = _routed_rows(40, 4, 2, 24, None, torch.float32)
-    wide = torch.randn(x.shape[0], 48)
+    plan, x = _routed_rows(40, 4, 2, 24, None, torch.float32, device)
+    wide = torch.randn(x.shape[0], 48, device=device)
     x = wide[:, 8:32].requires_grad_()  # row stride 48
-    weight = torch.randn(4, 20, 24).transpose(1, 2).requires_grad_()  # [E, in=24, out=20], not contiguous
+    weight = torch.randn(4, 20, 24, device=device).transpose(1, 2).requires_grad_()  # [E, in=24, out=20], strided
     expected = grouped_linear(x, weight, plan, use_grouped_mm=False)
     out = moe_triton.triton_grouped_linear(x, weight, plan.offsets, plan.counts)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for grad, expected_grad in zip(torch.autograd.grad(out.sum(), (x, weight)),
                                    torch.autograd.grad(expected.sum(), (x, weight))):  # fmt: skip
         torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
-    skipped = plan_dispatch(torch.full((5, 2), 4), 4)
-    empty = torch.zeros(0, 24, requires_grad=True)
+    skipped = plan_dispatch(torch.full((5, 2), 4, device=device), 4)
+    empty = torch.zeros(0, 24, device=device, requires_grad=True)
     out = moe_triton.triton_grouped_linear(empty, weight, skipped.offsets, skipped.counts)
     assert out.shape == (0, 20)
     (grad_weight,) = torch.autograd.grad(out.sum(), weight)
     assert torch.equal(grad_weight, torch.zeros_like(weight))
 
 
-def test_row_blocks_stay_inside_one_expert(moe_triton):
-    plan, _ = _routed_rows(200, 7, 3, 8, 2, torch.float32)
+def test_row_blocks_stay_inside_one_expert(moe_triton, device):
+    plan, _ = _routed_rows(200, 7, 3, 8, 2, torch.float32, device)
     blocks = moe_triton.RowBlocks(plan.offsets, plan.counts)
     starts, experts = blocks.block_start.tolist(), blocks.block_expert.tolist()
     ends = plan.offsets.tolist()
@@ -123,10 +137,10 @@ def _loss_and_grads(model, ids):
 
 
 @pytest.mark.parametrize("arch", ["moeut", "moduleformer", "mom"])
-def test_model_trains_the_same_through_triton(moe_triton, monkeypatch, arch):
+def test_model_trains_the_same_through_triton(moe_triton, device, monkeypatch, arch):
     """Every grouped linear of a model (MoEUT's V, O and FFN experts; ModuleFormer's attention and FFN experts; MoM's
-    attention and FFN modules under learned routing with two modules per token) through the Triton kernels, as on a
-    GPU: same logits and parameter gradients as the default CPU path."""
+    attention and FFN modules under learned routing with two modules per token) through the Triton kernels: same
+    logits and parameter gradients as the dispatch without them (`MODELING_MOM_TRITON=0`)."""
     from modeling_mom import MoEUTForCausalLM, MoMForCausalLM
 
     torch.manual_seed(0)
@@ -136,8 +150,11 @@ def test_model_trains_the_same_through_triton(moe_triton, monkeypatch, arch):
         model = MoMForCausalLM(tiny_mom_config(num_modules_per_tok=2))
     else:
         model = tiny_moduleformer()
-    ids = torch.randint(2, model.config.vocab_size, (2, 7))
-    expected_logits, expected_grads = _loss_and_grads(model, ids)
+    model.to(device)
+    ids = torch.randint(2, model.config.vocab_size, (2, 7), device=device)
+    with monkeypatch.context() as without_triton:
+        without_triton.setenv("MODELING_MOM_TRITON", "0")
+        expected_logits, expected_grads = _loss_and_grads(model, ids)
     calls = []
 
     def triton_everywhere(x, weight):
@@ -153,18 +170,18 @@ def test_model_trains_the_same_through_triton(moe_triton, monkeypatch, arch):
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_kernels_work_probe(moe_triton, monkeypatch):
+def test_kernels_work_probe(moe_triton, device, monkeypatch):
     """The once-per-(device, dtype) probe: True where the kernels run; where they fail (as on a GPU or Triton version
     they do not compile for), False, so the dispatch takes torch's path."""
     moe_triton.kernels_work.cache_clear()
-    assert moe_triton.kernels_work(torch.device("cpu"), torch.float32)
+    assert moe_triton.kernels_work(device, torch.float32)
     generator_state = torch.get_rng_state()
 
     def fail(*args, **kwargs):
         raise RuntimeError("ptxas fatal: unsupported")
 
     monkeypatch.setattr(moe_triton.RowBlocks, "matmul", fail)
-    assert not moe_triton.kernels_work(torch.device("cpu"), torch.float16)
+    assert not moe_triton.kernels_work(device, torch.float16)
     assert torch.equal(torch.get_rng_state(), generator_state)
     moe_triton.kernels_work.cache_clear()
 
