@@ -2,7 +2,8 @@
 
 For each sequence length: SDPA (`is_causal=True`, PyTorch's fused kernel for the device), our blocked stick-breaking
 kernel (`modeling_mom.stickbreaking_attention`, fp32 whatever the input dtype; in fwd+bwd also with
-`recompute_weights=True`, its O(T x D)-memory form) and, at short lengths, the naive
+`recompute_weights=True`, its O(T x D)-memory form; on CUDA with Triton these run the fused Triton kernel, and the
+"PyTorch" forms the blocked one) and, at short lengths, the naive
 full-matrix log-space formula through plain autograd (moduleformer.md's reference: O(T x S) tensors, several of them
 kept for backward). Forward alone (no autograd) and forward + backward; ratio = time / SDPA's time in the same run,
 medians. Peak memory is measured after the timings, once per figure: the growth of the process's peak resident
@@ -23,8 +24,19 @@ import gc
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import is_triton_available
 
-from benchmarks.common import DTYPES, build_parser, fmt_load, fmt_ms, setup, time_interleaved, timing_dict, write_report
+from benchmarks.common import (
+    DTYPES,
+    build_parser,
+    fmt_load,
+    fmt_ms,
+    setup,
+    time_interleaved,
+    timing_dict,
+    without_triton,
+    write_report,
+)
 from modeling_mom.stickbreaking_attention import stick_breaking_attention
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -49,10 +61,14 @@ IMPLEMENTATIONS = {
     )[0],
     "naive stick-breaking": naive_stick_breaking,
 }
+TRITON_FORMS = {  # on CUDA the stick-breaking forms above run the fused Triton kernel: these run the blocked one
+    "stick-breaking, PyTorch": without_triton(IMPLEMENTATIONS["stick-breaking"]),
+    "stick-breaking, PyTorch, recomputed": without_triton(IMPLEMENTATIONS["stick-breaking, recomputed"]),
+}
 
 
 def make_step(name, q, k, v, backward):
-    attention = IMPLEMENTATIONS[name]
+    attention = {**IMPLEMENTATIONS, **TRITON_FORMS}[name]
 
     def step():
         if not backward:
@@ -125,6 +141,8 @@ def main():
         shape = (args.batch, args.heads, seq, args.head_dim)
         q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
         names = [n for n in IMPLEMENTATIONS if n != "naive stick-breaking" or seq <= args.naive_max_seq]
+        if q.is_cuda and is_triton_available():
+            names += list(TRITON_FORMS)
         for backward in (False, True):
             # without gradients, nothing is kept or recomputed: the two stick-breaking forms are one
             forms = [name for name in names if backward or "recomputed" not in name]

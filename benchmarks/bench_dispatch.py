@@ -30,7 +30,17 @@ import torch
 from torch import nn
 from transformers.utils import is_triton_available
 
-from benchmarks.common import DTYPES, build_parser, fmt_load, fmt_ms, setup, time_interleaved, timing_dict, write_report
+from benchmarks.common import (
+    DTYPES,
+    build_parser,
+    fmt_load,
+    fmt_ms,
+    setup,
+    time_interleaved,
+    timing_dict,
+    without_triton,
+    write_report,
+)
 from modeling_mom import MoEUTConfig
 from modeling_mom.modeling_moeut import MoEUTAttention, MoEUTExperts
 
@@ -142,23 +152,6 @@ def switchhead_functions(shape, dtype, backward: bool):
     dense_o = nn.Linear(heads * k * head_dim, d, bias=False).to(dtype)
     forwards = {"dense": lambda: dense_o(dense_v(x)), "ours": ours, "loop": loop}
     return forwards, [attention, dense_v, dense_o], x, 4 * tokens * heads * k * d * head_dim
-
-
-def without_triton(forward):
-    """`forward` with the dispatch's Triton kernels switched off (it decides in the forward pass)."""
-
-    def run():
-        previous = os.environ.get("MODELING_MOM_TRITON")
-        os.environ["MODELING_MOM_TRITON"] = "0"
-        try:
-            return forward()
-        finally:
-            if previous is None:
-                del os.environ["MODELING_MOM_TRITON"]
-            else:
-                os.environ["MODELING_MOM_TRITON"] = previous
-
-    return run
 
 
 def case_functions(name: str, shape, dtype, backward: bool):

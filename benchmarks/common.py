@@ -278,3 +278,21 @@ def greedy_decode(model, prompt, new_tokens: int) -> Callable[[], None]:
             raise RuntimeError(f"generated {out.shape[1] - prompt.shape[1]} tokens instead of {new_tokens}")
 
     return decode
+
+
+def without_triton(forward):
+    """`forward` with modeling_mom's Triton kernels switched off (`MODELING_MOM_TRITON=0`; the choice is made in the
+    forward pass, so its backward follows)."""
+
+    def run(*args, **kwargs):
+        previous = os.environ.get("MODELING_MOM_TRITON")
+        os.environ["MODELING_MOM_TRITON"] = "0"
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            if previous is None:
+                del os.environ["MODELING_MOM_TRITON"]
+            else:
+                os.environ["MODELING_MOM_TRITON"] = previous
+
+    return run

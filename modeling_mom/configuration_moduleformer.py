@@ -62,6 +62,7 @@ class ModuleFormerConfig(ValidatedConfigMixin, PreTrainedConfig):
         stick_breaking_recompute_weights: in training, recompute the stick-breaking weights in the backward pass
             instead of keeping them from the forward pass: attention memory O(T * head_dim) per layer instead of
             O(T * S), like eager attention's probabilities, at about 1.3x the attention's forward + backward time.
+            Neither field applies on CUDA with Triton, whose fused kernel never stores the weights (O(T * head_dim)).
         embd_dropout, resid_dropout, router_dropout: official ``embd_pdrop``, ``resid_pdrop``, ``moe_pdrop``
             (``router_dropout`` acts on the "mlp" router's hidden layer; the "linear" router has none).
             ``attention_dropout`` (``attn_pdrop``) is accepted and unused, as in the official code.

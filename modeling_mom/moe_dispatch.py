@@ -19,7 +19,7 @@ otherwise one matmul per expert over ``split`` / ``unbind`` views. Indexing
 ``weight[e]`` inside an autograd loop is never used: its backward materialises a full-size zero gradient per
 expert (quadratic in the number of experts). Small bf16 products on CPU run as one ``bmm`` over the experts' rows
 padded to the largest count instead (each bf16 matmul has a large fixed cost there). On CUDA, where torch has no
-fused ``grouped_mm`` kernel for the dtype and GPU, the Triton kernels of ``moe_triton`` run it (one launch per
+fused ``grouped_mm`` kernel for the dtype and GPU, the Triton kernels of ``triton_kernels`` run it (one launch per
 product instead of one per expert; see :func:`_triton_wins`). Without autograd and with a
 few rows per small expert (decoding), one weighted ``embedding_bag`` over the chosen experts' weights computes every
 row instead; a layer can then skip the sort and the scatter too (:func:`bag_mixture`: the bag's sum is the
@@ -112,6 +112,14 @@ def scatter_rows(
     if gates is not None:
         y = y * sorted_gates(gates, plan).to(y.dtype)
     return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, plan.token_index, y)
+
+
+def triton_usable(x: torch.Tensor) -> bool:
+    """Whether the kernels of `triton_kernels` may run on `x`: on CUDA with Triton 3 installed, fp32, fp16 or bf16,
+    outside torch.compile, unless `MODELING_MOM_TRITON=0` (each kernel is also probed once: `kernel_works`)."""
+    if x.device.type != "cuda" or torch.compiler.is_compiling() or os.environ.get("MODELING_MOM_TRITON") == "0":
+        return False
+    return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and is_triton_available("3.0.0")
 
 
 def _grouped_mm_aligned(t: torch.Tensor) -> bool:
@@ -255,20 +263,16 @@ def _feature_padding_wins(x: torch.Tensor, weight: torch.Tensor, plan: DispatchP
 
 
 def _triton_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the Triton kernels of `moe_triton` run the grouped matmul: on CUDA with Triton installed, where torch
+    """Whether the Triton kernel of `triton_kernels` runs the grouped matmul: where `triton_usable` allows it and torch
     has no fused `grouped_mm` kernel (its CUTLASS kernel takes bf16 on Hopper and Blackwell only; elsewhere it, like
-    our fallback, launches one matmul per expert), outside torch.compile, unless `MODELING_MOM_TRITON=0`, and where
-    the kernels build (probed once per device and dtype)."""
-    if x.device.type != "cuda" or torch.compiler.is_compiling() or os.environ.get("MODELING_MOM_TRITON") == "0":
+    our fallback, launches one matmul per expert)."""
+    if x.dtype != weight.dtype or not triton_usable(x):
         return False
-    if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10):
         return False
-    fused_grouped_mm = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
-    if fused_grouped_mm or not is_triton_available("3.0.0"):  # 3.0: `tl.dot`'s `input_precision`
-        return False
-    from .moe_triton import kernels_work  # imported only where Triton is installed
+    from .triton_kernels import kernel_works  # imported only where Triton is installed
 
-    return kernels_work(x.device, x.dtype)
+    return kernel_works("grouped_linear", x.device, x.dtype)
 
 
 def grouped_linear(
@@ -301,7 +305,7 @@ def grouped_linear(
     if choose and not needs_grad and _bag_wins(plan.token_index.shape[0], weight):
         out = bag_mixture(x.unsqueeze(1), plan.expert_index.unsqueeze(1), weight)
     elif choose and _triton_wins(x, weight):
-        from .moe_triton import triton_grouped_linear  # imported only where Triton is installed
+        from .triton_kernels import triton_grouped_linear  # imported only where Triton is installed
 
         out = triton_grouped_linear(x, weight, plan.offsets, plan.counts)
     elif choose and _padded_wins(x, weight, plan):  # also where grouped_mm needs aligned features (MoEUT-44M's 412)

@@ -32,6 +32,9 @@ the forward + backward time (the cumulative product is a slow scalar kernel on C
 gradient of the logits is
 
     dL/dl_ij = G_ij - beta_ij * sum_{j' <= j} G_ij'          (a forward cumulative sum over keys).
+
+On CUDA with Triton, a fused kernel (`triton_kernels.triton_stick_breaking`, in log space, FlashAttention style)
+computes the same attention instead, storing nothing of size T x S.
 """
 
 import math
@@ -39,6 +42,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from .moe_dispatch import triton_usable
 
 # Query rows of one block are capped so that a block's `[batch * heads, rows, keys]` temporaries hold about this many
 # fp32 elements (16 MB): the backward keeps four of them alive; much larger ones page-fault, much smaller ones make
@@ -83,6 +88,8 @@ def stick_breaking_attention(
         weights = query.new_zeros(weights_shape, dtype=torch.promote_types(query.dtype, torch.float32))
         return query.to(value.dtype) * 0, weights if output_weights else None  # (still a function of the query)
     padding = None if key_padding_mask is None else ~key_padding_mask.bool()
+    if not output_weights and _triton_wins(query, key, value):
+        return _triton_attention(query, key, value, padding, attend_current, remainder_to_current), None
     with torch.autocast(query.device.type, enabled=False):  # fp32 under autocast too, as the backward computes
         args = (query, key, value, padding, attend_current, remainder_to_current, chunk_size)
         if output_weights:
@@ -91,6 +98,31 @@ def stick_breaking_attention(
             return _attention_with_weights(*args)[0], None  # cannot follow; this form stores the T x S weights
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         return _StickBreakingAttention.apply(*args, needs_grad and not recompute_weights), None
+
+
+def _triton_wins(query, key, value) -> bool:
+    """Whether the fused Triton kernel runs (on CUDA, see `moe_dispatch.triton_usable`): it never stores the T x S
+    weights, so `recompute_weights` and `chunk_size` do not apply; under autocast it computes in the autocast dtype."""
+    if not triton_usable(query):
+        return False
+    from .triton_kernels import kernel_works  # imported only where Triton is installed
+
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    return query.dtype == key.dtype == value.dtype and kernel_works("stick_breaking", query.device, dtype)
+
+
+def _triton_attention(query, key, value, padding, attend_current, remainder_to_current):
+    """The fused kernel's output, with Tan et al.'s remainder `(1 - sum_j A_ij) v_i` added from its row sums."""
+    from .triton_kernels import triton_stick_breaking
+
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    out, rowsum = triton_stick_breaking(query, key, value, padding, attend_current)
+    if remainder_to_current:  # each query's own value: positions S - T to S - 1, shared by the groups
+        own = value[:, :, None, key.shape[2] - query.shape[3] :]
+        out = out + (1.0 - rowsum).unsqueeze(-1).to(out.dtype) * own
+    return out
 
 
 def _check_inputs(query, key, value, key_padding_mask, chunk_size):

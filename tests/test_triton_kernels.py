@@ -1,4 +1,4 @@
-"""The Triton grouped matmul (`modeling_mom/moe_triton.py`, the dispatch's path on GPUs without a fused
+"""The Triton grouped matmul (`modeling_mom/triton_kernels.py`, the dispatch's path on GPUs without a fused
 `grouped_mm`) equals the per-expert loop, forward and backward.
 
 No GPU is needed: the kernels are imported with `TRITON_INTERPRET=1` (which Triton reads when it decorates them),
@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from modeling_mom import moe_dispatch
+from modeling_mom import moe_dispatch, stickbreaking_attention
 from modeling_mom.moe_dispatch import grouped_linear, plan_dispatch
 
 from .test_moduleformer import tiny_model as tiny_moduleformer
@@ -38,17 +38,17 @@ def device(request):
 
 
 @pytest.fixture(scope="module")
-def moe_triton(device):
-    """`modeling_mom.moe_triton`, its kernels interpreted on CPU (Triton reads `TRITON_INTERPRET` when it decorates
+def triton_kernels(device):
+    """`modeling_mom.triton_kernels`, its kernels interpreted on CPU (Triton reads `TRITON_INTERPRET` when it decorates
     a kernel and again inside its language functions, so it stays set while these tests run) or compiled on CUDA;
     removed from `sys.modules` afterwards, so that the next import decorates them afresh."""
     pytest.importorskip("triton")
-    sys.modules.pop("modeling_mom.moe_triton", None)
+    sys.modules.pop("modeling_mom.triton_kernels", None)
     with pytest.MonkeyPatch.context() as patch:
         if device.type == "cpu":
             patch.setenv("TRITON_INTERPRET", "1")
-        yield importlib.import_module("modeling_mom.moe_triton")
-    sys.modules.pop("modeling_mom.moe_triton", None)
+        yield importlib.import_module("modeling_mom.triton_kernels")
+    sys.modules.pop("modeling_mom.triton_kernels", None)
 
 
 def _routed_rows(num_tokens, num_experts, k, in_features, empty_expert, dtype, device, seed=0):
@@ -75,14 +75,14 @@ def _routed_rows(num_tokens, num_experts, k, in_features, empty_expert, dtype, d
     ],
 )
 def test_triton_grouped_linear_equals_loop(
-    moe_triton, device, dtype, num_tokens, num_experts, k, in_features, out_features, empty_expert
+    triton_kernels, device, dtype, num_tokens, num_experts, k, in_features, out_features, empty_expert
 ):
     if device.type == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the interpreter's bf16 tl.dot is broken (module docstring)")
     plan, x = _routed_rows(num_tokens, num_experts, k, in_features, empty_expert, dtype, device)
     weight = torch.randn(num_experts, in_features, out_features).to(device, dtype).requires_grad_()
     expected = grouped_linear(x, weight, plan, use_grouped_mm=False)
-    out = moe_triton.triton_grouped_linear(x, weight, plan.offsets, plan.counts)
+    out = triton_kernels.triton_grouped_linear(x, weight, plan.offsets, plan.counts)
     scale = expected.abs().max().item()
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out, expected, atol=tol * scale, rtol=tol)
@@ -95,7 +95,7 @@ def test_triton_grouped_linear_equals_loop(
         assert grads[1][empty_expert].abs().max() == 0  # written as zeros, not left uninitialised
 
 
-def test_strided_operands_and_no_rows(moe_triton, device):
+def test_strided_operands_and_no_rows(triton_kernels, device):
     """Operands read through their strides (a transposed weight bank, rows that are a column slice), and a plan that
     keeps no rows (every choice SKIP): an empty output and a zero weight gradient."""
     plan, x = _routed_rows(40, 4, 2, 24, None, torch.float32, device)
@@ -103,22 +103,22 @@ def test_strided_operands_and_no_rows(moe_triton, device):
     x = wide[:, 8:32].requires_grad_()  # row stride 48
     weight = torch.randn(4, 20, 24, device=device).transpose(1, 2).requires_grad_()  # [E, in=24, out=20], strided
     expected = grouped_linear(x, weight, plan, use_grouped_mm=False)
-    out = moe_triton.triton_grouped_linear(x, weight, plan.offsets, plan.counts)
+    out = triton_kernels.triton_grouped_linear(x, weight, plan.offsets, plan.counts)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for grad, expected_grad in zip(torch.autograd.grad(out.sum(), (x, weight)),
                                    torch.autograd.grad(expected.sum(), (x, weight))):  # fmt: skip
         torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
     skipped = plan_dispatch(torch.full((5, 2), 4, device=device), 4)
     empty = torch.zeros(0, 24, device=device, requires_grad=True)
-    out = moe_triton.triton_grouped_linear(empty, weight, skipped.offsets, skipped.counts)
+    out = triton_kernels.triton_grouped_linear(empty, weight, skipped.offsets, skipped.counts)
     assert out.shape == (0, 20)
     (grad_weight,) = torch.autograd.grad(out.sum(), weight)
     assert torch.equal(grad_weight, torch.zeros_like(weight))
 
 
-def test_row_blocks_stay_inside_one_expert(moe_triton, device):
+def test_row_blocks_stay_inside_one_expert(triton_kernels, device):
     plan, _ = _routed_rows(200, 7, 3, 8, 2, torch.float32, device)
-    blocks = moe_triton.RowBlocks(plan.offsets, plan.counts)
+    blocks = triton_kernels.RowBlocks(plan.offsets, plan.counts)
     starts, experts = blocks.block_start.tolist(), blocks.block_expert.tolist()
     ends = plan.offsets.tolist()
     covered = []
@@ -137,10 +137,11 @@ def _loss_and_grads(model, ids):
 
 
 @pytest.mark.parametrize("arch", ["moeut", "moduleformer", "mom"])
-def test_model_trains_the_same_through_triton(moe_triton, device, monkeypatch, arch):
+def test_model_trains_the_same_through_triton(triton_kernels, device, monkeypatch, arch):
     """Every grouped linear of a model (MoEUT's V, O and FFN experts; ModuleFormer's attention and FFN experts; MoM's
-    attention and FFN modules under learned routing with two modules per token) through the Triton kernels: same
-    logits and parameter gradients as the dispatch without them (`MODELING_MOM_TRITON=0`)."""
+    attention and FFN modules under learned routing with two modules per token) and ModuleFormer's stick-breaking
+    attention through the Triton kernels: same logits and parameter gradients as without them
+    (`MODELING_MOM_TRITON=0`)."""
     from modeling_mom import MoEUTForCausalLM, MoMForCausalLM
 
     torch.manual_seed(0)
@@ -157,11 +158,12 @@ def test_model_trains_the_same_through_triton(moe_triton, device, monkeypatch, a
         expected_logits, expected_grads = _loss_and_grads(model, ids)
     calls = []
 
-    def triton_everywhere(x, weight):
-        calls.append(x.shape)
+    def triton_everywhere(*tensors):
+        calls.append(tensors[0].shape)
         return True
 
     monkeypatch.setattr(moe_dispatch, "_triton_wins", triton_everywhere)
+    monkeypatch.setattr(stickbreaking_attention, "_triton_wins", triton_everywhere)
     logits, grads = _loss_and_grads(model, ids)
     assert calls, "the Triton path was not taken"
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
@@ -170,35 +172,93 @@ def test_model_trains_the_same_through_triton(moe_triton, device, monkeypatch, a
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_kernels_work_probe(moe_triton, device, monkeypatch):
-    """The once-per-(device, dtype) probe: True where the kernels run; where they fail (as on a GPU or Triton version
-    they do not compile for), False, so the dispatch takes torch's path."""
-    moe_triton.kernels_work.cache_clear()
-    assert moe_triton.kernels_work(device, torch.float32)
+def test_kernel_works_probe(triton_kernels, device, monkeypatch):
+    """The once-per-(kernel, device, dtype) probe: True where a kernel runs; where it fails (as on a GPU or Triton
+    version it does not compile for), False, so its caller takes the PyTorch path."""
+    triton_kernels.kernel_works.cache_clear()
+    assert triton_kernels.kernel_works("grouped_linear", device, torch.float32)
+    assert triton_kernels.kernel_works("stick_breaking", device, torch.float32)
     generator_state = torch.get_rng_state()
 
     def fail(*args, **kwargs):
         raise RuntimeError("ptxas fatal: unsupported")
 
-    monkeypatch.setattr(moe_triton.RowBlocks, "matmul", fail)
-    assert not moe_triton.kernels_work(device, torch.float16)
+    monkeypatch.setattr(triton_kernels.RowBlocks, "matmul", fail)
+    monkeypatch.setattr(triton_kernels, "_TritonStickBreaking", fail)
+    assert not triton_kernels.kernel_works("grouped_linear", device, torch.float16)
+    assert not triton_kernels.kernel_works("stick_breaking", device, torch.float16)
     assert torch.equal(torch.get_rng_state(), generator_state)
-    moe_triton.kernels_work.cache_clear()
+    triton_kernels.kernel_works.cache_clear()
 
 
 def test_triton_is_only_chosen_on_cuda():
     x, weight = torch.zeros(4, 8), torch.zeros(2, 8, 8)
-    assert not moe_dispatch._triton_wins(x, weight)
+    assert not moe_dispatch.triton_usable(x) and not moe_dispatch._triton_wins(x, weight)
+    query, key = torch.zeros(1, 1, 1, 4, 8), torch.zeros(1, 1, 4, 8)
+    assert not stickbreaking_attention._triton_wins(query, key, key)
+
+
+def _attention_inputs(device, dtype, batch=2, heads=2, groups=2, seq_len=37, cached=8, head_dim=12, seed=0):
+    """Left-padded inputs with `cached` positions of history: keys `[B, H, S, D]`, `S = cached + seq_len`."""
+    generator = torch.Generator().manual_seed(seed)
+    key_len = cached + seq_len
+    query = torch.randn(batch, heads, groups, seq_len, head_dim, generator=generator) * 2
+    key = torch.randn(batch, heads, key_len, head_dim, generator=generator)
+    value = torch.randn(batch, heads, key_len, head_dim, generator=generator)
+    mask = torch.ones(batch, key_len, dtype=torch.bool)
+    mask[1, :11] = False  # the second sequence starts after the cached part: padded queries too
+    tensors = [t.to(device, dtype).requires_grad_() for t in (query, key, value)]
+    return (*tensors, mask.to(device))
+
+
+@pytest.mark.parametrize("attend_current", [True, False], ids=["moduleformer", "tan2024"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_triton_stick_breaking_equals_pytorch(triton_kernels, device, attend_current, padded):
+    """The fused kernel (16-row tiles: several query blocks and key blocks, a partial last one, a cached history,
+    query groups, a head size that is not a power of two) against the blocked PyTorch kernel: outputs, the row sums
+    of the weights (read off the materialised weights) and the gradients of query, key and value."""
+    query, key, value, mask = _attention_inputs(device, torch.float32)
+    mask = mask if padded else None
+    expected, weights = stickbreaking_attention.stick_breaking_attention(
+        query, key, value, mask, attend_current=attend_current, output_weights=True
+    )
+    padding = None if mask is None else ~mask
+    out, rowsum = triton_kernels.triton_stick_breaking(query, key, value, padding, attend_current, block_size=16)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rowsum, weights.sum(-1).view(rowsum.shape), atol=1e-5, rtol=1e-5)
+    generator = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(out.shape, generator=generator).to(device)
+    grad_rowsum = torch.randn(rowsum.shape, generator=generator).to(device)
+    expected_loss = (expected * grad_out).sum() + (weights.sum(-1).view(rowsum.shape) * grad_rowsum).sum()
+    expected_grads = torch.autograd.grad(expected_loss, (query, key, value))
+    grads = torch.autograd.grad((out * grad_out).sum() + (rowsum * grad_rowsum).sum(), (query, key, value))
+    for name, grad, expected_grad in zip("qkv", grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert torch.isfinite(out).all() and all(torch.isfinite(grad).all() for grad in grads)
+
+
+@pytest.mark.parametrize("variant", ["stickbreaking", "stickbreaking_2024"])
+def test_stick_breaking_attention_through_triton(triton_kernels, device, monkeypatch, variant):
+    """`stick_breaking_attention` with the kernel chosen, as on a GPU (the remainder of Tan et al.'s variant added
+    from the kernel's row sums): the output and gradients of the PyTorch path."""
+    query, key, value, mask = _attention_inputs(device, torch.float32, seq_len=9, cached=3)
+    options = dict(attend_current=variant == "stickbreaking", remainder_to_current=variant == "stickbreaking_2024")
+    expected, _ = stickbreaking_attention.stick_breaking_attention(query, key, value, mask, **options)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (query, key, value))
+    monkeypatch.setattr(stickbreaking_attention, "_triton_wins", lambda *tensors: True)
+    out, _ = stickbreaking_attention.stick_breaking_attention(query, key, value, mask, **options)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for grad, expected_grad in zip(torch.autograd.grad(out.square().sum(), (query, key, value)), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
 def test_saved_code_carries_the_kernels_without_requiring_triton(tmp_path):
-    """A checkpoint's code includes `moe_triton.py` (imported lazily by `moe_dispatch`), and transformers' check of a
-    remote-code checkpoint's imports does not ask for Triton (its import is guarded)."""
+    """A ModuleFormer checkpoint's code includes `triton_kernels.py` (imported lazily by the dispatch and the
+    attention), and transformers' check of a remote-code checkpoint's imports does not ask for Triton (its import is
+    guarded)."""
     from transformers.dynamic_module_utils import get_imports
 
-    from modeling_mom import MoEUTForCausalLM
-
-    MoEUTForCausalLM(tiny_moeut_config()).save_pretrained(tmp_path)
-    assert (tmp_path / "moe_triton.py").exists()
-    for name in ("moe_triton.py", "moe_dispatch.py"):
+    tiny_moduleformer().save_pretrained(tmp_path)
+    assert (tmp_path / "triton_kernels.py").exists()
+    for name in ("triton_kernels.py", "moe_dispatch.py", "stickbreaking_attention.py"):
         assert "triton" not in get_imports(tmp_path / name)
