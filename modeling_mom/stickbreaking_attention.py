@@ -108,7 +108,8 @@ def _triton_wins(query, key, value) -> bool:
     from .triton_kernels import kernel_works  # imported only where Triton is installed
 
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
-    return query.dtype == key.dtype == value.dtype and kernel_works("stick_breaking", query.device, dtype)
+    same_dtype = query.dtype == key.dtype == value.dtype
+    return same_dtype and kernel_works("stick_breaking", query.device, dtype, query.shape[-1])
 
 
 def _triton_attention(query, key, value, padding, attend_current, remainder_to_current):

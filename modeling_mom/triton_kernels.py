@@ -366,18 +366,20 @@ def triton_stick_breaking(
 
 
 def _probe_grouped_linear(device: torch.device, dtype: torch.dtype) -> None:
-    x = torch.ones(32, 32, device=device, dtype=dtype, requires_grad=True)
+    """The largest tiles (64 rows per expert on average)."""
+    x = torch.ones(128, 32, device=device, dtype=dtype, requires_grad=True)
     weight = torch.ones(2, 32, 32, device=device, dtype=dtype, requires_grad=True)
-    offsets = torch.tensor([16, 32], device=device, dtype=torch.int32)
-    triton_grouped_linear(x, weight, offsets, [16, 16]).sum().backward()
+    offsets = torch.tensor([64, 128], device=device, dtype=torch.int32)
+    triton_grouped_linear(x, weight, offsets, [64, 64]).sum().backward()
 
 
-def _probe_stick_breaking(device: torch.device, dtype: torch.dtype) -> None:
-    query = torch.ones(1, 1, 1, 16, 16, device=device, dtype=dtype, requires_grad=True)
-    key = torch.ones(1, 1, 16, 16, device=device, dtype=dtype, requires_grad=True)
-    padding = torch.zeros(1, 16, device=device, dtype=torch.bool)
+def _probe_stick_breaking(device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+    """The largest tiles (64 keys) at this head size, whose tiles decide the kernel's shared memory; both variants."""
+    query = torch.ones(1, 1, 1, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
+    key = torch.ones(1, 1, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
+    padding = torch.zeros(1, 64, device=device, dtype=torch.bool)
     for attend_current, mask in ((True, None), (False, padding)):
-        out, rowsum = triton_stick_breaking(query, key, key, mask, attend_current, block_size=16)
+        out, rowsum = triton_stick_breaking(query, key, key, mask, attend_current)
         (out.sum() + rowsum.sum()).backward()
 
 
@@ -385,14 +387,15 @@ _PROBES = {"grouped_linear": _probe_grouped_linear, "stick_breaking": _probe_sti
 
 
 @cache
-def kernel_works(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `kernel` ("grouped_linear" or "stick_breaking") builds and runs on `device` for `dtype`, probed once
-    per process with a small forward and backward (no random numbers: the caller's generator is untouched). A GPU or
-    Triton version it fails on gets a warning, and its caller the PyTorch path instead of an error in the middle of
-    training."""
+def kernel_works(kernel: str, device: torch.device, dtype: torch.dtype, *sizes: int) -> bool:
+    """Whether `kernel` ("grouped_linear", or "stick_breaking" with the head size as `sizes`) builds and runs on
+    `device` for `dtype`, probed once per process and argument set with a small forward and backward at its largest
+    tiles (no random numbers: the caller's generator is untouched). A GPU or Triton version it fails on (a compiler
+    error, too little shared memory) gets a warning, and its caller the PyTorch path instead of an error in the
+    middle of training."""
     try:
-        with torch.enable_grad():
-            _PROBES[kernel](device, dtype)
+        with torch.inference_mode(False), torch.enable_grad():  # the caller may be in either
+            _PROBES[kernel](device, dtype, *sizes)
     except Exception as error:  # whatever fails to compile or launch: CompilationError, OutOfResources, ptxas, ...
         logger.warning_once(
             f"modeling_mom: the Triton {kernel} kernel failed on {device} for {dtype} ({type(error).__name__}: "

@@ -176,8 +176,9 @@ def test_kernel_works_probe(triton_kernels, device, monkeypatch):
     """The once-per-(kernel, device, dtype) probe: True where a kernel runs; where it fails (as on a GPU or Triton
     version it does not compile for), False, so its caller takes the PyTorch path."""
     triton_kernels.kernel_works.cache_clear()
-    assert triton_kernels.kernel_works("grouped_linear", device, torch.float32)
-    assert triton_kernels.kernel_works("stick_breaking", device, torch.float32)
+    with torch.inference_mode():  # as under a pipeline: the probe's backward must still run
+        assert triton_kernels.kernel_works("grouped_linear", device, torch.float32)
+        assert triton_kernels.kernel_works("stick_breaking", device, torch.float32, 12)
     generator_state = torch.get_rng_state()
 
     def fail(*args, **kwargs):
@@ -186,7 +187,7 @@ def test_kernel_works_probe(triton_kernels, device, monkeypatch):
     monkeypatch.setattr(triton_kernels.RowBlocks, "matmul", fail)
     monkeypatch.setattr(triton_kernels, "_TritonStickBreaking", fail)
     assert not triton_kernels.kernel_works("grouped_linear", device, torch.float16)
-    assert not triton_kernels.kernel_works("stick_breaking", device, torch.float16)
+    assert not triton_kernels.kernel_works("stick_breaking", device, torch.float16, 12)
     assert torch.equal(torch.get_rng_state(), generator_state)
     triton_kernels.kernel_works.cache_clear()
 
