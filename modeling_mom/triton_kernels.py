@@ -328,9 +328,10 @@ def _stick_breaking_launcher(query, key, padding, attend_current, block_size):
     """The kernel's launch for these shapes and options: `launch(q, k, v, padding, out, rowsum)` runs the forward
     pass, with the six gradient tensors appended the backward pass."""
     batch, heads, groups, seq_len, head_dim = query.shape
-    grid = (triton.cdiv(seq_len, block_size), batch * heads * groups)
+    block_m = min(block_size, max(16, triton.next_power_of_2(seq_len)))  # decoding: one query row per sequence
+    grid = (triton.cdiv(seq_len, block_m), batch * heads * groups)
     options = dict(
-        BLOCK_M=block_size, BLOCK_N=block_size, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m, BLOCK_N=block_size, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         ATTEND_CURRENT=attend_current, HAS_PADDING=padding is not None, INPUT_PRECISION=_input_precision(query.dtype),
     )  # fmt: skip
 
@@ -357,8 +358,8 @@ def triton_stick_breaking(
     """Stick-breaking attention of `query` `[B, H, G, T, D]` over `key`, `value` `[B, H, S, D]` (the queries are the
     last T of the S positions; `padding` `[B, S]`, true for padding keys), as `stickbreaking_attention` defines it:
     the output `sum_j A_ij v_j` `[B, H, G, T, D]` and the row sums `sum_j A_ij` `[B, H, G, T]` (fp32, for the
-    remainder of Tan et al.'s variant), both differentiable. `block_size`: query rows and keys per tile (at least 16;
-    by default 64, or the next power of two above S where that is smaller)."""
+    remainder of Tan et al.'s variant), both differentiable. `block_size`: keys per tile, and query rows unless T is
+    smaller (at least 16; by default 64, or the next power of two above S where that is smaller)."""
     if block_size is None:
         block_size = min(64, max(16, triton.next_power_of_2(key.shape[2])))
     padding = None if padding is None else padding.to(torch.uint8).contiguous()

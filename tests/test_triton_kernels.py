@@ -239,10 +239,12 @@ def test_triton_stick_breaking_equals_pytorch(triton_kernels, device, attend_cur
 
 
 @pytest.mark.parametrize("variant", ["stickbreaking", "stickbreaking_2024"])
-def test_stick_breaking_attention_through_triton(triton_kernels, device, monkeypatch, variant):
+@pytest.mark.parametrize("seq_len, cached", [(9, 3), (1, 70)], ids=["prompt", "decoding"])
+def test_stick_breaking_attention_through_triton(triton_kernels, device, monkeypatch, variant, seq_len, cached):
     """`stick_breaking_attention` with the kernel chosen, as on a GPU (the remainder of Tan et al.'s variant added
-    from the kernel's row sums): the output and gradients of the PyTorch path."""
-    query, key, value, mask = _attention_inputs(device, torch.float32, seq_len=9, cached=3)
+    from the kernel's row sums), at its default tiles (decoding: 16 query rows against 64-key tiles, two of them):
+    the output and gradients of the PyTorch path."""
+    query, key, value, mask = _attention_inputs(device, torch.float32, seq_len=seq_len, cached=cached)
     options = dict(attend_current=variant == "stickbreaking", remainder_to_current=variant == "stickbreaking_2024")
     expected, _ = stickbreaking_attention.stick_breaking_attention(query, key, value, mask, **options)
     expected_grads = torch.autograd.grad(expected.square().sum(), (query, key, value))
