@@ -324,15 +324,32 @@ class _TritonStickBreaking(torch.autograd.Function):
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None, None
 
 
+STICK_BREAKING_STAGES = 2  # software pipelining depth of the key loop: 3 (Triton's default) overflows 99 KB in fp32
+
+
+def stick_breaking_tiles(dtype: torch.dtype, seq_len: int, key_len: int, head_dim: int, block_size: int | None = None):
+    """The kernel's tile sizes: `BLOCK_N` keys (`block_size`, by default 64 for 16-bit operands up to 128-wide heads
+    and 32 otherwise, so that the backward pass's shared memory stays within the 99 KB of consumer Ampere and Ada GPUs,
+    the least of the cards since Ampere; never more than S needs), `BLOCK_M` query rows (as many, or fewer when T is
+    smaller: decoding) and `BLOCK_D` (the head size rounded up to a power of two). `tests/test_triton_kernels.py`
+    compiles the largest for GPU targets and checks their shared memory."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if block_size is None:
+        block_size = 64 if dtype.itemsize == 2 and block_d <= 128 else 32
+        block_size = min(block_size, max(16, triton.next_power_of_2(key_len)))
+    block_m = min(block_size, max(16, triton.next_power_of_2(seq_len)))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_size, BLOCK_D=block_d)
+
+
 def _stick_breaking_launcher(query, key, padding, attend_current, block_size):
     """The kernel's launch for these shapes and options: `launch(q, k, v, padding, out, rowsum)` runs the forward
     pass, with the six gradient tensors appended the backward pass."""
     batch, heads, groups, seq_len, head_dim = query.shape
-    block_m = min(block_size, max(16, triton.next_power_of_2(seq_len)))  # decoding: one query row per sequence
-    grid = (triton.cdiv(seq_len, block_m), batch * heads * groups)
+    tiles = stick_breaking_tiles(query.dtype, seq_len, key.shape[2], head_dim, block_size)
+    grid = (triton.cdiv(seq_len, tiles["BLOCK_M"]), batch * heads * groups)
     options = dict(
-        BLOCK_M=block_m, BLOCK_N=block_size, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        ATTEND_CURRENT=attend_current, HAS_PADDING=padding is not None, INPUT_PRECISION=_input_precision(query.dtype),
+        **tiles, ATTEND_CURRENT=attend_current, HAS_PADDING=padding is not None,
+        INPUT_PRECISION=_input_precision(query.dtype),
     )  # fmt: skip
 
     def launch(q, k, v, pad, out, rowsum, *grads):
@@ -341,7 +358,7 @@ def _stick_breaking_launcher(query, key, padding, attend_current, block_size):
         _stick_breaking_kernel[grid](
             q, k, v, k if pad is None else pad, out, rowsum, *grads,
             seq_len, key.shape[2], heads, groups, head_dim, head_dim**-0.5,
-            BACKWARD=backward, **options,
+            BACKWARD=backward, num_stages=STICK_BREAKING_STAGES, **options,
         )  # fmt: skip
 
     return launch
@@ -359,9 +376,7 @@ def triton_stick_breaking(
     last T of the S positions; `padding` `[B, S]`, true for padding keys), as `stickbreaking_attention` defines it:
     the output `sum_j A_ij v_j` `[B, H, G, T, D]` and the row sums `sum_j A_ij` `[B, H, G, T]` (fp32, for the
     remainder of Tan et al.'s variant), both differentiable. `block_size`: keys per tile, and query rows unless T is
-    smaller (at least 16; by default 64, or the next power of two above S where that is smaller)."""
-    if block_size is None:
-        block_size = min(64, max(16, triton.next_power_of_2(key.shape[2])))
+    smaller (at least 16; by default see `stick_breaking_tiles`)."""
     padding = None if padding is None else padding.to(torch.uint8).contiguous()
     return _TritonStickBreaking.apply(query, key, value, padding, attend_current, block_size)
 

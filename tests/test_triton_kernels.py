@@ -3,8 +3,10 @@
 
 No GPU is needed: the kernels are imported with `TRITON_INTERPRET=1` (which Triton reads when it decorates them),
 so they run on CPU tensors through Triton's interpreter, which executes the same kernel code (program ids, masks,
-block loads, `tl.dot`) with NumPy. What the interpreter cannot show is the GPU compilation: where CUDA is available,
-every test runs a second time with the kernels compiled, on the GPU (and bf16 too).
+block loads, `tl.dot`) with NumPy. What the interpreter cannot show, the GPU compilation, is checked ahead of time:
+every kernel at its largest tiles compiles to a GPU binary for Ampere/Ada and Hopper with Triton's bundled compiler,
+within those GPUs' shared memory. Where CUDA is available, every test also runs with the kernels compiled, on the GPU
+(and bf16 too).
 
 Half precision is checked in fp16 by the interpreter: its `tl.dot` of bf16 operands returns garbage (NumPy has no
 bf16; loads and stores of bf16 are exact), while the compiled kernel treats the two 16-bit types alike.
@@ -242,8 +244,8 @@ def test_triton_stick_breaking_equals_pytorch(triton_kernels, device, attend_cur
 @pytest.mark.parametrize("seq_len, cached", [(9, 3), (1, 70)], ids=["prompt", "decoding"])
 def test_stick_breaking_attention_through_triton(triton_kernels, device, monkeypatch, variant, seq_len, cached):
     """`stick_breaking_attention` with the kernel chosen, as on a GPU (the remainder of Tan et al.'s variant added
-    from the kernel's row sums), at its default tiles (decoding: 16 query rows against 64-key tiles, two of them):
-    the output and gradients of the PyTorch path."""
+    from the kernel's row sums), at its default tiles (decoding: 16 query rows against three 32-key tiles): the
+    output and gradients of the PyTorch path."""
     query, key, value, mask = _attention_inputs(device, torch.float32, seq_len=seq_len, cached=cached)
     options = dict(attend_current=variant == "stickbreaking", remainder_to_current=variant == "stickbreaking_2024")
     expected, _ = stickbreaking_attention.stick_breaking_attention(query, key, value, mask, **options)
@@ -265,3 +267,78 @@ def test_saved_code_carries_the_kernels_without_requiring_triton(tmp_path):
     assert (tmp_path / "triton_kernels.py").exists()
     for name in ("triton_kernels.py", "moe_dispatch.py", "stickbreaking_attention.py"):
         assert "triton" not in get_imports(tmp_path / name)
+
+
+# GPU targets to compile for, with the shared memory a block may use there: consumer Ampere and Ada (sm86, sm89:
+# RTX 3090/4090, A10, L4) have the least of the cards since Ampere, 99 KB; Hopper (sm90) 227 KB.
+GPU_TARGETS = {"sm86": (86, 101376), "sm90": (90, 232448)}
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@pytest.fixture(scope="module")
+def compiled_kernels():
+    """`modeling_mom.triton_kernels` imported for compilation (`TRITON_INTERPRET` unset, which the interpreted tests'
+    fixture may hold set), without replacing the module those tests import."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    interpreted = sys.modules.pop("modeling_mom.triton_kernels", None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        module = importlib.import_module("modeling_mom.triton_kernels")
+    sys.modules.pop("modeling_mom.triton_kernels")
+    if interpreted is not None:
+        sys.modules["modeling_mom.triton_kernels"] = interpreted
+    return module
+
+
+def _compile_for_gpu(kernel, dtype, constexprs, capability, options):
+    """Compile `kernel` ahead of time for an NVIDIA GPU of compute `capability` (Triton's bundled ptxas, no GPU
+    needed): pointers to `dtype`, but for the fp32 and integer buffers that the launches pass."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fixed = {"block_expert_ptr": "*i64", "block_start_ptr": "*i64", "expert_end_ptr": "*i64",
+             "expert_start_ptr": "*i64", "pad_ptr": "*u8", "rowsum_ptr": "*fp32", "grad_rowsum_ptr": "*fp32",
+             "grad_total_ptr": "*fp32", "grad_q_ptr": "*fp32", "grad_k_ptr": "*fp32",
+             "grad_v_ptr": "*fp32"}  # fmt: skip
+    signature = {}
+    for param in kernel.params:
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+        elif param.name.endswith("_ptr"):
+            signature[param.name] = fixed.get(param.name, "*" + DTYPE_NAMES[dtype])
+        else:
+            signature[param.name] = "fp32" if param.name == "scale" else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+@pytest.mark.parametrize("target", list(GPU_TARGETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernels_compile_for_gpus(compiled_kernels, target, dtype, monkeypatch, tmp_path):
+    """Every kernel, at the largest tiles the launches use (grouped linear: 64-row blocks; stick-breaking: 128-wide
+    heads, long sequences, forward and backward), compiles to a GPU binary for Ampere/Ada and Hopper, within the
+    shared memory of a block there. The interpreter checks what the kernels compute; this, that a GPU's compiler
+    takes them and that they fit."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # not the user's ~/.triton
+    capability, shared_limit = GPU_TARGETS[target]
+    precision = compiled_kernels._input_precision(dtype)
+    grouped = dict(BLOCK_K=compiled_kernels._BLOCK_K, INPUT_PRECISION=precision)
+    tiles = compiled_kernels.stick_breaking_tiles(dtype, 4096, 4096, 128)
+    stick_breaking = {"num_stages": compiled_kernels.STICK_BREAKING_STAGES}
+    launches = [
+        (compiled_kernels._grouped_matmul_kernel, dict(BLOCK_M=64, BLOCK_N=compiled_kernels._BLOCK_N, **grouped), {}),
+        (compiled_kernels._grouped_weight_grad_kernel,
+         dict(BLOCK_IN=compiled_kernels._BLOCK_N, BLOCK_OUT=compiled_kernels._BLOCK_N, BLOCK_ROWS=grouped["BLOCK_K"],
+              INPUT_PRECISION=precision), {}),
+    ] + [
+        (compiled_kernels._stick_breaking_kernel,
+         dict(**tiles, ATTEND_CURRENT=True, HAS_PADDING=True, BACKWARD=backward, INPUT_PRECISION=precision),
+         stick_breaking)
+        for backward in (False, True)
+    ]  # fmt: skip
+    for kernel, constexprs, options in launches:
+        binary = _compile_for_gpu(kernel, dtype, constexprs, capability, options)
+        assert binary.asm["cubin"], kernel.__name__
+        assert binary.metadata.shared <= shared_limit, (kernel.__name__, constexprs, binary.metadata.shared)
