@@ -327,25 +327,44 @@ class _TritonStickBreaking(torch.autograd.Function):
 STICK_BREAKING_STAGES = 2  # software pipelining depth of the key loop: 3 (Triton's default) overflows 99 KB in fp32
 
 
-def stick_breaking_tiles(dtype: torch.dtype, seq_len: int, key_len: int, head_dim: int, block_size: int | None = None):
+def stick_breaking_tiles(
+    dtype: torch.dtype,
+    seq_len: int,
+    key_len: int,
+    head_dim: int,
+    block_size: int | None = None,
+    shared_memory: int = 232448,
+):
     """The kernel's tile sizes: `BLOCK_N` keys (`block_size`, by default 64 for 16-bit operands up to 128-wide heads
-    and 32 otherwise, so that the backward pass's shared memory stays within the 99 KB of consumer Ampere and Ada GPUs,
-    the least of the cards since Ampere; never more than S needs), `BLOCK_M` query rows (as many, or fewer when T is
-    smaller: decoding) and `BLOCK_D` (the head size rounded up to a power of two). `tests/test_triton_kernels.py`
-    compiles the largest for GPU targets and checks their shared memory."""
+    and 32 otherwise, which keeps the backward pass within the 99 KB of shared memory per block of consumer Ampere
+    and Ada GPUs, the least since Ampere; half that where a block gets less `shared_memory` (bytes), such as Turing's
+    64 KB; never more than S needs), `BLOCK_M` query rows (as many, or fewer when T is smaller: decoding) and
+    `BLOCK_D` (the head size rounded up to a power of two). `tests/test_triton_kernels.py` compiles the largest for
+    GPU targets and checks their shared memory."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_size is None:
         block_size = 64 if dtype.itemsize == 2 and block_d <= 128 else 32
+        if shared_memory < 99 * 1024:
+            block_size //= 2
         block_size = min(block_size, max(16, triton.next_power_of_2(key_len)))
     block_m = min(block_size, max(16, triton.next_power_of_2(seq_len)))
     return dict(BLOCK_M=block_m, BLOCK_N=block_size, BLOCK_D=block_d)
+
+
+@cache
+def _shared_memory_per_block(device: torch.device) -> int:
+    """The most shared memory a block may use on `device` (bytes); Hopper's 227 KB off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 232448
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 49152)
 
 
 def _stick_breaking_launcher(query, key, padding, attend_current, block_size):
     """The kernel's launch for these shapes and options: `launch(q, k, v, padding, out, rowsum)` runs the forward
     pass, with the six gradient tensors appended the backward pass."""
     batch, heads, groups, seq_len, head_dim = query.shape
-    tiles = stick_breaking_tiles(query.dtype, seq_len, key.shape[2], head_dim, block_size)
+    shared_memory = _shared_memory_per_block(query.device)
+    tiles = stick_breaking_tiles(query.dtype, seq_len, key.shape[2], head_dim, block_size, shared_memory)
     grid = (triton.cdiv(seq_len, tiles["BLOCK_M"]), batch * heads * groups)
     options = dict(
         **tiles, ATTEND_CURRENT=attend_current, HAS_PADDING=padding is not None,
@@ -390,7 +409,7 @@ def _probe_grouped_linear(device: torch.device, dtype: torch.dtype) -> None:
 
 
 def _probe_stick_breaking(device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
-    """The largest tiles (64 keys) at this head size, whose tiles decide the kernel's shared memory; both variants."""
+    """64 positions: the largest tiles the kernel takes at this head size on this device; both variants."""
     query = torch.ones(1, 1, 1, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
     key = torch.ones(1, 1, 64, head_dim, device=device, dtype=dtype, requires_grad=True)
     padding = torch.zeros(1, 64, device=device, dtype=torch.bool)

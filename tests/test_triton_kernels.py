@@ -269,9 +269,9 @@ def test_saved_code_carries_the_kernels_without_requiring_triton(tmp_path):
         assert "triton" not in get_imports(tmp_path / name)
 
 
-# GPU targets to compile for, with the shared memory a block may use there: consumer Ampere and Ada (sm86, sm89:
-# RTX 3090/4090, A10, L4) have the least of the cards since Ampere, 99 KB; Hopper (sm90) 227 KB.
-GPU_TARGETS = {"sm86": (86, 101376), "sm90": (90, 232448)}
+# GPU targets to compile for, with the shared memory a block may use there: Turing (sm75: T4) 64 KB; consumer Ampere
+# and Ada (sm86, sm89: RTX 3090/4090, A10, L4) 99 KB, the least of the cards since Ampere; Hopper (sm90) 227 KB.
+GPU_TARGETS = {"sm75": (75, 65536), "sm86": (86, 101376), "sm90": (90, 232448)}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -314,18 +314,19 @@ def _compile_for_gpu(kernel, dtype, constexprs, capability, options):
 
 
 @pytest.mark.parametrize("target", list(GPU_TARGETS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernels_compile_for_gpus(compiled_kernels, target, dtype, monkeypatch, tmp_path):
-    """Every kernel, at the largest tiles the launches use (grouped linear: 64-row blocks; stick-breaking: 128-wide
-    heads, long sequences, forward and backward), compiles to a GPU binary for Ampere/Ada and Hopper, within the
-    shared memory of a block there. The interpreter checks what the kernels compute; this, that a GPU's compiler
-    takes them and that they fit."""
+@pytest.mark.parametrize("precision", ["fp32", "16-bit"])
+def test_kernels_compile_for_gpus(compiled_kernels, target, precision, monkeypatch, tmp_path):
+    """Every kernel, at the largest tiles the launches use there (grouped linear: 64-row blocks; stick-breaking:
+    128-wide heads, long sequences, forward and backward), compiles to a GPU binary for Turing, Ampere/Ada and Hopper
+    (16-bit: fp16 on Turing, which has no bf16, bf16 on the others), within the shared memory of a block there. The
+    interpreter checks what the kernels compute; this, that a GPU's compiler takes them and that they fit."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # not the user's ~/.triton
     capability, shared_limit = GPU_TARGETS[target]
+    dtype = torch.float32 if precision == "fp32" else torch.float16 if capability < 80 else torch.bfloat16
     precision = compiled_kernels._input_precision(dtype)
     grouped = dict(BLOCK_K=compiled_kernels._BLOCK_K, INPUT_PRECISION=precision)
-    tiles = compiled_kernels.stick_breaking_tiles(dtype, 4096, 4096, 128)
+    tiles = compiled_kernels.stick_breaking_tiles(dtype, 4096, 4096, 128, shared_memory=shared_limit)
     stick_breaking = {"num_stages": compiled_kernels.STICK_BREAKING_STAGES}
     launches = [
         (compiled_kernels._grouped_matmul_kernel, dict(BLOCK_M=64, BLOCK_N=compiled_kernels._BLOCK_N, **grouped), {}),
