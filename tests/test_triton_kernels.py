@@ -1,20 +1,21 @@
-"""The Triton grouped matmul (`modeling_mom/triton_kernels.py`, the dispatch's path on GPUs without a fused
-`grouped_mm`) equals the per-expert loop, forward and backward.
+"""The Triton kernels (`modeling_mom/triton_kernels.py`: the dispatch's grouped matmul on GPUs without a fused
+`grouped_mm`, and stick-breaking attention) equal the PyTorch paths, forward and backward.
 
 No GPU is needed: the kernels are imported with `TRITON_INTERPRET=1` (which Triton reads when it decorates them),
 so they run on CPU tensors through Triton's interpreter, which executes the same kernel code (program ids, masks,
-block loads, `tl.dot`) with NumPy. What the interpreter cannot show, the GPU compilation, is checked ahead of time:
-every kernel at its largest tiles compiles to a GPU binary for Ampere/Ada and Hopper with Triton's bundled compiler,
-within those GPUs' shared memory. Where CUDA is available, every test also runs with the kernels compiled, on the GPU
-(and bf16 too).
+block loads, `tl.dot`, scans, atomic adds) with NumPy. What the interpreter cannot show, the GPU compilation, is
+checked ahead of time: every kernel at its largest tiles compiles to a GPU binary for Turing, Ampere/Ada and Hopper
+with Triton's bundled compiler, within those GPUs' shared memory. Where CUDA is available, every test also runs with
+the kernels compiled, on the GPU (and bf16 too).
 
 Half precision is checked in fp16 by the interpreter: its `tl.dot` of bf16 operands returns garbage (NumPy has no
 bf16; loads and stores of bf16 are exact), while the compiled kernel treats the two 16-bit types alike.
 
 Tolerances: fp32 `1e-5` absolute and relative (sums of at most 64 products of O(1) numbers, rounded in another order
 than MKL's: measured errors ~1e-6); fp16 `1e-2` of the largest value (outputs round to fp16, eps 9.8e-4; the kernels
-accumulate in fp32 as the loop's matmuls do). Models: logits and every parameter gradient within `1e-5` of the
-default CPU path.
+accumulate in fp32 as the loop's matmuls do). Stick-breaking attention: `1e-5` (fp32 on both sides; the kernel's log
+space and the blocked kernel's products agree to ~1e-7 per weight). Models: logits and every parameter gradient
+within `1e-5` of the path without the kernels.
 """
 
 import importlib
