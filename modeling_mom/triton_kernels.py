@@ -342,6 +342,8 @@ def stick_breaking_tiles(
     `BLOCK_D` (the head size rounded up to a power of two). `tests/test_triton_kernels.py` compiles the largest for
     GPU targets and checks their shared memory."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size={block_size}: the stick-breaking kernel's tiles take a power of two >= 16.")
     if block_size is None:
         block_size = 64 if dtype.itemsize == 2 and block_d <= 128 else 32
         if shared_memory < 99 * 1024:

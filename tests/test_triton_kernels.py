@@ -241,6 +241,12 @@ def test_triton_stick_breaking_equals_pytorch(triton_kernels, device, attend_cur
     assert torch.isfinite(out).all() and all(torch.isfinite(grad).all() for grad in grads)
 
 
+@pytest.mark.parametrize("block_size", [8, 48])
+def test_stick_breaking_block_size_is_checked(triton_kernels, block_size):
+    with pytest.raises(ValueError, match=f"block_size={block_size}: .* power of two >= 16"):
+        triton_kernels.stick_breaking_tiles(torch.float32, 8, 8, 16, block_size)
+
+
 @pytest.mark.parametrize("variant", ["stickbreaking", "stickbreaking_2024"])
 @pytest.mark.parametrize("seq_len, cached", [(9, 3), (1, 70)], ids=["prompt", "decoding"])
 def test_stick_breaking_attention_through_triton(triton_kernels, device, monkeypatch, variant, seq_len, cached):
