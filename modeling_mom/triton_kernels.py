@@ -114,7 +114,8 @@ def _input_precision(dtype: torch.dtype) -> str | None:
 
 
 class RowBlocks:
-    """The forward kernel's grid: row blocks of `block_m` sorted rows, none straddling two experts.
+    """The grids of both grouped kernels: row blocks of `block_m` sorted rows, none straddling two experts (the
+    matmul's), and each expert's first and last rows (the weight gradient's).
 
     Built on the device from `offsets` (`[E]` int32 cumulative counts); only the number of blocks, a sum over the
     host counts the dispatch plan already holds, sizes the grid.
@@ -430,9 +431,10 @@ def kernel_works(kernel: str, device: torch.device, dtype: torch.dtype, *sizes: 
     tiles (no random numbers: the caller's generator is untouched). A GPU or Triton version it fails on (a compiler
     error, too little shared memory) gets a warning, and its caller the PyTorch path instead of an error in the
     middle of training."""
+    probe = _PROBES[kernel]  # outside the try: an unknown name is a bug, not a kernel that fails to build
     try:
         with torch.inference_mode(False), torch.enable_grad():  # the caller may be in either
-            _PROBES[kernel](device, dtype, *sizes)
+            probe(device, dtype, *sizes)
     except Exception as error:  # whatever fails to compile or launch: CompilationError, OutOfResources, ptxas, ...
         logger.warning_once(
             f"modeling_mom: the Triton {kernel} kernel failed on {device} for {dtype} ({type(error).__name__}: "

@@ -192,6 +192,8 @@ def test_kernel_works_probe(triton_kernels, device, monkeypatch):
     assert not triton_kernels.kernel_works("grouped_linear", device, torch.float16)
     assert not triton_kernels.kernel_works("stick_breaking", device, torch.float16, 12)
     assert torch.equal(torch.get_rng_state(), generator_state)
+    with pytest.raises(KeyError):  # a misspelt kernel is an error, not a silent fallback
+        triton_kernels.kernel_works("grouped_linaer", device, torch.float32)
     triton_kernels.kernel_works.cache_clear()
 
 
