@@ -248,6 +248,32 @@ def scaling_report(results: list[dict], args) -> None:
                  {"args": vars(args), "results": results}, args, notes)  # fmt: skip
 
 
+def memory_report(all_pairs: dict, args) -> None:
+    """The activation memory of every model of `args.pairs` (one training forward each) and its ratio to its
+    baseline's; models are built one at a time."""
+    rows, results = [], []
+    for pair in args.pairs:
+        baseline_fn, models = all_pairs[pair]
+        base = None
+        for name, fn in [("baseline", baseline_fn), *models]:
+            model = fn()
+            train_ids = torch.randint(model.config.vocab_size, (args.batch, args.seq))
+            size, parameters = activation_bytes(model, train_ids), count_parameters(model)
+            base = size if base is None else base
+            results.append({"pair": pair, "model": name, "parameters": parameters, "activation_bytes": size})
+            rows.append([pair, name, f"{parameters / 1e6:.1f}M", f"{size / 2**20:.0f}", f"{size / base:.2f}"])
+            del model
+            gc.collect()
+    notes = [
+        f"dtype={args.dtype}; training batch {args.batch} x {args.seq}; the models of the main table.",
+        "Activation memory: bytes of the tensors autograd saves for backward in one training forward (each storage "
+        "once, parameters excluded).",
+    ]
+    header = ["pair", "model", "params", "activations MiB", "vs baseline"]
+    write_report("Activation memory of a training step", header, rows, {"args": vars(args), "results": results},
+                 args, notes)  # fmt: skip
+
+
 def profile_training_step(name: str, model, args, rows: int = 10) -> str:
     """torch.profiler's table of the `rows` operators with the most self time (on the GPU with `--device cuda`, else
     on the CPU) in one training step (after one untimed step), to show where the time goes; with the step's wall
@@ -304,6 +330,8 @@ def main():
     )
     parser.add_argument("--scaling", action="store_true",
                         help="instead of the main table: training time per token against the sequence length")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead of the main table: only each model's activation memory (seconds, not minutes)")
     parser.add_argument("--scaling-seqs", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--scaling-tokens", type=int, default=1024, help="tokens per training step with --scaling")
     args = parser.parse_args()
@@ -327,6 +355,9 @@ def main():
         print("\n".join(report))
         if args.markdown:
             Path(args.markdown).write_text("\n".join(report))
+        return
+    if args.memory:
+        memory_report(all_pairs, args)
         return
     if args.scaling:
         scaling_report([r for pair in args.pairs for r in scaling(pair, *all_pairs[pair], args)], args)

@@ -43,7 +43,7 @@ from .moe_dispatch import (
     DispatchPlan,
     expert_mlp,
     experts_bias_flag,
-    gather_rows,
+    gathered_linear,
     grouped_linear,
     plan_dispatch,
     scatter_rows,
@@ -133,7 +133,7 @@ class ModuleFormerExperts(nn.Module):
 
     def project_in(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """`[N, d]` -> `[N * k, X]`, rows sorted by expert: every token through each of its experts' input map."""
-        return grouped_linear(gather_rows(x, plan), self.input_proj, plan, self.input_bias)
+        return gathered_linear(x, self.input_proj, plan, self.input_bias)
 
     def project_out(self, rows: torch.Tensor, plan: DispatchPlan, gates: torch.Tensor, num_tokens: int):
         """`[N * k, X]` sorted rows -> `[N, d]`: each expert's output map, gate-weighted and summed per token."""
@@ -292,9 +292,8 @@ class ModuleFormerMoE(ModuleFormerExperts):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """`[N, d]` tokens, `[N, k]` experts and gates -> `[N, d]`."""
         plan = plan_dispatch(top_k_index, self.num_experts)
-        rows, num_tokens = gather_rows(hidden_states, plan), hidden_states.shape[0]
         weights = (self.input_proj, self.output_proj, self.act_fn)
-        return expert_mlp(rows, plan, *weights, num_tokens, top_k_weights, self.input_bias, self.output_bias)
+        return expert_mlp(hidden_states, plan, *weights, top_k_weights, self.input_bias, self.output_bias)
 
 
 class ModuleFormerDecoderLayer(GradientCheckpointingLayer):

@@ -49,6 +49,7 @@ from .moe_dispatch import (
     expert_mlp,
     experts_bias_flag,
     gather_rows,
+    gathered_linear,
     grouped_linear,
     plan_dispatch,
     scatter_rows,
@@ -201,10 +202,7 @@ class MoEUTExperts(nn.Module):
             return bag_mixture(hidden.view(n, k, -1), top_k_index, self.down_proj, top_k_weights)
         plan = plan_dispatch(top_k_index, self.num_experts)
         biases = (self.up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
-        rows = gather_rows(hidden_states, plan)
-        return expert_mlp(
-            rows, plan, self.up_proj, self.down_proj, self.act_fn, hidden_states.shape[0], top_k_weights, *biases
-        )
+        return expert_mlp(hidden_states, plan, self.up_proj, self.down_proj, self.act_fn, top_k_weights, *biases)
 
 
 class MoEUTFeedForward(nn.Module):
@@ -277,7 +275,7 @@ class MoEUTAttention(nn.Module):
             return values.view(-1, heads, self.head_dim)
         plan = plan_dispatch(selected, self.v_experts.shape[0])
         per_head = replace(plan, token_index=plan.flat_index // self.v_router.num_selected)  # rows (token, head)
-        values = grouped_linear(gather_rows(value_input, plan), self.v_experts, plan, bias=self.v_bias)  # [S, dh]
+        values = gathered_linear(value_input, self.v_experts, plan, bias=self.v_bias)  # [S, dh]
         values = scatter_rows(values, per_head, value_input.shape[0] * heads, gates.to(values.dtype))
         return values.view(-1, heads, self.head_dim)
 

@@ -266,8 +266,9 @@ class MoMFeedForward(MoMModulePool):
             out = out if route.weights is None else out * route.weights
         else:
             plan = route.plan
-            rows, biases = self.norm_routed(x, plan), (self.up_bias, self.down_bias)
-            out = expert_mlp(rows, plan, self.up_proj, self.down_proj, self.act, x.shape[0], route.weights, *biases)
+            biases = (self.up_bias, self.down_bias)
+            rows = self.norm_routed(x, plan)
+            out = expert_mlp(x, plan, self.up_proj, self.down_proj, self.act, route.weights, *biases, rows=rows)
         return self.dropout(out.view(shape))
 
 

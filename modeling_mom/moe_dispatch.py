@@ -5,11 +5,13 @@ Every routed layer of the three architectures does the same thing: each token pi
 through that expert's weight in one grouped matmul, and the results are scattered back, weighted by the gates.
 
     plan = plan_dispatch(selected_experts, num_experts)         # one sort per routing decision
-    h = grouped_linear(gather_rows(x, plan), w_in, plan)        # [S, out], S = number of kept (token, slot) pairs
+    h = gathered_linear(x, w_in, plan)                          # [S, out], S = number of kept (token, slot) pairs
     y = scatter_rows(h, plan, num_tokens, gates=weights)        # [T, out], weighted sum over each token's slots
 
-An expert feed-forward layer (every FFN pool of the three) is :func:`expert_mlp`: the two grouped linears around the
-activation, between the gather and the gated scatter.
+:func:`gathered_linear` is the gather and the first grouped matmul in one, whose backward pass gathers the rows again
+instead of keeping them (they are ``k`` times the size of ``x``). An expert feed-forward layer (every FFN pool of the
+three) is :func:`expert_mlp`: the two grouped linears around the activation, between the gather and the gated
+scatter.
 
 Selections equal to or above ``num_experts`` (MoM's SKIP) are dropped from the plan, so they contribute zero.
 
@@ -108,10 +110,92 @@ def sorted_gates(gates: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 def scatter_rows(
     y: torch.Tensor, plan: DispatchPlan, num_tokens: int, gates: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`[S, d]` -> `[T, d]`: sum each token's pairs back into its row, multiplied by `gates` (`[T, k]`) if given."""
+    """`[S, d]` -> `[T, d]`: sum each token's pairs back into its row, multiplied by `gates` (`[T, k]`) if given.
+
+    `scatter_add`, as fast as `index_add` here, because its backward pass keeps only the index: `index_add`'s keeps
+    `y` as well (for its shape), the `[S, d]` expert outputs, as large as the gathered input rows."""
     if gates is not None:
         y = y * sorted_gates(gates, plan).to(y.dtype)
-    return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, plan.token_index, y)
+    index = plan.token_index.unsqueeze(-1).expand_as(y)  # a view: no copy of the index per feature
+    return y.new_zeros(num_tokens, y.shape[-1]).scatter_add(0, index, y)
+
+
+# the saved-tensors hooks in force (e.g. non-reentrant gradient checkpointing's), which `gathered_linear` nests inside;
+# torch has no public accessor (its own AOTAutograd reads them this way). Without it, rows are kept as usual.
+_AUTOGRAD = torch._C._autograd
+_TOP_SAVED_TENSORS_HOOKS = getattr(_AUTOGRAD, "_top_saved_tensors_default_hooks", None)
+_SAVED_TENSORS_HOOKS_ENABLED = getattr(_AUTOGRAD, "_saved_tensors_hooks_is_enabled", None)
+
+
+class _GatheredRows:
+    """What autograd keeps of the rows `source.index_select(0, index)` (see `gathered_linear`): the source and the
+    index, each passed through the enclosing saved-tensors hooks if there are any, gathered again on unpacking."""
+
+    def __init__(self, source: torch.Tensor, index: torch.Tensor, outer_hooks):
+        self.outer_hooks = outer_hooks
+        self.version = source._version
+        self.source, self.index = (source, index) if outer_hooks is None else map(outer_hooks[0], (source, index))
+
+    def gather(self) -> torch.Tensor:
+        if self.outer_hooks is None:
+            source, index = self.source, self.index
+            if source._version != self.version:
+                raise RuntimeError(
+                    "the input of an expert dispatch was modified in place after the forward pass (version "
+                    f"{self.version} -> {source._version}); its backward pass gathers its rows from it again"
+                )
+        else:
+            source, index = map(self.outer_hooks[1], (self.source, self.index))
+        return source.index_select(0, index)
+
+
+def _regather_applies(weight: torch.Tensor) -> bool:
+    """Whether autograd will keep the gathered rows (for `weight`'s gradient) and saved-tensors hooks may replace
+    them: not while compiling (AOTAutograd chooses what to keep) nor where hooks are disabled (torch.func)."""
+    if not (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+        return False
+    return _TOP_SAVED_TENSORS_HOOKS is not None and _SAVED_TENSORS_HOOKS_ENABLED is not None and (
+        _SAVED_TENSORS_HOOKS_ENABLED()
+    )
+
+
+def gathered_linear(
+    x: torch.Tensor, weight: torch.Tensor, plan: DispatchPlan, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`grouped_linear(gather_rows(x, plan), weight, plan, bias)` -> `[S, out]`, whose backward pass gathers the
+    rows from `x` again instead of keeping them.
+
+    The gathered rows `[S, in]` are `k` times the size of `x` `[T, in]` (16x at MoEUT-244M's feed-forward) and, kept
+    for the weight gradient, were most of an expert layer's activation memory; ScatterMoE avoids them by gathering
+    inside its matmul kernel. Here a saved-tensors hook keeps `x` (which the graph holds anyway, for the router or
+    the LayerNorm) and the plan's index in their place, and the backward pass gathers again: one `index_select`,
+    about 1% of the layer's backward time. Enclosing hooks (non-reentrant gradient checkpointing, offloading) still
+    see everything saved, `x` and the index included, so they keep working as they would without this.
+    """
+    if torch.is_autocast_enabled(x.device.type):  # gather cast rows: the cast copy of x is k times smaller
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    rows = gather_rows(x, plan)
+    if not _regather_applies(weight):
+        return grouped_linear(rows, weight, plan, bias)
+    outer = _TOP_SAVED_TENSORS_HOOKS(True)
+    # autograd keeps the hooks as long as what they saved: they must not hold `rows` (nor `x`, for enclosing hooks)
+    pending = {"rows": rows, "source": x, "index": plan.token_index}
+
+    def pack(tensor: torch.Tensor):
+        if pending and tensor is pending["rows"]:
+            return _GatheredRows(pending["source"], pending["index"], outer)
+        return tensor if outer is None else outer[0](tensor)
+
+    def unpack(packed) -> torch.Tensor:
+        if isinstance(packed, _GatheredRows):
+            return packed.gather()
+        return packed if outer is None else outer[1](packed)
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return grouped_linear(rows, weight, plan, bias)
+    finally:
+        pending.clear()
 
 
 def triton_usable(x: torch.Tensor) -> bool:
@@ -242,7 +326,7 @@ def _feature_padded_grouped_mm(x: torch.Tensor, weight: torch.Tensor, plan: Disp
     (`benchmarks/results/moeut-44m-feature-padding-amx.md`); on a GPU it saves one kernel launch per expert."""
     alignment = 16 // x.element_size()
     in_padding, out_features = -x.shape[-1] % alignment, weight.shape[-1]
-    x = F.pad(x, (0, in_padding)).contiguous()
+    x = (F.pad(x, (0, in_padding)) if in_padding else x).contiguous()  # x itself if it can: `gathered_linear`'s rows
     weight = F.pad(weight, (0, -out_features % alignment, 0, in_padding)).contiguous()
     return _GROUPED_MM(x, weight, offs=plan.offsets)[:, :out_features]
 
@@ -322,27 +406,32 @@ def grouped_linear(
 
 
 def expert_mlp(
-    rows: torch.Tensor,
+    x: torch.Tensor,
     plan: DispatchPlan,
     up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     act_fn,
-    num_tokens: int,
     gates: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sorted rows `[S, d]` -> `[T, d]`: for each token, the sum over its experts of
+    """Tokens `[T, d]` -> `[T, d]`: for each token, the sum over its experts of
     `gate * (act(x @ up_proj[e] + up_bias[e]) @ down_proj[e] + down_bias[e])` (`gates` `[T, k]`; None: weight 1).
 
-    The gate multiplies the narrower of the expert's hidden `[S, inner]` and its output `[S, d]`, the same product:
-    MoEUT's 128-wide experts gate 8x fewer numbers than their 1024-wide output.
+    The experts read `x`'s rows, gathered by `gathered_linear` (not kept for the backward pass), or `rows`, sorted
+    rows `[S, d]` computed by the caller (MoM's per-module LayerNorm). The gate multiplies the narrower of the
+    expert's hidden `[S, inner]` and its output `[S, d]`, the same product: MoEUT's 128-wide experts gate 8x fewer
+    numbers than their 1024-wide output.
     """
-    hidden = act_fn(grouped_linear(rows, up_proj, plan, up_bias))
+    if rows is None:
+        hidden = act_fn(gathered_linear(x, up_proj, plan, up_bias))
+    else:
+        hidden = act_fn(grouped_linear(rows, up_proj, plan, up_bias))
     if gates is None or hidden.shape[-1] >= down_proj.shape[-1]:
-        return scatter_rows(grouped_linear(hidden, down_proj, plan, down_bias), plan, num_tokens, gates)
+        return scatter_rows(grouped_linear(hidden, down_proj, plan, down_bias), plan, x.shape[0], gates)
     gates = sorted_gates(gates, plan).to(hidden.dtype)  # [S, 1]
     out = grouped_linear(hidden * gates, down_proj, plan)
     if down_bias is not None:
         out = out + gates * down_bias.index_select(0, plan.expert_index)
-    return scatter_rows(out, plan, num_tokens)
+    return scatter_rows(out, plan, x.shape[0])

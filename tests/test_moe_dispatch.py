@@ -21,6 +21,7 @@ from modeling_mom.moe_dispatch import (
     bag_mixture,
     expert_mlp,
     gather_rows,
+    gathered_linear,
     grouped_linear,
     grouped_mm_supported,
     plan_dispatch,
@@ -206,7 +207,7 @@ def test_expert_mlp_matches_naive_loop(hidden, with_bias, dtype):
     leaves = [t for t in (x, up, down, gates, up_bias, down_bias) if t is not None]
 
     plan = plan_dispatch(selected, NUM_EXPERTS)
-    out = expert_mlp(gather_rows(x, plan), plan, up, down, torch.relu, x.shape[0], gates, up_bias, down_bias)
+    out = expert_mlp(x, plan, up, down, torch.relu, gates, up_bias, down_bias)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     ref = naive_expert_ffn(*leaves64[:4], selected, *leaves64[4:])
     grad_out = torch.randn(out.shape, generator=generator).to(dtype)
@@ -216,6 +217,110 @@ def test_expert_mlp_matches_naive_loop(hidden, with_bias, dtype):
     for index, (actual, expected) in enumerate([(out, ref)] + [(a.grad, b.grad) for a, b in zip(leaves, leaves64)]):
         scale = expected.abs().max().item() if dtype == torch.bfloat16 else 1.0
         torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol, msg=f"tensor {index}")
+
+
+def _gathered_linear_case(seed=5):
+    """A k=2 dispatch of 8 tokens (SKIP and an empty expert included), with every input a leaf."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, IN_FEATURES, generator=generator).requires_grad_()
+    weight = torch.randn(NUM_EXPERTS, IN_FEATURES, OUT_FEATURES, generator=generator).requires_grad_()
+    bias = torch.randn(NUM_EXPERTS, OUT_FEATURES, generator=generator).requires_grad_()
+    return x, weight, bias, plan_dispatch(CASES["k2_skip_empty_expert"], NUM_EXPERTS)
+
+
+def _gradients(fn, x, weight, bias):
+    out = fn(x, weight, bias)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    return [out, *torch.autograd.grad(out, (x, weight, bias), grad_out)]
+
+
+def test_gathered_linear_keeps_x_not_its_rows(monkeypatch):
+    """`gathered_linear` computes exactly `grouped_linear(gather_rows(x))` (bitwise: the backward pass gathers the same
+    rows again), and autograd no longer keeps the gathered `[S, in]` rows, only `x` and the index; without the
+    saved-tensors hook (the rows kept, as before) the rows stay alive until the backward pass."""
+    import weakref
+
+    import modeling_mom.moe_dispatch as moe_dispatch
+
+    x, weight, bias, plan = _gathered_linear_case()
+    expected = _gradients(lambda *t: grouped_linear(gather_rows(t[0], plan), t[1], plan, t[2]), x, weight, bias)
+    for actual, reference in zip(_gradients(lambda *t: gathered_linear(*t[:2], plan, t[2]), x, weight, bias), expected):
+        assert torch.equal(actual, reference)
+
+    gathered = []
+    original_gather = moe_dispatch.gather_rows
+    monkeypatch.setattr(moe_dispatch, "gather_rows", lambda *a: gathered.append(original_gather(*a)) or gathered[-1])
+    for regather, kept in ((True, False), (False, True)):
+        monkeypatch.setattr(moe_dispatch, "_regather_applies", lambda weight, regather=regather: regather)
+        out = gathered_linear(x, weight, plan, bias)
+        rows = weakref.ref(gathered.pop())
+        assert (rows() is not None) == kept
+        out.sum().backward()
+
+
+def test_gathered_linear_nests_inside_other_saved_tensor_hooks():
+    """Enclosing saved-tensors hooks (here a counter, as `benchmarks.bench_models.activation_bytes` uses; and
+    non-reentrant checkpointing) see what the dispatch keeps: `x` and the index, no `[S, in]` rows; gradients under
+    checkpointing equal the plain ones."""
+    x, weight, bias, plan = _gathered_linear_case()
+    saved = []
+
+    def count(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        out = gathered_linear(x, weight, plan, bias)
+    assert any(t is x for t in saved) and any(t is plan.token_index for t in saved)
+    assert all(t.shape != (plan.token_index.shape[0], IN_FEATURES) for t in saved)
+    expected = _gradients(lambda *t: gathered_linear(*t[:2], plan, t[2]), x, weight, bias)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close([x.grad, weight.grad, bias.grad], expected[1:], rtol=0, atol=0)
+
+    def dispatch(x, weight, bias):
+        return gathered_linear(x, weight, plan, bias)
+
+    def checkpointed(*t):
+        return torch.utils.checkpoint.checkpoint(dispatch, *t, use_reentrant=False)
+
+    for actual, reference in zip(_gradients(checkpointed, x, weight, bias), expected):
+        assert torch.equal(actual, reference)
+
+
+@pytest.mark.parametrize("use_grouped_mm", BACKENDS)
+def test_expert_mlp_keeps_nothing_of_model_width_per_pair(use_grouped_mm, monkeypatch):
+    """Training memory: of the `[S, ...]` tensors of an expert FFN, autograd keeps only the narrow hidden ones
+    (`[S, inner]`), neither the gathered input rows nor the expert outputs (`[S, d]`, which `index_add` would keep)."""
+    import modeling_mom.moe_dispatch as moe_dispatch
+
+    monkeypatch.setattr(moe_dispatch, "grouped_mm_supported", lambda *args: use_grouped_mm)
+    x, _, _, plan = _gathered_linear_case()
+    up = torch.randn(NUM_EXPERTS, IN_FEATURES, 8, requires_grad=True)
+    down = torch.randn(NUM_EXPERTS, 8, IN_FEATURES, requires_grad=True)
+    gates = torch.rand(CASES["k2_skip_empty_expert"].shape, requires_grad=True)
+    saved = []
+
+    def keep(tensor):
+        if tensor.is_floating_point():  # (the scatter keeps its index as a `[S, d]` view of `[S]` integers)
+            saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        out = expert_mlp(x, plan, up, down, torch.relu, gates)
+    pairs = plan.token_index.shape[0]
+    assert (pairs, 8) in saved and (pairs, IN_FEATURES) not in saved
+    out.sum().backward()
+
+
+def test_gathered_linear_refuses_an_input_modified_in_place():
+    """The backward pass gathers from `x` again, so `x` changed in place after the forward pass is an error (as it
+    is for any tensor autograd keeps), not silently wrong gradients."""
+    x, weight, bias, plan = _gathered_linear_case()
+    source = x * 1.0
+    out = gathered_linear(source, weight, plan, bias)
+    source.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
 
 
 def test_the_forced_loop_is_the_loop_without_autograd_too(monkeypatch):
