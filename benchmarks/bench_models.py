@@ -271,7 +271,7 @@ def memory_report(all_pairs: dict, args) -> None:
     ]
     header = ["pair", "model", "params", "activations MiB", "vs baseline"]
     write_report("Activation memory of a training step", header, rows, {"args": vars(args), "results": results},
-                 args, notes)  # fmt: skip
+                 args, notes, timed=False)  # fmt: skip
 
 
 def profile_training_step(name: str, model, args, rows: int = 10) -> str:

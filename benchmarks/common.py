@@ -191,9 +191,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_report(
-    title: str, header: list[str], rows: list[list[str]], payload: dict, args, notes: list[str] = ()
+    title: str, header: list[str], rows: list[list[str]], payload: dict, args, notes: list[str] = (), timed=True
 ) -> str:
-    """Print the Markdown report (title, command, environment, notes, table) and write it and the JSON where asked."""
+    """Print the Markdown report (title, command, environment, notes, table, and how times are summarised if
+    `timed`) and write it and the JSON where asked."""
     env = environment()
     markdown = "\n".join(
         [
@@ -206,11 +207,15 @@ def write_report(
             *(f"{note}\n" for note in notes),
             markdown_table(header, rows),
             "",
-            (
-                f"Times are median (min) over the repeats; ⚠ marks a foreign load above {FOREIGN_LOAD_WARNING} "
-                "(other processes competed for the CPU: treat as unreliable)."
+            *(
+                [
+                    f"Times are median (min) over the repeats; ⚠ marks a foreign load above {FOREIGN_LOAD_WARNING} "
+                    "(other processes competed for the CPU: treat as unreliable).",
+                    "",
+                ]
+                if timed
+                else []
             ),
-            "",
         ]
     )
     print(markdown)

@@ -168,8 +168,8 @@ def gathered_linear(
     The gathered rows `[S, in]` are `k` times the size of `x` `[T, in]` (16x at MoEUT-244M's feed-forward) and, kept
     for the weight gradient, were most of an expert layer's activation memory; ScatterMoE avoids them by gathering
     inside its matmul kernel. Here a saved-tensors hook keeps `x` (which the graph holds anyway, for the router or
-    the LayerNorm) and the plan's index in their place, and the backward pass gathers again: one `index_select`,
-    about 1% of the layer's backward time. Enclosing hooks (non-reentrant gradient checkpointing, offloading) still
+    the LayerNorm) and the plan's index in their place, and the backward pass gathers again: one `index_select`
+    (training steps took the same time or less; `benchmarks/RESULTS.md`, "Training memory"). Enclosing hooks (non-reentrant gradient checkpointing, offloading) still
     see everything saved, `x` and the index included, so they keep working as they would without this.
     """
     if torch.is_autocast_enabled(x.device.type):  # gather cast rows: the cast copy of x is k times smaller

@@ -120,3 +120,19 @@ def test_the_dispatch_benchmark_runs_every_case_and_matches_the_loop(tmp_path, m
     assert set(report["max_difference_vs_loop"]) == set(SHAPES)
     assert max(report["max_difference_vs_loop"].values()) < 1e-5
     assert {result["case"] for result in report["results"]} >= set(SHAPES)
+
+
+def test_the_memory_report_counts_each_model_against_its_baseline(tmp_path, monkeypatch):
+    """`bench_models --memory` at tiny shapes: every model of the asked pairs, with its baseline, and the sizes are
+    those `activation_bytes` counts (the saved tensors of one training forward)."""
+    from benchmarks.bench_models import main as bench_models_main
+
+    out = tmp_path / "memory.json"
+    options = ["--memory", "--tiny", "--pairs", "moeut", "moduleformer", "--threads", "1", "--json", str(out)]
+    monkeypatch.setattr("sys.argv", ["bench_models", *options])
+    bench_models_main()
+    results = json.loads(out.read_text())["results"]
+    assert [(r["pair"], r["model"]) for r in results] == [
+        ("moeut", "baseline"), ("moeut", "moeut-44m"), ("moduleformer", "baseline"), ("moduleformer", "moduleformer")
+    ]  # fmt: skip
+    assert all(r["activation_bytes"] > 0 and r["parameters"] > 0 for r in results)
