@@ -312,6 +312,20 @@ def test_expert_mlp_keeps_nothing_of_model_width_per_pair(use_grouped_mm, monkey
     out.sum().backward()
 
 
+def test_gathered_linear_is_twice_differentiable():
+    """Second-order gradients (a gradient penalty) through the gathered-again rows equal those through kept rows
+    (autograd reconnects what a hook unpacks to the graph of the tensor it packed)."""
+    x, weight, bias, plan = _gathered_linear_case()
+
+    def penalty_gradients(dispatch):
+        grads = torch.autograd.grad(dispatch(x, weight, bias).square().sum(), (x, weight), create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), (x, weight, bias))
+
+    kept = penalty_gradients(lambda *t: grouped_linear(gather_rows(t[0], plan), t[1], plan, t[2]))
+    for actual, expected in zip(penalty_gradients(lambda *t: gathered_linear(*t[:2], plan, t[2])), kept):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_gathered_linear_refuses_an_input_modified_in_place():
     """The backward pass gathers from `x` again, so `x` changed in place after the forward pass is an error (as it
     is for any tensor autograd keeps), not silently wrong gradients."""
