@@ -107,17 +107,32 @@ def sorted_gates(gates: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     return gates.reshape(-1).index_select(0, plan.flat_index).unsqueeze(-1)
 
 
+class _ScatterRows(torch.autograd.Function):
+    """`zeros(num_tokens, d).index_add(0, index, y)` whose backward pass keeps only the `[S]` index: `index_add`'s
+    keeps `y` too (for its shape), the `[S, d]` expert outputs, and `scatter_add`'s an index of `y`'s shape (a
+    stride-0 view, but hooks that copy saved tensors, such as `save_on_cpu`, make it dense)."""
+
+    @staticmethod
+    def forward(y: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, index, y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
 def scatter_rows(
     y: torch.Tensor, plan: DispatchPlan, num_tokens: int, gates: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`[S, d]` -> `[T, d]`: sum each token's pairs back into its row, multiplied by `gates` (`[T, k]`) if given.
-
-    `scatter_add`, as fast as `index_add` here, because its backward pass keeps only the index: `index_add`'s keeps
-    `y` as well (for its shape), the `[S, d]` expert outputs, as large as the gathered input rows."""
+    """`[S, d]` -> `[T, d]`: sum each token's pairs back into its row, multiplied by `gates` (`[T, k]`) if given."""
     if gates is not None:
         y = y * sorted_gates(gates, plan).to(y.dtype)
-    index = plan.token_index.unsqueeze(-1).expand_as(y)  # a view: no copy of the index per feature
-    return y.new_zeros(num_tokens, y.shape[-1]).scatter_add(0, index, y)
+    return _ScatterRows.apply(y, plan.token_index, num_tokens)
 
 
 # the saved-tensors hooks in force (e.g. non-reentrant gradient checkpointing's), which `gathered_linear` nests inside;
@@ -127,32 +142,61 @@ _TOP_SAVED_TENSORS_HOOKS = getattr(_AUTOGRAD, "_top_saved_tensors_default_hooks"
 _SAVED_TENSORS_HOOKS_ENABLED = getattr(_AUTOGRAD, "_saved_tensors_hooks_is_enabled", None)
 
 
+def _check_version(tensor: torch.Tensor | None, version: int, what: str) -> None:
+    """Autograd's in-place check, which it skips for tensors saved through hooks."""
+    if tensor is not None and tensor._version != version:
+        raise RuntimeError(
+            f"{what} needed for the backward pass of an expert dispatch was modified in place after the forward pass "
+            f"(version {version} -> {tensor._version})"
+        )
+
+
+class _Kept:
+    """A tensor autograd keeps as it is (under `gathered_linear`'s hooks, with no enclosing ones): detached, so that a
+    saved output does not hold its own graph, and checked against in-place changes on unpacking."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.version = tensor.detach(), None if tensor.is_inference() else tensor._version
+
+    def unpack(self) -> torch.Tensor:
+        if self.version is not None:
+            _check_version(self.tensor, self.version, "a tensor")
+        return self.tensor
+
+
 class _GatheredRows:
-    """What autograd keeps of the rows `source.index_select(0, index)` (see `gathered_linear`): the source and the
-    index, each passed through the enclosing saved-tensors hooks if there are any, gathered again on unpacking."""
+    """What autograd keeps of the rows `source.index_select(0, index).to(dtype)` (see `gathered_linear`): the
+    source and the index (each passed through the enclosing saved-tensors hooks if any), gathered again on
+    unpacking. `rows(start, stop)` gathers the sorted rows `start:stop` (the per-expert loop saves slices)."""
 
-    def __init__(self, source: torch.Tensor, index: torch.Tensor, outer_hooks):
-        self.outer_hooks = outer_hooks
-        self.version = source._version
-        self.source, self.index = (source, index) if outer_hooks is None else map(outer_hooks[0], (source, index))
+    def __init__(self, source: torch.Tensor, index: torch.Tensor, dtype: torch.dtype, outer_hooks):
+        self.dtype, self.outer_hooks, self.version = dtype, outer_hooks, source._version
+        self.packed = (source, index) if outer_hooks is None else tuple(map(outer_hooks[0], (source, index)))
+        self.unpacked = None
 
-    def gather(self) -> torch.Tensor:
-        if self.outer_hooks is None:
-            source, index = self.source, self.index
-            if source._version != self.version:
-                raise RuntimeError(
-                    "the input of an expert dispatch was modified in place after the forward pass (version "
-                    f"{self.version} -> {source._version}); its backward pass gathers its rows from it again"
-                )
-        else:
-            source, index = map(self.outer_hooks[1], (self.source, self.index))
-        return source.index_select(0, index)
+    def rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        if self.outer_hooks is None:  # (enclosing hooks decide what an in-place change means: copy, recompute...)
+            _check_version(self.packed[0], self.version, "the input")
+        if self.unpacked is None:  # enclosing hooks unpack once (checkpointing refuses a second unpacking)
+            self.unpacked = self.packed if self.outer_hooks is None else tuple(map(self.outer_hooks[1], self.packed))
+        source, index = self.unpacked
+        return source.index_select(0, index[start:stop]).to(self.dtype)
 
 
-def _regather_applies(weight: torch.Tensor) -> bool:
+@dataclass
+class _RowRange:
+    """Rows `start:stop` of a `_GatheredRows` (all of them, or one expert's split in the per-expert loop)."""
+
+    gathered: _GatheredRows
+    start: int
+    stop: int
+
+
+def _regather_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether autograd will keep the gathered rows (for `weight`'s gradient) and saved-tensors hooks may replace
-    them: not while compiling (AOTAutograd chooses what to keep) nor where hooks are disabled (torch.func)."""
-    if not (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+    them: not while compiling (AOTAutograd chooses what to keep), where hooks are disabled (torch.func) nor for an
+    inference tensor (no version counter to check)."""
+    if not (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling() or x.is_inference():
         return False
     return _TOP_SAVED_TENSORS_HOOKS is not None and _SAVED_TENSORS_HOOKS_ENABLED is not None and (
         _SAVED_TENSORS_HOOKS_ENABLED()
@@ -167,29 +211,37 @@ def gathered_linear(
 
     The gathered rows `[S, in]` are `k` times the size of `x` `[T, in]` (16x at MoEUT-244M's feed-forward) and, kept
     for the weight gradient, were most of an expert layer's activation memory; ScatterMoE avoids them by gathering
-    inside its matmul kernel. Here a saved-tensors hook keeps `x` (which the graph holds anyway, for the router or
-    the LayerNorm) and the plan's index in their place, and the backward pass gathers again: one `index_select`
-    (training steps took the same time or less; `benchmarks/RESULTS.md`, "Training memory"). Enclosing hooks (non-reentrant gradient checkpointing, offloading) still
-    see everything saved, `x` and the index included, so they keep working as they would without this.
+    inside its matmul kernel. Here saved-tensors hooks keep `x` (which the graph holds anyway, for the router or the
+    LayerNorm) and the plan's index in their place, and the backward pass gathers again: one `index_select`
+    (training steps took the same time or less; `benchmarks/RESULTS.md`, "Training memory"). This covers the paths
+    that multiply the rows themselves (`grouped_mm`, the Triton kernel, the per-expert loop); the padded `bmm` of
+    small bf16 experts on CPU keeps its padded copy. Enclosing hooks (non-reentrant gradient checkpointing,
+    offloading) receive `x` and the index, and everything else saved, and their rules apply to them; without such
+    hooks, changing `x` or a weight in place before the backward pass is refused as autograd refuses it.
     """
-    if torch.is_autocast_enabled(x.device.type):  # gather cast rows: the cast copy of x is k times smaller
-        x = x.to(torch.get_autocast_dtype(x.device.type))
     rows = gather_rows(x, plan)
-    if not _regather_applies(weight):
+    if torch.is_autocast_enabled(x.device.type):  # cast the rows as `grouped_linear` would; x.grad sums in x's dtype
+        rows = rows.to(torch.get_autocast_dtype(x.device.type))
+    if not _regather_applies(x, weight):
         return grouped_linear(rows, weight, plan, bias)
     outer = _TOP_SAVED_TENSORS_HOOKS(True)
     # autograd keeps the hooks as long as what they saved: they must not hold `rows` (nor `x`, for enclosing hooks)
     pending = {"rows": rows, "source": x, "index": plan.token_index}
 
     def pack(tensor: torch.Tensor):
-        if pending and tensor is pending["rows"]:
-            return _GatheredRows(pending["source"], pending["index"], outer)
-        return tensor if outer is None else outer[0](tensor)
+        rows = pending["rows"]
+        row_range = tensor._base is rows and tensor.stride() == rows.stride() and tensor.shape[1:] == rows.shape[1:]
+        if tensor is rows or row_range:
+            if "kept" not in pending:
+                pending["kept"] = _GatheredRows(pending["source"], pending["index"], rows.dtype, outer)
+            start = (tensor.storage_offset() - rows.storage_offset()) // rows.stride(0)  # a split: a row range
+            return _RowRange(pending["kept"], start, start + tensor.shape[0])
+        return _Kept(tensor) if outer is None else outer[0](tensor)
 
     def unpack(packed) -> torch.Tensor:
-        if isinstance(packed, _GatheredRows):
-            return packed.gather()
-        return packed if outer is None else outer[1](packed)
+        if isinstance(packed, _RowRange):
+            return packed.gathered.rows(packed.start, packed.stop)
+        return packed.unpack() if outer is None else outer[1](packed)
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

@@ -234,10 +234,20 @@ def _gradients(fn, x, weight, bias):
     return [out, *torch.autograd.grad(out, (x, weight, bias), grad_out)]
 
 
-def test_gathered_linear_keeps_x_not_its_rows(monkeypatch):
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Runs a test through `grouped_mm` (which keeps its whole input) and through the per-expert loop (which keeps
+    one slice of it per expert)."""
+    import modeling_mom.moe_dispatch as moe_dispatch
+
+    monkeypatch.setattr(moe_dispatch, "grouped_mm_supported", lambda *args: request.param)
+    return request.param
+
+
+def test_gathered_linear_keeps_x_not_its_rows(backend, monkeypatch):
     """`gathered_linear` computes exactly `grouped_linear(gather_rows(x))` (bitwise: the backward pass gathers the same
     rows again), and autograd no longer keeps the gathered `[S, in]` rows, only `x` and the index; without the
-    saved-tensors hook (the rows kept, as before) the rows stay alive until the backward pass."""
+    saved-tensors hooks (the rows kept, as before) the rows stay alive until the backward pass."""
     import weakref
 
     import modeling_mom.moe_dispatch as moe_dispatch
@@ -251,17 +261,17 @@ def test_gathered_linear_keeps_x_not_its_rows(monkeypatch):
     original_gather = moe_dispatch.gather_rows
     monkeypatch.setattr(moe_dispatch, "gather_rows", lambda *a: gathered.append(original_gather(*a)) or gathered[-1])
     for regather, kept in ((True, False), (False, True)):
-        monkeypatch.setattr(moe_dispatch, "_regather_applies", lambda weight, regather=regather: regather)
+        monkeypatch.setattr(moe_dispatch, "_regather_applies", lambda x, weight, regather=regather: regather)
         out = gathered_linear(x, weight, plan, bias)
         rows = weakref.ref(gathered.pop())
         assert (rows() is not None) == kept
         out.sum().backward()
 
 
-def test_gathered_linear_nests_inside_other_saved_tensor_hooks():
-    """Enclosing saved-tensors hooks (here a counter, as `benchmarks.bench_models.activation_bytes` uses; and
-    non-reentrant checkpointing) see what the dispatch keeps: `x` and the index, no `[S, in]` rows; gradients under
-    checkpointing equal the plain ones."""
+def test_gathered_linear_nests_inside_other_saved_tensor_hooks(backend):
+    """Enclosing saved-tensors hooks see what the dispatch keeps: `x` and the index, no `[S, in]` rows (a counter, as
+    `benchmarks.bench_models.activation_bytes` uses); gradients under non-reentrant checkpointing (which refuses a
+    second unpacking of what it packed: the loop's slices share one) and under offloading equal the plain ones."""
     x, weight, bias, plan = _gathered_linear_case()
     saved = []
 
@@ -272,7 +282,8 @@ def test_gathered_linear_nests_inside_other_saved_tensor_hooks():
     with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
         out = gathered_linear(x, weight, plan, bias)
     assert any(t is x for t in saved) and any(t is plan.token_index for t in saved)
-    assert all(t.shape != (plan.token_index.shape[0], IN_FEATURES) for t in saved)
+    rows_bytes, inputs = plan.token_index.shape[0] * IN_FEATURES * 4, {x.data_ptr(), weight.data_ptr()}
+    assert all(t.untyped_storage().nbytes() < rows_bytes for t in saved if t.untyped_storage().data_ptr() not in inputs)
     expected = _gradients(lambda *t: gathered_linear(*t[:2], plan, t[2]), x, weight, bias)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close([x.grad, weight.grad, bias.grad], expected[1:], rtol=0, atol=0)
@@ -283,32 +294,36 @@ def test_gathered_linear_nests_inside_other_saved_tensor_hooks():
     def checkpointed(*t):
         return torch.utils.checkpoint.checkpoint(dispatch, *t, use_reentrant=False)
 
-    for actual, reference in zip(_gradients(checkpointed, x, weight, bias), expected):
-        assert torch.equal(actual, reference)
+    def offloaded(*t):
+        with torch.autograd.graph.save_on_cpu():
+            return dispatch(*t)
+
+    for variant in (checkpointed, offloaded):
+        for actual, reference in zip(_gradients(variant, x, weight, bias), expected):
+            assert torch.equal(actual, reference)
 
 
-@pytest.mark.parametrize("use_grouped_mm", BACKENDS)
-def test_expert_mlp_keeps_nothing_of_model_width_per_pair(use_grouped_mm, monkeypatch):
+def test_expert_mlp_keeps_nothing_of_model_width_per_pair(backend):
     """Training memory: of the `[S, ...]` tensors of an expert FFN, autograd keeps only the narrow hidden ones
-    (`[S, inner]`), neither the gathered input rows nor the expert outputs (`[S, d]`, which `index_add` would keep)."""
-    import modeling_mom.moe_dispatch as moe_dispatch
-
-    monkeypatch.setattr(moe_dispatch, "grouped_mm_supported", lambda *args: use_grouped_mm)
+    (`[S, inner]`), neither the gathered input rows nor the expert outputs (`[S, d]`, which `index_add` would keep),
+    whole or in slices; the scatter's index is kept as `[S]`, which offloading hooks copy as it is."""
     x, _, _, plan = _gathered_linear_case()
     up = torch.randn(NUM_EXPERTS, IN_FEATURES, 8, requires_grad=True)
     down = torch.randn(NUM_EXPERTS, 8, IN_FEATURES, requires_grad=True)
     gates = torch.rand(CASES["k2_skip_empty_expert"].shape, requires_grad=True)
-    saved = []
+    storages, inputs = set(), {t.data_ptr() for t in (x, up, down)}
 
     def keep(tensor):
-        if tensor.is_floating_point():  # (the scatter keeps its index as a `[S, d]` view of `[S]` integers)
-            saved.append(tuple(tensor.shape))
+        if tensor.untyped_storage().data_ptr() not in inputs:
+            storages.add((tensor.untyped_storage().nbytes(), tensor.is_floating_point(), tensor.dim()))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         out = expert_mlp(x, plan, up, down, torch.relu, gates)
     pairs = plan.token_index.shape[0]
-    assert (pairs, 8) in saved and (pairs, IN_FEATURES) not in saved
+    assert (pairs * 8 * 4, True, 2) in storages  # the hidden
+    assert max(size for size, _, _ in storages) < pairs * IN_FEATURES * 4
+    assert all(dim == 1 for _, floating, dim in storages if not floating)  # indices as they are: `[S]`
     out.sum().backward()
 
 
@@ -326,15 +341,27 @@ def test_gathered_linear_is_twice_differentiable():
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_gathered_linear_refuses_an_input_modified_in_place():
-    """The backward pass gathers from `x` again, so `x` changed in place after the forward pass is an error (as it
-    is for any tensor autograd keeps), not silently wrong gradients."""
+@pytest.mark.parametrize("changed", ["input", "weight"])
+def test_gathered_linear_refuses_tensors_modified_in_place(changed, backend):
+    """The backward pass gathers from `x` again, and autograd skips its own in-place check for tensors saved through
+    hooks: `x` or a weight changed in place after the forward pass (an optimizer step before `backward`) is an error,
+    as it was, not silently wrong gradients."""
     x, weight, bias, plan = _gathered_linear_case()
     source = x * 1.0
-    out = gathered_linear(source, weight, plan, bias)
-    source.add_(1.0)
+    out = gathered_linear(source, weight, plan, bias).square().sum()
+    with torch.no_grad():
+        (source if changed == "input" else weight).add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
-        out.sum().backward()
+        out.backward()
+
+
+def test_gathered_linear_takes_inference_tensors():
+    """An input made under `torch.inference_mode` (no version counter) into trainable experts: the rows are kept."""
+    _, weight, bias, plan = _gathered_linear_case()
+    with torch.inference_mode():
+        x = torch.randn(8, IN_FEATURES)
+    gathered_linear(x, weight, plan, bias).sum().backward()
+    assert weight.grad is not None
 
 
 def test_the_forced_loop_is_the_loop_without_autograd_too(monkeypatch):
