@@ -142,9 +142,9 @@ _TOP_SAVED_TENSORS_HOOKS = getattr(_AUTOGRAD, "_top_saved_tensors_default_hooks"
 _SAVED_TENSORS_HOOKS_ENABLED = getattr(_AUTOGRAD, "_saved_tensors_hooks_is_enabled", None)
 
 
-def _check_version(tensor: torch.Tensor | None, version: int, what: str) -> None:
+def _check_version(tensor: torch.Tensor, version: int, what: str) -> None:
     """Autograd's in-place check, which it skips for tensors saved through hooks."""
-    if tensor is not None and tensor._version != version:
+    if tensor._version != version:
         raise RuntimeError(
             f"{what} needed for the backward pass of an expert dispatch was modified in place after the forward pass "
             f"(version {version} -> {tensor._version})"
