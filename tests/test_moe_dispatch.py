@@ -341,6 +341,20 @@ def test_gathered_linear_is_twice_differentiable():
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_scatter_rows_backward_is_checked_to_second_order():
+    """`scatter_rows`' own backward (an `index_select` keeping only the index), gated and not, against finite
+    differences in float64, first and second order (gradient penalties differentiate it again)."""
+    plan = plan_dispatch(CASES["k2_skip_empty_expert"], NUM_EXPERTS)
+    generator = torch.Generator().manual_seed(7)
+    y = torch.randn(plan.token_index.shape[0], 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(CASES["k2_skip_empty_expert"].shape, generator=generator, dtype=torch.float64)
+    gates.requires_grad_()
+    tokens = CASES["k2_skip_empty_expert"].shape[0]
+    for function, inputs in [(lambda y: scatter_rows(y, plan, tokens), (y,)),
+                             (lambda y, g: scatter_rows(y, plan, tokens, gates=g), (y, gates))]:  # fmt: skip
+        assert torch.autograd.gradcheck(function, inputs) and torch.autograd.gradgradcheck(function, inputs)
+
+
 @pytest.mark.parametrize("changed", ["input", "weight"])
 def test_gathered_linear_refuses_tensors_modified_in_place(changed, backend):
     """The backward pass gathers from `x` again, and autograd skips its own in-place check for tensors saved through
